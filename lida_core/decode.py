@@ -1,0 +1,128 @@
+"""The one image decoder of lida: bytes -> RGB uint8 pixels, with Pillow only.
+
+Every stage (scan, gallery, training, evaluation, benchmarks) decodes through
+`decode_image`, because the fingerprint lives in the lowest bits and two decoders
+(or one decoder with different options) disagree exactly there.
+
+Rules, each chosen so the stored pixel values reach the fingerprint unchanged:
+- No EXIF rotation, no draft/scaled JPEG decoding, no colour management, no resampling.
+- RGB: as stored. L / 1: the grey value is copied to the three channels.
+- LA / RGBA / RGBa / PA: alpha is dropped, never composited (compositing rewrites low bits).
+- P (palette, with or without transparency): looked up through the palette, alpha dropped.
+- I;16 / I;16B / I;16L / I: 16-bit samples keep their high byte (a value stored as v*257
+  gives back v exactly); values outside 0..65535 are clipped first.
+- CMYK: Pillow's fixed CMYK->RGB formula (deterministic; the low bits then come from
+  that formula as much as from the source).
+- YCbCr / LAB / HSV and other modes Pillow converts to RGB: converted by Pillow.
+- F (float) and any mode Pillow cannot convert: refused.
+- Multi-frame files (GIF, APNG, TIFF, WebP): the first frame only.
+- Decompression bombs: refused when width*height exceeds `max_pixels` (checked from the
+  header, before any pixel is decoded). Truncated or corrupt files: refused.
+Refusals raise `DecodeError`, which names the file and the reason in one line.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# 64 megapixels: above any generator's output and most photographs; a bomb is far larger.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+_GREY_MODES = {"L", "1"}
+_ALPHA_DROP = {"LA": "L", "RGBA": "RGB", "RGBa": "RGB", "La": "L", "PA": "P"}
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class DecodeError(ValueError):
+    """An input that cannot be decoded; `reason` is short and stable enough for a table."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # H x W x 3, uint8, C-contiguous
+    format: str  # container format as Pillow names it (PNG, JPEG, ...)
+    mode: str  # the stored pixel mode before conversion
+    width: int
+    height: int
+    frames: int
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode `data` to RGB uint8 following the module's rules, or raise DecodeError."""
+    if not data:
+        raise DecodeError(name, "empty file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and later raises) on large images; we apply our own explicit limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise DecodeError(name, f"invalid size {width}x{height}")
+            if width * height > max_pixels:
+                raise DecodeError(
+                    name, f"decompression bomb: {width}x{height} exceeds the {max_pixels} pixel limit"
+                )
+            frames = int(getattr(image, "n_frames", 1) or 1)
+            if frames > 1:
+                image.seek(0)
+            image.load()
+            pixels = _to_rgb(image, name)
+            fmt = image.format or "unknown"
+            mode = image.mode
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeError(name, "not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(name, f"decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        reason = str(exc).strip() or type(exc).__name__
+        if "truncated" in reason.lower():
+            reason = "truncated file: " + reason
+        raise DecodeError(name, f"corrupt image: {reason}") from None
+    return DecodedImage(np.ascontiguousarray(pixels), fmt, mode, width, height, frames)
+
+
+def _to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    mode = image.mode
+    if mode in _ALPHA_DROP:
+        # Take the colour bands as stored; `convert` would composite or premultiply.
+        bands = image.split()
+        image = Image.merge(_ALPHA_DROP[mode], bands[:-1]) if mode != "PA" else _palette_without_alpha(image)
+        mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+        if image.mode == "RGBA":
+            image = Image.merge("RGB", image.split()[:3])
+        mode = "RGB"
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8)
+    if mode in _GREY_MODES:
+        grey = np.asarray(image.convert("L"), dtype=np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode in _SIXTEEN_BIT:
+        wide = np.asarray(image).astype(np.int64)
+        grey = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise DecodeError(name, "unsupported pixel mode F (floating point)")
+    try:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError):
+        raise DecodeError(name, f"unsupported pixel mode {mode}") from None
+
+
+def _palette_without_alpha(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    return Image.merge("RGB", rgba.split()[:3])

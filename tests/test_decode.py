@@ -1,0 +1,132 @@
+"""The one decoder: every documented mode, and refusals with a typed, named error."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import encode
+from lida_core.decode import DecodeError, decode_image
+
+
+def test_rgb_png_round_trips_exactly(rng):
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    decoded = decode_image(encode(pixels), "a.png")
+    assert decoded.pixels.dtype == np.uint8 and decoded.pixels.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(decoded.pixels, pixels)
+    assert (decoded.format, decoded.mode, decoded.width, decoded.height) == ("PNG", "RGB", 53, 37)
+
+
+def test_grey_is_copied_to_three_channels(rng):
+    grey = rng.integers(0, 256, (9, 11), dtype=np.uint8)
+    pixels = decode_image(encode(Image.fromarray(grey, "L"))).pixels
+    for c in range(3):
+        np.testing.assert_array_equal(pixels[:, :, c], grey)
+
+
+def test_alpha_is_dropped_not_composited(rng):
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)
+    decoded = decode_image(encode(np.concatenate([rgb, alpha], 2)))
+    np.testing.assert_array_equal(decoded.pixels, rgb)
+    grey = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    la = Image.merge("LA", [Image.fromarray(grey), Image.fromarray(alpha[:, :, 0])])
+    np.testing.assert_array_equal(decode_image(encode(la)).pixels[:, :, 1], grey)
+
+
+def test_palette_with_transparency_uses_palette_colours():
+    palette_image = Image.new("P", (4, 3))
+    palette = [0, 0, 0, 201, 13, 7, 9, 250, 33] + [0] * (256 * 3 - 9)
+    palette_image.putpalette(palette)
+    palette_image.putdata([0, 1, 2, 1] * 3)
+    data = encode(palette_image, transparency=0)
+    pixels = decode_image(data).pixels
+    assert tuple(pixels[0, 1]) == (201, 13, 7)
+    assert tuple(pixels[0, 2]) == (9, 250, 33)
+    assert tuple(pixels[0, 0]) == (0, 0, 0)  # the transparent entry keeps its colour
+
+
+def test_sixteen_bit_keeps_the_high_byte(rng):
+    grey = rng.integers(0, 256, (6, 7)).astype(np.uint16)
+    wide = Image.fromarray((grey * 257).astype(np.uint16))
+    assert wide.mode.startswith("I")
+    pixels = decode_image(encode(wide)).pixels
+    np.testing.assert_array_equal(pixels[:, :, 0], grey)
+
+
+def test_cmyk_uses_pillows_formula(rng):
+    cmyk = Image.fromarray(rng.integers(0, 256, (5, 5, 4), dtype=np.uint8), "CMYK")
+    data = encode(cmyk, "JPEG", quality=95)
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    np.testing.assert_array_equal(decode_image(data).pixels, expected)
+
+
+def test_multi_frame_reads_the_first_frame():
+    frames = [Image.new("RGB", (6, 6), colour) for colour in ((250, 0, 0), (0, 250, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.frames == 2
+    assert decoded.pixels[0, 0, 0] > 200 and decoded.pixels[0, 0, 1] < 50
+
+
+def test_exif_orientation_is_not_applied(rng):
+    pixels = rng.integers(0, 256, (4, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW" - must be ignored
+    data = encode(pixels, "PNG", exif=exif.tobytes())
+    assert decode_image(data).pixels.shape == (4, 10, 3)
+
+
+def test_one_pixel_image():
+    assert decode_image(encode(np.full((1, 1, 3), 7, np.uint8))).pixels.shape == (1, 1, 3)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (b"<html><body>not an image</body></html>", "not an image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not an image"),
+    ],
+)
+def test_garbage_is_refused_with_a_reason(data, reason):
+    with pytest.raises(DecodeError) as info:
+        decode_image(data, "odd name é.jpg")
+    assert reason in info.value.reason
+    assert str(info.value).startswith("odd name é.jpg: ")
+
+
+def test_pixel_data_shorter_than_the_header_says_is_refused():
+    with pytest.raises(DecodeError, match="corrupt image"):
+        decode_image(_png_header_only(4, 4), "short.png")
+
+
+def test_truncated_file_is_refused(rng):
+    data = encode(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG", quality=90)
+    with pytest.raises(DecodeError, match="truncated|corrupt"):
+        decode_image(data[: len(data) // 2], "cut.jpg")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_image(_png_header_only(100_000, 100_000), "bomb.png")
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_image(encode(np.zeros((20, 20, 3), np.uint8)), "small.png", max_pixels=399)
+
+
+def test_float_images_are_refused():
+    image = Image.fromarray(np.zeros((4, 4), np.float32), "F")
+    with pytest.raises(DecodeError, match="mode F"):
+        decode_image(encode(image, "TIFF"))
