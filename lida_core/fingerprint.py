@@ -1,0 +1,357 @@
+"""Low-bit fingerprints: the lowest bit planes of each RGB channel, as a fixed-size image.
+
+Content lives in the high bit planes and generator noise in the low ones, so the
+fingerprint keeps only `x & (2**bits - 1)` of the decoded pixels, before any resampling:
+
+- `mode=scale`   the authors' released formula, `(x & 7) * (255 // 7)` for 3 bits;
+- `mode=binary`  the paper's binarisation, 255 where any kept bit is set, else 0.
+
+Region and fit bring it to the model's square input size without touching the bits:
+
+- `region=full`  the whole image; `region=patch` one `patch` x `patch` tile of a
+  non-overlapping grid, picked by gradient complexity of the *content* (sum of absolute
+  horizontal, vertical and both diagonal differences over the tile, all channels):
+  `max` (richest texture), `min` (flattest) or `random` (a pick seeded by `seed` and the
+  grid size, so a fingerprint stays a pure function of pixels and settings);
+- `fit=resize`   Pillow's BILINEAR resize of the scaled bit image (the authors' path,
+  reproduced exactly in integers); `fit=crop` a centre crop, tiling (wrapping) any side
+  shorter than the output, which leaves every kept bit untouched.
+
+Two implementations give bit-identical uint8 results: `fingerprint_bits` (numpy, one
+image) and `fingerprint_batch` (torch, CPU or CUDA, a list of images of any sizes). Both
+use only integer arithmetic, so they cannot drift apart on different hardware.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import numpy as np
+
+from lida_core.decode import DecodedImage, DecodeError, decode_image
+
+__all__ = [
+    "FingerprintSettings",
+    "DecodeError",
+    "decode_image",
+    "fingerprint_bits",
+    "fingerprint_batch",
+    "fingerprint_file_bytes",
+    "low_bits",
+    "patch_box",
+    "pillow_bilinear_resize",
+    "to_model_input",
+]
+
+_MODES = ("scale", "binary")
+_REGIONS = ("full", "patch")
+_SELECTS = ("max", "min", "random")
+_FITS = ("resize", "crop")
+
+
+@dataclass(frozen=True)
+class FingerprintSettings:
+    """How a fingerprint is made; `str(settings)` is stored in every table row and model."""
+
+    bits: int = 3
+    mode: str = "scale"
+    region: str = "full"
+    patch: int = 32
+    patch_select: str = "max"
+    seed: int = 0
+    fit: str = "resize"
+    size: int = 256
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 7:
+            raise ValueError(f"fingerprint bits must be 1..7, got {self.bits}")
+        if self.mode not in _MODES:
+            raise ValueError(f"fingerprint mode must be one of {_MODES}, got {self.mode!r}")
+        if self.region not in _REGIONS:
+            raise ValueError(f"fingerprint region must be one of {_REGIONS}, got {self.region!r}")
+        if self.patch_select not in _SELECTS:
+            raise ValueError(f"patch_select must be one of {_SELECTS}, got {self.patch_select!r}")
+        if self.fit not in _FITS:
+            raise ValueError(f"fingerprint fit must be one of {_FITS}, got {self.fit!r}")
+        if self.patch < 2 or self.size < 8:
+            raise ValueError("patch must be >= 2 and size >= 8")
+        if self.seed < 0:
+            raise ValueError("seed must be >= 0")
+
+    @property
+    def mask(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def scale_factor(self) -> int:
+        return 255 // self.mask
+
+    def with_size(self, size: int) -> FingerprintSettings:
+        return replace(self, size=size)
+
+    def __str__(self) -> str:
+        region = "full"
+        if self.region == "patch":
+            region = f"patch{self.patch}{self.patch_select}"
+            if self.patch_select == "random":
+                region += f"s{self.seed}"
+        return f"b{self.bits}-{self.mode}-{region}-{self.fit}{self.size}"
+
+    @classmethod
+    def parse(cls, text: str) -> FingerprintSettings:
+        """Inverse of `str()`: 'b3-scale-full-resize256', 'b3-binary-patch32randoms7-crop128'."""
+        match = re.fullmatch(
+            r"b(\d)-(scale|binary)-(full|patch(\d+)(max|min|random)(?:s(\d+))?)-(resize|crop)(\d+)",
+            text.strip(),
+        )
+        if not match:
+            raise ValueError(f"not a fingerprint settings string: {text!r}")
+        bits, mode, region, patch, select, seed, fit, size = match.groups()
+        kwargs = dict(bits=int(bits), mode=mode, fit=fit, size=int(size))
+        if region != "full":
+            kwargs.update(region="patch", patch=int(patch), patch_select=select, seed=int(seed or 0))
+        return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- numpy (reference) path
+
+
+def low_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.ndarray:
+    """The scaled or binarised low bit planes, uint8, same shape as `pixels`."""
+    kept = np.bitwise_and(pixels, settings.mask)
+    if settings.mode == "binary":
+        return np.where(kept != 0, np.uint8(255), np.uint8(0))
+    return (kept * settings.scale_factor).astype(np.uint8)
+
+
+def tile_complexity(pixels, patch: int):
+    """Gradient complexity of each tile of the non-overlapping `patch` grid (rows x cols, int64).
+
+    Works on a numpy array or a torch tensor (H x W x C, or N x H x W x C); only
+    differences between two pixels of the same tile count.
+    """
+    height, width = pixels.shape[-3], pixels.shape[-2]
+    rows, cols = height // patch, width // patch
+    lead = pixels.shape[:-3]
+    x = pixels[..., : rows * patch, : cols * patch, :]
+    x = x.astype(np.int64) if isinstance(x, np.ndarray) else x.to(dtype=_torch().int64)
+    t = x.reshape(*lead, rows, patch, cols, patch, pixels.shape[-1])
+    # tile axes: rows=-5, y=-4, cols=-3, x=-2, channel=-1
+    diffs = (
+        t[..., :, :, :, 1:, :] - t[..., :, :, :, :-1, :],
+        t[..., :, 1:, :, :, :] - t[..., :, :-1, :, :, :],
+        t[..., :, 1:, :, 1:, :] - t[..., :, :-1, :, :-1, :],
+        t[..., :, 1:, :, :-1, :] - t[..., :, :-1, :, 1:, :],
+    )
+    return sum(abs(d).sum((-4, -2, -1)) for d in diffs)
+
+
+def random_tile(seed: int, rows: int, cols: int) -> int:
+    """The `random` rule: one tile index from the seed and the grid size alone."""
+    return int(np.random.default_rng([seed, rows, cols]).integers(rows * cols))
+
+
+def patch_box(pixels, settings: FingerprintSettings, complexity=None) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the region the fingerprint reads, for one image.
+
+    An image smaller than one patch in either direction is read whole.
+    """
+    height, width = pixels.shape[0], pixels.shape[1]
+    if settings.region == "full":
+        return 0, 0, height, width
+    p = settings.patch
+    rows, cols = height // p, width // p
+    if rows == 0 or cols == 0:
+        return 0, 0, height, width
+    if settings.patch_select == "random":
+        index = random_tile(settings.seed, rows, cols)
+    else:
+        scores = tile_complexity(pixels, p) if complexity is None else complexity
+        flat = scores.reshape(-1)
+        # argmax/argmin return the first extreme in both numpy and torch: ties are stable.
+        index = int(flat.argmax() if settings.patch_select == "max" else flat.argmin())
+    return (index // cols) * p, (index % cols) * p, p, p
+
+
+def crop_indices(length: int, size: int) -> np.ndarray:
+    """Centre crop to `size`, or tile (wrap) when `length` is shorter than `size`."""
+    if length >= size:
+        start = (length - size) // 2
+        return np.arange(start, start + size, dtype=np.int64)
+    return np.arange(size, dtype=np.int64) % length
+
+
+_PRECISION_BITS = 22  # Pillow's fixed-point precision for 8-bit resampling (32 - 8 - 2)
+
+
+@lru_cache(maxsize=256)
+def bilinear_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's BILINEAR coefficients for one axis, as (indices, int weights), each out x K.
+
+    Follows Pillow's precompute_coeffs + normalize_coeffs_8bpc step by step in float64, so
+    the integer weights are Pillow's own; unused taps point at a valid pixel with weight 0.
+    """
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    indices = np.zeros((out_size, ksize), dtype=np.int64)
+    weights = np.zeros((out_size, ksize), dtype=np.int64)
+    inv = 1.0 / filterscale
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        taps = []
+        total = 0.0
+        for x in range(xmax):
+            t = abs((x + xmin - center + 0.5) * inv)
+            w = 1.0 - t if t < 1.0 else 0.0
+            taps.append(w)
+            total += w
+        for x, w in enumerate(taps):
+            k = w / total if total != 0.0 else w
+            fixed = int(-0.5 + k * (1 << _PRECISION_BITS)) if k < 0 else int(0.5 + k * (1 << _PRECISION_BITS))
+            indices[xx, x] = x + xmin
+            weights[xx, x] = fixed
+        indices[xx, xmax:] = xmin
+    return indices, weights
+
+
+def _resample_axis(x, in_axis_len: int, out_size: int, axis: int):
+    """One Pillow pass along `axis` (-3 rows, -2 columns) of uint8 pixels; numpy or torch."""
+    idx, w = bilinear_coefficients(in_axis_len, out_size)
+    is_np = isinstance(x, np.ndarray)
+    if not is_np:
+        torch = _torch()
+        idx = torch.from_numpy(idx).to(x.device)
+        w = torch.from_numpy(w).to(x.device)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    acc = None
+    for k in range(idx.shape[1]):
+        column = idx[:, k]
+        taken = np.take(x, column, axis=axis) if is_np else x.index_select(x.ndim + axis, column)
+        term = taken.astype(np.int64) if is_np else taken.to(_torch().int64)
+        term = term * w[:, k].reshape(shape)
+        acc = term if acc is None else acc + term
+    acc = acc + (1 << (_PRECISION_BITS - 1))
+    acc = acc >> _PRECISION_BITS
+    if is_np:
+        return np.clip(acc, 0, 255).astype(np.uint8)
+    return acc.clamp_(0, 255).to(_torch().uint8)
+
+
+def pillow_bilinear_resize(x, height: int, width: int):
+    """Exactly `Image.resize((width, height), Image.BILINEAR)` on uint8 RGB, numpy or torch.
+
+    Pillow resizes horizontally first, then vertically, rounding to uint8 in between, and
+    skips an axis whose size does not change; for a very tall image (height > 100 x width)
+    being shortened, `Image.resize` goes vertically first. So do we.
+    """
+    in_height, in_width = x.shape[-3], x.shape[-2]
+    if in_height > in_width * 100 and height < in_height:
+        x = _resample_axis(x, in_height, height, axis=-3)
+        return _resample_axis(x, in_width, width, axis=-2) if in_width != width else x
+    if x.shape[-2] != width:
+        x = _resample_axis(x, x.shape[-2], width, axis=-2)
+    if x.shape[-3] != height:
+        x = _resample_axis(x, x.shape[-3], height, axis=-3)
+    return x
+
+
+def _fit(region, settings: FingerprintSettings):
+    size = settings.size
+    if settings.fit == "resize":
+        return pillow_bilinear_resize(region, size, size)
+    rows = crop_indices(region.shape[-3], size)
+    cols = crop_indices(region.shape[-2], size)
+    if isinstance(region, np.ndarray):
+        return region[..., rows[:, None], cols[None, :], :]
+    torch = _torch()
+    region = region.index_select(region.ndim - 3, torch.from_numpy(rows).to(region.device))
+    return region.index_select(region.ndim - 2, torch.from_numpy(cols).to(region.device))
+
+
+def fingerprint_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.ndarray:
+    """The fingerprint of one decoded RGB uint8 image: settings.size x settings.size x 3 uint8."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected H x W x 3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    top, left, h, w = patch_box(pixels, settings)
+    region = low_bits(pixels[top : top + h, left : left + w], settings)
+    return np.ascontiguousarray(_fit(region, settings))
+
+
+def fingerprint_file_bytes(data: bytes, settings: FingerprintSettings, name: str = "<bytes>") -> tuple[np.ndarray, DecodedImage]:
+    """Decode with the one decoder, then fingerprint."""
+    decoded = decode_image(data, name)
+    return fingerprint_bits(decoded.pixels, settings), decoded
+
+
+# ---------------------------------------------------------------- torch (batched) path
+
+
+def _torch():
+    import torch  # heavy import kept out of module import time
+
+    return torch
+
+
+def fingerprint_batch(images: Sequence, settings: FingerprintSettings, device=None):
+    """Fingerprints of many images at once, on CPU or CUDA: N x S x S x 3 uint8 tensor.
+
+    `images` are H x W x 3 uint8 arrays or tensors of any sizes; images of one size are
+    processed together. Bit-identical to `fingerprint_bits` on each image.
+    """
+    torch = _torch()
+    device = torch.device(device) if device is not None else None
+    out = torch.empty((len(images), settings.size, settings.size, 3), dtype=torch.uint8, device=device or "cpu")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        if tuple(image.shape[2:]) != (3,) or len(image.shape) != 3:
+            raise ValueError(f"image {i}: expected H x W x 3 uint8, got shape {tuple(image.shape)}")
+        groups.setdefault((int(image.shape[0]), int(image.shape[1])), []).append(i)
+    for members in groups.values():
+        batch = torch.stack([torch.as_tensor(images[i]) for i in members]).to(out.device)
+        if batch.dtype != torch.uint8:
+            raise ValueError("fingerprint_batch expects uint8 pixels")
+        out[torch.tensor(members, device=out.device)] = _fingerprint_same_size(batch, settings)
+    return out
+
+
+def _fingerprint_same_size(batch, settings: FingerprintSettings):
+    torch = _torch()
+    n, height, width, _ = batch.shape
+    p = settings.patch
+    rows, cols = height // p, width // p
+    if settings.region == "patch" and rows > 0 and cols > 0:
+        if settings.patch_select == "random":
+            index = torch.full((n,), random_tile(settings.seed, rows, cols), device=batch.device)
+        else:
+            scores = tile_complexity(batch, p).reshape(n, -1)
+            index = scores.argmax(dim=1) if settings.patch_select == "max" else scores.argmin(dim=1)
+        top = (index // cols) * p
+        left = (index % cols) * p
+        offsets = torch.arange(p, device=batch.device)
+        ys = (top[:, None] + offsets[None, :])[:, :, None]
+        xs = (left[:, None] + offsets[None, :])[:, None, :]
+        batch = batch[torch.arange(n, device=batch.device)[:, None, None], ys, xs]
+    kept = torch.bitwise_and(batch, settings.mask)
+    if settings.mode == "binary":
+        region = (kept != 0).to(torch.uint8) * 255
+    else:
+        region = (kept.to(torch.int16) * settings.scale_factor).to(torch.uint8)
+    return _fit(region, settings)
+
+
+def to_model_input(fingerprints):
+    """uint8 N x S x S x 3 fingerprints (tensor or array) -> float32 N x 3 x S x S in [0, 1]."""
+    torch = _torch()
+    x = torch.as_tensor(fingerprints)
+    if x.ndim == 3:
+        x = x[None]
+    return x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)

@@ -1,0 +1,162 @@
+"""Low-bit fingerprints: settings, the authors' formula, patch rules, numpy == torch."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lida_core.fingerprint import (
+    FingerprintSettings,
+    fingerprint_batch,
+    fingerprint_bits,
+    pillow_bilinear_resize,
+    tile_complexity,
+    to_model_input,
+)
+
+ALL_SETTINGS = [
+    FingerprintSettings(mode=mode, region=region, patch_select=select, fit=fit, size=size, seed=seed)
+    for mode, (region, select, seed), fit, size in itertools.product(
+        ("scale", "binary"),
+        (("full", "max", 0), ("patch", "max", 0), ("patch", "min", 0), ("patch", "random", 0), ("patch", "random", 7)),
+        ("resize", "crop"),
+        (64, 256),
+    )
+]
+
+
+def odd_images(rng, count=9):
+    sizes = [(1, 1), (31, 33), (32, 32), (65, 17), (127, 255), (300, 41), (257, 263), (5, 700), (96, 96)]
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes[:count]]
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=str)
+def test_torch_batch_is_bit_identical_to_numpy(settings, rng):
+    images = odd_images(rng)
+    images.append(images[3].copy())  # two images of one size go through one batch
+    expected = np.stack([fingerprint_bits(image, settings) for image in images])
+    got = fingerprint_batch(images, settings)
+    assert got.dtype == torch.uint8 and tuple(got.shape) == (len(images), settings.size, settings.size, 3)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_torch_accepts_tensors_on_the_requested_device(rng):
+    settings = FingerprintSettings(fit="crop", size=64)
+    images = [torch.from_numpy(x) for x in odd_images(rng, 4)]
+    got = fingerprint_batch(images, settings, device="cpu")
+    np.testing.assert_array_equal(got.numpy(), np.stack([fingerprint_bits(x.numpy(), settings) for x in images]))
+
+
+def test_scale_mode_is_the_authors_formula_before_a_pillow_resize(rng):
+    # Independent restatement of the released code: (x & 7) * (255 // 7), then PIL resize to 256.
+    for shape in ((512, 384, 3), (200, 333, 3), (256, 256, 3)):
+        x = rng.integers(0, 256, shape, dtype=np.uint8)
+        scaled = ((x & 7) * (255 // 7)).astype(np.uint8)
+        expected = np.asarray(Image.fromarray(scaled).resize((256, 256), Image.BILINEAR))
+        np.testing.assert_array_equal(fingerprint_bits(x, FingerprintSettings()), expected)
+    assert set(np.unique(fingerprint_bits(x, FingerprintSettings(fit="crop")))) <= {36 * k for k in range(8)}
+
+
+def test_binary_mode_sets_255_where_any_low_bit_is_set(rng):
+    x = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    got = fingerprint_bits(x, FingerprintSettings(mode="binary", fit="crop", size=40))
+    np.testing.assert_array_equal(got, np.where((x % 8) > 0, 255, 0))
+    one_bit = fingerprint_bits(x, FingerprintSettings(bits=1, mode="scale", fit="crop", size=40))
+    np.testing.assert_array_equal(one_bit, (x % 2) * 255)
+
+
+def test_high_bits_do_not_matter(rng):
+    x = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    shifted = (x & 7) | (rng.integers(0, 32, x.shape, dtype=np.uint8) << 3)
+    for settings in (FingerprintSettings(), FingerprintSettings(mode="binary", fit="crop", size=64)):
+        np.testing.assert_array_equal(fingerprint_bits(x, settings), fingerprint_bits(shifted, settings))
+
+
+def test_crop_keeps_every_bit_and_tiles_small_images(rng):
+    x = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    got = fingerprint_bits(x, FingerprintSettings(fit="crop", size=128))
+    np.testing.assert_array_equal(got, (x[86:214, 36:164] & 7) * 36)
+    small = rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    tiled = fingerprint_bits(small, FingerprintSettings(fit="crop", size=8))
+    np.testing.assert_array_equal(tiled, np.tile((small & 7) * 36, (3, 2, 1))[:8, :8])
+
+
+def test_patch_rules_pick_the_textured_or_flat_tile(rng):
+    x = np.full((96, 128, 3), 120, np.uint8)
+    x[32:64, 64:96] = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the one textured tile
+    x[0:32, 96:128] = 121  # a flat tile, but not the first one: ties go to the first
+    x[64:96, 0:32] += (np.arange(32) % 2).astype(np.uint8)[None, :, None]  # mild stripes
+    scores = tile_complexity(x, 32)
+    assert scores.shape == (3, 4) and scores.argmax() == 1 * 4 + 2 and scores.min() == 0
+    fp = FingerprintSettings(region="patch", patch=32, fit="crop", size=32)
+    np.testing.assert_array_equal(fingerprint_bits(x, fp), (x[32:64, 64:96] & 7) * 36)
+    flat = FingerprintSettings(region="patch", patch=32, patch_select="min", fit="crop", size=32)
+    np.testing.assert_array_equal(fingerprint_bits(x, flat), (x[0:32, 0:32] & 7) * 36)
+
+
+def test_complexity_ignores_differences_across_tile_borders():
+    x = np.zeros((64, 64, 3), np.uint8)
+    x[:, 32:] = 255  # each tile is flat; the only edge lies on a tile border
+    assert int(tile_complexity(x, 32).max()) == 0
+
+
+def test_random_patch_is_seeded_and_inside_the_grid(rng):
+    x = rng.integers(0, 256, (200, 160, 3), dtype=np.uint8)
+    picks = set()
+    for seed in range(12):
+        fp = FingerprintSettings(region="patch", patch_select="random", seed=seed, fit="crop", size=32)
+        a, b = fingerprint_bits(x, fp), fingerprint_bits(x.copy(), fp)
+        np.testing.assert_array_equal(a, b)
+        matches = [
+            (r, c) for r in range(6) for c in range(5) if np.array_equal(a, (x[r * 32 : r * 32 + 32, c * 32 : c * 32 + 32] & 7) * 36)
+        ]
+        assert len(matches) == 1
+        picks.add(matches[0])
+    assert len(picks) > 3  # different seeds pick different tiles
+
+
+def test_images_smaller_than_a_patch_are_read_whole(rng):
+    x = rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)
+    whole = fingerprint_bits(x, FingerprintSettings(fit="crop", size=16))
+    patch = fingerprint_bits(x, FingerprintSettings(region="patch", fit="crop", size=16))
+    np.testing.assert_array_equal(whole, patch)
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS[:8] + [FingerprintSettings(bits=2, region="patch", patch=16, patch_select="random", seed=5)], ids=str)
+def test_settings_round_trip_through_their_string(settings):
+    text = str(settings)
+    assert FingerprintSettings.parse(text) == settings
+    assert len(text) < 40 and " " not in text
+
+
+def test_bad_settings_are_refused():
+    for kwargs in ({"bits": 0}, {"mode": "gray"}, {"region": "tile"}, {"fit": "pad"}, {"patch_select": "mean"}):
+        with pytest.raises(ValueError):
+            FingerprintSettings(**kwargs)
+    with pytest.raises(ValueError, match="not a fingerprint settings string"):
+        FingerprintSettings.parse("b3-scale")
+
+
+@pytest.mark.parametrize("size", [(610, 6), (900, 3), (17, 1000), (1, 1), (256, 256), (513, 129)])
+def test_resize_matches_pillow_including_its_tall_image_rule(size, rng):
+    x = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    for out in ((140, 396), (256, 256), (3, 2)):
+        expected = np.asarray(Image.fromarray(x).resize((out[1], out[0]), Image.BILINEAR))
+        np.testing.assert_array_equal(pillow_bilinear_resize(x, *out), expected)
+        np.testing.assert_array_equal(pillow_bilinear_resize(torch.from_numpy(x), *out).numpy(), expected)
+
+
+def test_model_input_is_channels_first_in_unit_range(rng):
+    fp = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    x = to_model_input(fp)
+    assert x.dtype == torch.float32 and tuple(x.shape) == (2, 3, 8, 8)
+    assert float(x[1, 2, 3, 4]) == pytest.approx(fp[1, 3, 4, 2] / 255.0)
+
+
+def test_bad_pixel_arrays_are_refused():
+    with pytest.raises(ValueError):
+        fingerprint_bits(np.zeros((4, 4), np.uint8), FingerprintSettings())
+    with pytest.raises(ValueError):
+        fingerprint_bits(np.zeros((4, 4, 3), np.float32), FingerprintSettings())
