@@ -1,0 +1,368 @@
+"""Embedding networks: a registry of profiles, each carrying its preprocessing as data.
+
+A profile is what timm/open_clip call a pretrained config: the architecture together with
+its input size, embedding dimension, input normalisation and preferred fingerprint
+settings. `build_model(name)` returns an `Embedder`: float N x 3 x S x S in [0, 1]
+(see `fingerprint.to_model_input`) -> N x D features (not normalised).
+
+- `paper`: ResNet-50 without the max-pool (layer1 keeps stride 1), 256 x 256 input,
+  2048-d pooled feature; parameter names are torchvision's, so the authors' `.pth`
+  loads through `load_upstream_weights` (`backbone.*` kept, `fc.*` dropped).
+- `small`: a CPU profile: full-resolution residual stages before any down-sampling, so
+  the network sees the fingerprint's pixel-level pattern, then four stride-2 stages;
+  128 x 128 input, 256-d feature. Numbers: benchmarks/model_speed.py, docs/results.md.
+
+Checkpoints are plain dicts of tensors and strings, read with `torch.load(weights_only=True)`,
+and carry the profile and fingerprint settings they were trained with.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from torch import nn
+
+from lida_core.fingerprint import FingerprintSettings
+
+CHECKPOINT_FORMAT = "lida-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked: unreadable, or made for other settings."""
+
+
+# ---------------------------------------------------------------- ResNet-50 (torchvision names)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        width = planes
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet50Backbone(nn.Module):
+    """torchvision's resnet50 layout (same parameter names), max-pool removed, no fc."""
+
+    def __init__(self, layers: tuple[int, ...] = (3, 4, 6, 3)):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        # The paper removes the max-pool so that fine noise survives the stem.
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(64, layers[0], stride=1)
+        self.layer2 = self._make_layer(128, layers[1], stride=2)
+        self.layer3 = self._make_layer(256, layers[2], stride=2)
+        self.layer4 = self._make_layer(512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        _init_weights(self)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * Bottleneck.expansion),
+            )
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+# ---------------------------------------------------------------- small CPU network
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class SmallBackbone(nn.Module):
+    """Full-resolution stem and first stage (no early down-sampling), then stride-2 stages."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128, 256), embedding_dim: int = 256):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = BasicBlock(widths[0], widths[0])
+        stages = []
+        for inplanes, planes in zip(widths[:-1], widths[1:], strict=True):
+            stages.append(BasicBlock(inplanes, planes, stride=2))
+        self.stages = nn.Sequential(*stages)
+        # Mean and max pooling: noise statistics (mean) and sparse periodic peaks (max).
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.maxpool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(2 * widths[-1], embedding_dim)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer1(self.relu(self.bn1(self.conv1(x))))
+        x = self.stages(x)
+        pooled = torch.cat([torch.flatten(self.avgpool(x), 1), torch.flatten(self.maxpool(x), 1)], 1)
+        return self.head(pooled)
+
+
+def _init_weights(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------- profiles and the embedder
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    input_size: int
+    embedding_dim: int
+    fingerprint: FingerprintSettings
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    builder: Callable[[], nn.Module]
+    description: str
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PROFILES: dict[str, Profile] = {}
+
+
+def register_profile(profile: Profile) -> Profile:
+    PROFILES[profile.name] = profile
+    return profile
+
+
+register_profile(
+    Profile(
+        name="paper",
+        input_size=256,
+        embedding_dim=2048,
+        # The authors' released preprocessing: scaled low bits of the full image, resized.
+        fingerprint=FingerprintSettings(bits=3, mode="scale", region="full", fit="resize", size=256),
+        # The authors normalise with torchvision's ImageNet statistics.
+        mean=_IMAGENET_MEAN,
+        std=_IMAGENET_STD,
+        builder=ResNet50Backbone,
+        description="ResNet-50, no max-pool, 256x256, 2048-d (the paper's encoder; for GPUs)",
+    )
+)
+register_profile(
+    Profile(
+        name="small",
+        input_size=128,
+        embedding_dim=256,
+        # A crop keeps every kept bit in place; resizing would blend neighbouring noise.
+        fingerprint=FingerprintSettings(bits=3, mode="scale", region="full", fit="crop", size=128),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.3, 0.3, 0.3),
+        builder=SmallBackbone,
+        description="full-resolution residual CNN, 128x128, 256-d (for CPUs)",
+    )
+)
+
+
+class Embedder(nn.Module):
+    """Input normalisation + backbone; carries the profile it was built from."""
+
+    def __init__(self, profile: Profile, fingerprint: FingerprintSettings | None = None):
+        super().__init__()
+        self.profile = profile.name
+        self.input_size = profile.input_size
+        self.embedding_dim = profile.embedding_dim
+        self.fingerprint = (fingerprint or profile.fingerprint).with_size(profile.input_size)
+        self.backbone = profile.builder()
+        # Not persistent: part of the profile, not of the weights (and absent upstream).
+        self.register_buffer("input_mean", torch.tensor(profile.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(profile.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != self.input_size or x.shape[3] != self.input_size:
+            raise ValueError(
+                f"{self.profile} model expects N x 3 x {self.input_size} x {self.input_size}, got {tuple(x.shape)}"
+            )
+        return self.backbone((x - self.input_mean) / self.input_std)
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown model profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
+
+
+def build_model(profile: str = "small", fingerprint: FingerprintSettings | None = None) -> Embedder:
+    """A freshly initialised embedder for `profile` (see PROFILES)."""
+    return Embedder(get_profile(profile), fingerprint)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(model: Embedder, path: str, metadata: dict | None = None) -> None:
+    """Write a self-describing checkpoint atomically (temporary name, then rename)."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "profile": model.profile,
+        "fingerprint": str(model.fingerprint),
+        "input_size": model.input_size,
+        "embedding_dim": model.embedding_dim,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metadata": dict(metadata or {}),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(os.path.abspath(fs_path)) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(buffer.getvalue())
+        os.replace(tmp, fs_path)
+    else:
+        tmp = fs_path + ".tmp"
+        with fs.open(tmp, "wb") as handle:
+            handle.write(buffer.getvalue())
+        fs.mv(tmp, fs_path)
+
+
+def _read_torch(path: str) -> object:
+    try:
+        with fsspec.open(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from None
+    try:
+        # weights_only: a checkpoint is untrusted input and must not run code when loaded.
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def load_checkpoint(
+    path: str, profile: str | None = None, fingerprint: FingerprintSettings | str | None = None
+) -> tuple[Embedder, dict]:
+    """Load a lida checkpoint; refuse it if it was made for another profile or fingerprint."""
+    payload = _read_torch(path)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a lida checkpoint (for the authors' .pth use load_upstream_weights)")
+    saved_profile = payload.get("profile")
+    saved_fp = payload.get("fingerprint")
+    if profile is not None and saved_profile != profile:
+        raise CheckpointError(f"{path}: checkpoint is for profile {saved_profile!r}, not {profile!r}")
+    if fingerprint is not None and saved_fp != str(fingerprint):
+        raise CheckpointError(
+            f"{path}: checkpoint was trained on fingerprints {saved_fp!r}, not {str(fingerprint)!r}"
+        )
+    try:
+        settings = FingerprintSettings.parse(saved_fp)
+        model = build_model(saved_profile, settings)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if settings.size != model.input_size or payload.get("embedding_dim") != model.embedding_dim:
+        raise CheckpointError(f"{path}: checkpoint sizes do not match profile {saved_profile!r}")
+    _load_state(model, payload.get("state_dict"), path)
+    return model, dict(payload.get("metadata") or {})
+
+
+def _load_state(model: nn.Module, state: object, path: str) -> None:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: checkpoint has no state dict")
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {len(result.missing_keys)} keys (first: {result.missing_keys[0]})")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {len(result.unexpected_keys)} keys (first: {result.unexpected_keys[0]})")
+    if problems:
+        raise CheckpointError(f"{path}: weights do not fit the model: " + "; ".join(problems))
+
+
+def upstream_state_dict(state: dict) -> dict:
+    """The authors' key mapping: `backbone.*` -> our backbone, `fc.*` (classifier) dropped.
+
+    Also accepts the wrappers training scripts add (`module.` from DataParallel, a
+    `state_dict`/`model` entry) and a bare torchvision resnet50 state dict.
+    """
+    for key in ("state_dict", "model", "net"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    mapped = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            continue
+        key = key.removeprefix("module.")
+        if key.startswith("fc.") or key.startswith("backbone.fc."):
+            continue
+        if not key.startswith("backbone."):
+            key = "backbone." + key
+        mapped[key] = value
+    return mapped
+
+
+def load_upstream_weights(path: str) -> Embedder:
+    """A `paper` model from the authors' released ResNet-50 `.pth`."""
+    payload = _read_torch(path)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: expected a state dict")
+    model = build_model("paper")
+    mapped = upstream_state_dict(payload)
+    for key, value in mapped.items():
+        expected = model.state_dict().get(key)
+        if expected is not None and expected.shape != value.shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(expected.shape)}")
+    _load_state(model, mapped, path)
+    return model

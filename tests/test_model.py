@@ -1,0 +1,183 @@
+"""Profiles, the paper's ResNet-50 layout, upstream key mapping and safe checkpoints."""
+
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from lida_core.fingerprint import FingerprintSettings
+from lida_core.model import (
+    PROFILES,
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    load_upstream_weights,
+    save_checkpoint,
+    upstream_state_dict,
+)
+
+
+def torchvision_resnet50_shapes() -> dict[str, tuple[int, ...]]:
+    """torchvision.models.resnet50().state_dict() names and shapes, restated from its layout."""
+    shapes = {"conv1.weight": (64, 3, 7, 7)}
+
+    def bn(prefix, c):
+        shapes.update({f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,),
+                       f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()})
+
+    bn("bn1", 64)
+    inplanes = 64
+    for layer, (planes, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), start=1):
+        for b in range(blocks):
+            p = f"layer{layer}.{b}"
+            shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
+            bn(f"{p}.bn1", planes)
+            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            bn(f"{p}.bn2", planes)
+            shapes[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
+            bn(f"{p}.bn3", planes * 4)
+            if b == 0:
+                shapes[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
+                bn(f"{p}.downsample.1", planes * 4)
+            inplanes = planes * 4
+    shapes["fc.weight"] = (1000, 2048)
+    shapes["fc.bias"] = (1000,)
+    return shapes
+
+
+def fake_upstream(prefix="backbone.", seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in torchvision_resnet50_shapes().items():
+        if name.endswith("num_batches_tracked"):
+            value = torch.tensor(7)
+        else:
+            value = torch.randn(shape, generator=g)
+        state[name if name.startswith("fc.") else prefix + name] = value
+    return state
+
+
+def test_paper_profile_is_the_papers_encoder():
+    model = build_model("paper")
+    assert (model.input_size, model.embedding_dim) == (256, 2048)
+    assert isinstance(model.backbone.maxpool, nn.Identity)
+    assert model.backbone.layer1[0].conv2.stride == (1, 1)
+    assert str(model.fingerprint) == "b3-scale-full-resize256"
+    own = {k[len("backbone."):]: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: v for k, v in torchvision_resnet50_shapes().items() if not k.startswith("fc.")}
+    assert own == expected
+    model.eval()
+    with torch.inference_mode():
+        out = model(torch.rand(1, 3, 256, 256))
+    assert tuple(out.shape) == (1, 2048)
+
+
+def test_small_profile_keeps_full_resolution_first():
+    model = build_model("small").eval()
+    assert model.input_size == 128
+    first = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)][:3]
+    assert all(conv.stride == (1, 1) for conv in first)
+    with torch.inference_mode():
+        out = model(torch.rand(3, 3, 128, 128))
+    assert tuple(out.shape) == (3, model.embedding_dim)
+    with pytest.raises(ValueError, match="expects N x 3 x 128 x 128"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+def test_every_profile_carries_its_preprocessing():
+    for name, profile in PROFILES.items():
+        model = build_model(name)
+        assert model.fingerprint.size == profile.input_size == model.input_size
+    with pytest.raises(ValueError, match="unknown model profile"):
+        build_model("huge")
+
+
+@pytest.mark.parametrize("wrap", ["plain", "module", "state_dict"])
+def test_upstream_weights_load_through_the_key_mapping(tmp_path, wrap):
+    state = fake_upstream()
+    if wrap == "module":
+        state = {"module." + k: v for k, v in state.items()}
+    elif wrap == "state_dict":
+        state = {"state_dict": state, "epoch": 3}
+    path = tmp_path / "lida_resnet50.pth"
+    torch.save(state, path)
+    model = load_upstream_weights(str(path))
+    reference = fake_upstream()
+    loaded = model.state_dict()
+    assert torch.equal(loaded["backbone.layer3.4.conv2.weight"], reference["backbone.layer3.4.conv2.weight"])
+    assert torch.equal(loaded["backbone.bn1.running_var"], reference["backbone.bn1.running_var"])
+    assert not any(k.startswith("backbone.fc") for k in loaded)
+
+
+def test_upstream_mapping_accepts_bare_torchvision_names():
+    bare = {k.removeprefix("backbone."): v for k, v in fake_upstream().items()}
+    mapped = upstream_state_dict(bare)
+    assert "backbone.conv1.weight" in mapped and "fc.weight" not in mapped and "backbone.fc.weight" not in mapped
+
+
+def test_upstream_with_wrong_shapes_or_missing_keys_is_refused(tmp_path):
+    state = fake_upstream()
+    state["backbone.layer1.0.conv1.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="layer1.0.conv1.weight has shape"):
+        load_upstream_weights(str(tmp_path / "bad.pth"))
+    partial = {k: v for k, v in fake_upstream().items() if "layer4" not in k}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_upstream_weights(str(tmp_path / "partial.pth"))
+
+
+def test_checkpoint_round_trip_carries_profile_and_fingerprint(tmp_path):
+    model = build_model("small")
+    path = str(tmp_path / "v1" / "model.pt")
+    save_checkpoint(model, path, {"parent": "v0"})
+    loaded, metadata = load_checkpoint(path, profile="small", fingerprint=model.fingerprint)
+    assert metadata == {"parent": "v0"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+    assert [p for p in os.listdir(tmp_path / "v1")] == ["model.pt"]  # no temporary left behind
+
+
+def test_checkpoint_mismatch_is_a_clear_error(tmp_path):
+    model = build_model("small")
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(model, path)
+    with pytest.raises(CheckpointError, match="profile 'small', not 'paper'"):
+        load_checkpoint(path, profile="paper")
+    with pytest.raises(CheckpointError, match="trained on fingerprints"):
+        load_checkpoint(path, fingerprint=FingerprintSettings(mode="binary", fit="crop", size=128))
+    custom = build_model("small", FingerprintSettings(mode="binary", fit="crop"))
+    save_checkpoint(custom, path)
+    loaded, _ = load_checkpoint(path)
+    assert str(loaded.fingerprint) == "b3-binary-full-crop128"
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/lida-pwned",))
+
+
+def test_checkpoints_never_execute_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"format": "lida-checkpoint/1", "payload": _Exploit()}, handle)
+    if os.path.exists("/tmp/lida-pwned"):
+        os.remove("/tmp/lida-pwned")
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        load_checkpoint(str(path))
+    with pytest.raises(CheckpointError):
+        load_upstream_weights(str(path))
+    assert not os.path.exists("/tmp/lida-pwned")
+
+
+def test_unreadable_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        load_checkpoint(str(tmp_path / "junk.pt"))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a lida checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pt"))
