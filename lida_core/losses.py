@@ -1,0 +1,83 @@
+"""Few-shot adaptation losses: centre loss over sources + lambda x real-prototype loss.
+
+Both take L2-normalised features (the retrieval space is cosine) and integer labels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CenterLoss(nn.Module):
+    """Wen et al. (2016): L = 1/2 * mean_i ||x_i - c_{y_i}||^2, centres updated at rate alpha.
+
+    The centres are a buffer, not a parameter: the optimiser never touches them. After each
+    step `update_centers` moves centre j by alpha * sum_{i: y_i=j} (c_j - x_i) / (1 + n_j),
+    the paper's update rule (eq. 4).
+    """
+
+    def __init__(self, num_classes: int, dim: int, alpha: float = 0.5):
+        super().__init__()
+        if num_classes < 1 or dim < 1:
+            raise ValueError("CenterLoss needs at least one class and one dimension")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self.register_buffer("centers", torch.zeros(num_classes, dim))
+
+    def init_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Start each centre at the mean of its class (instead of the origin)."""
+        with torch.no_grad():
+            for j in labels.unique():
+                self.centers[j] = features[labels == j].mean(0)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        diff = features - self.centers[labels]
+        return 0.5 * diff.pow(2).sum(1).mean()
+
+    @torch.no_grad()
+    def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        features = features.detach()
+        delta = torch.zeros_like(self.centers)
+        counts = torch.zeros(self.centers.shape[0], device=features.device)
+        delta.index_add_(0, labels, self.centers[labels] - features)
+        counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
+        self.centers -= self.alpha * delta / (1.0 + counts[:, None])
+
+
+class RealPrototypeLoss(nn.Module):
+    """Binary cross-entropy of sigmoid(cos(x, p_real) / tau) against "is real".
+
+    Real images are pulled towards the mean real feature, generated ones pushed away, so
+    that similarity to the prototype is the detection score.
+    """
+
+    def __init__(self, tau: float = 0.1):
+        super().__init__()
+        if tau <= 0:
+            raise ValueError("tau must be positive")
+        self.tau = tau
+
+    def forward(self, features: torch.Tensor, is_real: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
+        logits = F.cosine_similarity(features, prototype.reshape(1, -1).to(features), dim=1) / self.tau
+        return F.binary_cross_entropy_with_logits(logits, is_real.to(logits.dtype))
+
+
+class LidaLoss(nn.Module):
+    """The adaptation objective: centre loss + lam * real-prototype loss (lam = 0.9)."""
+
+    def __init__(self, num_classes: int, dim: int, lam: float = 0.9, alpha: float = 0.5, tau: float = 0.1):
+        super().__init__()
+        self.center = CenterLoss(num_classes, dim, alpha)
+        self.prototype = RealPrototypeLoss(tau)
+        self.lam = lam
+
+    def forward(
+        self, features: torch.Tensor, labels: torch.Tensor, is_real: torch.Tensor, prototype: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        center = self.center(features, labels)
+        proto = self.prototype(features, is_real, prototype)
+        total = center + self.lam * proto
+        return total, {"center": float(center), "prototype": float(proto), "total": float(total)}
