@@ -1,0 +1,3 @@
+from lida_core.cli import main
+
+raise SystemExit(main())
