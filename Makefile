@@ -20,6 +20,7 @@ $(STAMP): setup.py requirements.lock
 	@touch $(STAMP)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 test-fast: setup
