@@ -41,6 +41,7 @@ __all__ = [
     "fingerprint_bits",
     "fingerprint_batch",
     "fingerprint_file_bytes",
+    "fit_to_size",
     "low_bits",
     "patch_box",
     "pillow_bilinear_resize",
@@ -264,7 +265,8 @@ def pillow_bilinear_resize(x, height: int, width: int):
     return x
 
 
-def _fit(region, settings: FingerprintSettings):
+def fit_to_size(region, settings: FingerprintSettings):
+    """Bring a region (H x W x 3 uint8, numpy or torch) to size x size by the settings' fit rule."""
     size = settings.size
     if settings.fit == "resize":
         return pillow_bilinear_resize(region, size, size)
@@ -283,7 +285,7 @@ def fingerprint_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.nd
         raise ValueError(f"expected H x W x 3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
     top, left, h, w = patch_box(pixels, settings)
     region = low_bits(pixels[top : top + h, left : left + w], settings)
-    return np.ascontiguousarray(_fit(region, settings))
+    return np.ascontiguousarray(fit_to_size(region, settings))
 
 
 def fingerprint_file_bytes(data: bytes, settings: FingerprintSettings, name: str = "<bytes>") -> tuple[np.ndarray, DecodedImage]:
@@ -345,7 +347,7 @@ def _fingerprint_same_size(batch, settings: FingerprintSettings):
         region = (kept != 0).to(torch.uint8) * 255
     else:
         region = (kept.to(torch.int16) * settings.scale_factor).to(torch.uint8)
-    return _fit(region, settings)
+    return fit_to_size(region, settings)
 
 
 def to_model_input(fingerprints):

@@ -65,14 +65,30 @@ class RealPrototypeLoss(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, is_real.to(logits.dtype))
 
 
-class LidaLoss(nn.Module):
-    """The adaptation objective: centre loss + lam * real-prototype loss (lam = 0.9)."""
+def center_softmax(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cross-entropy over cosine similarities to the class centres (centres held fixed).
 
-    def __init__(self, num_classes: int, dim: int, lam: float = 0.9, alpha: float = 0.5, tau: float = 0.1):
+    Centre loss alone only pulls each class together; collapsing every class onto one point
+    minimises it. Wen et al. always pair it with a softmax term that pushes classes apart;
+    this is that term, written on the same centres so it agrees with retrieval by cosine.
+    """
+    logits = F.normalize(features, dim=1) @ F.normalize(centers.detach(), dim=1).t() / tau
+    return F.cross_entropy(logits, labels)
+
+
+class LidaLoss(nn.Module):
+    """The adaptation objective: centre loss + lam * real-prototype loss (lam = 0.9),
+    plus `beta` x the centres' softmax partner (0 gives the paper's two terms alone)."""
+
+    def __init__(
+        self, num_classes: int, dim: int, lam: float = 0.9, alpha: float = 0.5, tau: float = 0.1, beta: float = 1.0
+    ):
         super().__init__()
         self.center = CenterLoss(num_classes, dim, alpha)
         self.prototype = RealPrototypeLoss(tau)
         self.lam = lam
+        self.beta = beta
+        self.tau = tau
 
     def forward(
         self, features: torch.Tensor, labels: torch.Tensor, is_real: torch.Tensor, prototype: torch.Tensor
@@ -80,4 +96,10 @@ class LidaLoss(nn.Module):
         center = self.center(features, labels)
         proto = self.prototype(features, is_real, prototype)
         total = center + self.lam * proto
-        return total, {"center": float(center), "prototype": float(proto), "total": float(total)}
+        parts = {"center": float(center.detach()), "prototype": float(proto.detach())}
+        if self.beta:
+            softmax = center_softmax(features, labels, self.center.centers, self.tau)
+            total = total + self.beta * softmax
+            parts["softmax"] = float(softmax.detach())
+        parts["total"] = float(total.detach())
+        return total, parts

@@ -233,6 +233,10 @@ class Embedder(nn.Module):
             raise ValueError(
                 f"{self.profile} model expects N x 3 x {self.input_size} x {self.input_size}, got {tuple(x.shape)}"
             )
+        return self.features(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding of inputs of any size (pooling is global); training uses smaller views."""
         return self.backbone((x - self.input_mean) / self.input_std)
 
 

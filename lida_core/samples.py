@@ -160,6 +160,7 @@ class GeneratorSpec:
     factor: int  # latent down-sampling: 2, 4 or 8 (log2(factor) x2 stages)
     jitter: float  # perturbation of the interpolating kernels
     phase_gain: float  # gain error per output phase of each stage: the periodic grid of real decoders
+    phase_bias: float  # offset per output phase of each stage, in grey levels (bias after up-sampling)
     texture: float  # decoded noise, in grey levels
     residual: bool = False  # VAE-like residual block with normalisation after up-sampling
 
@@ -167,12 +168,12 @@ class GeneratorSpec:
 GENERATORS: dict[str, GeneratorSpec] = {
     spec.name: spec
     for spec in (
-        GeneratorSpec("tconv_gan", "tconv", "leaky_relu", 4, 0.03, 0.015, 1.5),
-        GeneratorSpec("nearest_unet", "nearest_conv", "silu", 2, 0.03, 0.008, 1.0),
-        GeneratorSpec("bilinear_diffusion", "bilinear_conv", "gelu", 8, 0.03, 0.005, 0.8),
-        GeneratorSpec("shuffle_sr", "pixel_shuffle", "softplus", 2, 0.03, 0.02, 2.5),
-        GeneratorSpec("vae_ldm", "vae", "silu", 8, 0.03, 0.01, 1.2, residual=True),
-        GeneratorSpec("style_noise", "noise_inject", "leaky_relu", 4, 0.03, 0.006, 3.5),
+        GeneratorSpec("tconv_gan", "tconv", "leaky_relu", 4, 0.03, 0.01, 3.5, 0.6),
+        GeneratorSpec("nearest_unet", "nearest_conv", "silu", 2, 0.03, 0.01, 3.5, 0.4),
+        GeneratorSpec("bilinear_diffusion", "bilinear_conv", "gelu", 8, 0.03, 0.01, 3.0, 0.3),
+        GeneratorSpec("shuffle_sr", "pixel_shuffle", "softplus", 2, 0.03, 0.01, 4.0, 1.0),
+        GeneratorSpec("vae_ldm", "vae", "silu", 8, 0.03, 0.01, 3.5, 0.5, residual=True),
+        GeneratorSpec("style_noise", "noise_inject", "leaky_relu", 4, 0.03, 0.01, 3.0, 1.5),
     )
 }
 
@@ -196,6 +197,8 @@ class SyntheticGenerator(nn.Module):
         self.up = nn.ModuleList(_Upsampler(spec.upsampler, c, gen, spec.jitter) for _ in range(stages))
         gains = 1.0 + spec.phase_gain * torch.randn(stages, 1, c, 2, 2, generator=gen)
         self.phase_gains = nn.Parameter(gains, requires_grad=False)
+        biases = spec.phase_bias / 255.0 * torch.randn(stages, 1, c, 2, 2, generator=gen)
+        self.phase_biases = nn.Parameter(biases, requires_grad=False)
         if spec.residual:
             self.res1 = nn.Conv2d(c, c, 3, padding=1)
             self.res2 = nn.Conv2d(c, c, 3, padding=1)
@@ -233,7 +236,8 @@ class SyntheticGenerator(nn.Module):
         h = z + scale * torch.randn(z.shape, generator=gen)
         for stage, up in enumerate(self.up):
             h = up(h)
-            h = h * self.phase_gains[stage].repeat(1, 1, h.shape[2] // 2, h.shape[3] // 2)
+            tiles = (1, 1, h.shape[2] // 2, h.shape[3] // 2)
+            h = h * self.phase_gains[stage].repeat(tiles) + self.phase_biases[stage].repeat(tiles)
         if self.spec.upsampler == "noise_inject":
             pixel_noise = torch.randn(h.shape[0], 1, *h.shape[2:], generator=gen)
             h = h + scale * self.noise_scale.view(1, -1, 1, 1) * pixel_noise

@@ -58,16 +58,24 @@ def test_prototype_loss_by_hand_and_direction():
     assert after[0] > before[0] and after[1] < before[1]
 
 
-def test_lida_loss_is_center_plus_lambda_prototype():
+def test_lida_loss_is_center_plus_lambda_prototype_plus_softmax_partner():
     torch.manual_seed(0)
     features = F.normalize(torch.randn(6, 4), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     is_real = (labels == 0).long()
     proto = features[:2].mean(0)
     combined = LidaLoss(num_classes=3, dim=4)
+    combined.center.init_centers(features, labels)
     assert combined.lam == 0.9
     total, parts = combined(features, labels, is_real, proto)
-    center = combined.center(features, labels)
-    prototype = combined.prototype(features, is_real, proto)
-    assert float(total) == pytest.approx(float(center + 0.9 * prototype))
-    assert parts["total"] == pytest.approx(float(total))
+    center = float(combined.center(features, labels))
+    prototype = float(combined.prototype(features, is_real, proto))
+    centers = F.normalize(combined.center.centers, dim=1)
+    logits = features @ centers.t() / 0.1  # features are unit length already
+    softmax = float(-torch.log_softmax(logits, 1)[torch.arange(6), labels].mean())
+    assert float(total) == pytest.approx(center + 0.9 * prototype + softmax, rel=1e-5)
+    assert parts["softmax"] == pytest.approx(softmax, rel=1e-5)
+    paper_total, paper_parts = LidaLoss(num_classes=3, dim=4, beta=0.0)(features, labels, is_real, proto)
+    assert "softmax" not in paper_parts
+    # centres start at zero here, so the paper's terms are centre (from the origin) + 0.9 x prototype
+    assert float(paper_total) == pytest.approx(0.5 + 0.9 * prototype, rel=1e-5)

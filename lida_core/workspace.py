@@ -1,0 +1,317 @@
+"""The workspace: the one module that knows where everything lives.
+
+    WORKSPACE/
+      config.json                 profile, fingerprint, calibration targets, inboxes, schedules
+      models/vNNNN/               immutable model versions: model.pt + meta.json
+      models/CURRENT              the current version's name, replaced atomically
+      blobs/ab/<sha256>           original bytes of gallery and calibration images
+      tables/<name>/...           Hive-partitioned Parquet tables (schemas/)
+      indexes/iNNNN/ + CURRENT    published attribution indexes
+      runs/<job>/                 resumable training state (never read by queries)
+      shards/<scan_id>/           WebDataset shards of scans
+      lock                        held by a process that writes
+
+A local path or any fsspec URL works. Locally, publication is atomic (write under a temporary
+name, then `os.replace`/`rename`); on object stores the pointer is written last, so readers
+follow the pointer and never see a half-written version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from lida_core.fingerprint import FingerprintSettings
+
+CONFIG = "config.json"
+MODELS = "models"
+INDEXES = "indexes"
+BLOBS = "blobs"
+TABLES = "tables"
+RUNS = "runs"
+SHARDS = "shards"
+CURRENT = "CURRENT"
+LOCK = "lock"
+_VERSION = re.compile(r"^v(\d{4,})$")
+_INDEX_VERSION = re.compile(r"^i(\d{4,})$")
+
+
+class WorkspaceError(Exception):
+    """A problem with the workspace the user can act on (missing, locked, inconsistent)."""
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class WorkspaceConfig:
+    profile: str
+    fingerprint: str
+    target_fpr: float = 0.05  # false-positive rate on real images for the detection threshold
+    unknown_accept: float = 0.95  # share of known-generator images kept above the open-set threshold
+    decision: str = "knn"  # knn | centroid
+    k: int = 5
+    top_k: int = 5
+    inboxes: list[str] = field(default_factory=list)
+    labelled_inbox: str | None = None
+    schedules: dict[str, str] = field(
+        default_factory=lambda: {"scan": "0 2 * * *", "reindex": "0 3 * * 0", "adapt": "0 4 * * 0"}
+    )
+    created_at: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WorkspaceConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise WorkspaceError(f"config.json: unknown settings {sorted(unknown)}")
+        try:
+            config = cls(**data)
+            FingerprintSettings.parse(config.fingerprint)
+        except (TypeError, ValueError) as exc:
+            raise WorkspaceError(f"config.json: {exc}") from None
+        if not 0 < config.target_fpr < 1 or not 0 < config.unknown_accept <= 1:
+            raise WorkspaceError("config.json: target_fpr and unknown_accept must lie in (0, 1)")
+        if config.decision not in ("knn", "centroid"):
+            raise WorkspaceError("config.json: decision must be 'knn' or 'centroid'")
+        return config
+
+
+class Workspace:
+    def __init__(self, url: str):
+        self.url = str(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/") or "/"
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    # ------------------------------------------------------------ paths and atomic I/O
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def uri(self, *parts: str) -> str:
+        """A URL for other tools (DuckDB, Beam workers) to open the same place."""
+        path = self.path(*parts)
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open(self.path(*parts), "rb") as handle:
+            return handle.read()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write under a temporary name in the same folder, then rename over the target."""
+        target = self.path(rel)
+        folder = target.rsplit("/", 1)[0]
+        self.fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}"
+        with self.fs.open(tmp, "wb") as handle:
+            handle.write(data)
+        if self.local:
+            os.replace(tmp, target)
+        else:
+            self.fs.mv(tmp, target)
+
+    def read_json(self, *parts: str) -> dict:
+        try:
+            return json.loads(self.read_bytes(*parts))
+        except FileNotFoundError:
+            raise
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise WorkspaceError(f"{self.path(*parts)}: not valid JSON ({exc})") from None
+
+    def write_json(self, rel: str, data: dict) -> None:
+        self.write_bytes(rel, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    # ------------------------------------------------------------ config
+
+    def is_initialised(self) -> bool:
+        return self.exists(CONFIG)
+
+    def require(self) -> Workspace:
+        if not self.is_initialised():
+            raise WorkspaceError(f"no lida workspace at {self.url} (run 'lida init' first, or pass --workspace)")
+        return self
+
+    def config(self) -> WorkspaceConfig:
+        self.require()
+        return WorkspaceConfig.from_dict(self.read_json(CONFIG))
+
+    def save_config(self, config: WorkspaceConfig) -> None:
+        self.write_json(CONFIG, asdict(config))
+
+    # ------------------------------------------------------------ model versions
+
+    def model_versions(self) -> list[str]:
+        if not self.exists(MODELS):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(MODELS), detail=False)]
+        return sorted((n for n in names if _VERSION.match(n)), key=lambda n: int(n[1:]))
+
+    def current_model_version(self) -> str | None:
+        try:
+            version = self.read_bytes(MODELS, CURRENT).decode().strip()
+        except FileNotFoundError:
+            return None
+        if not _VERSION.match(version) or not self.exists(MODELS, version, "meta.json"):
+            raise WorkspaceError(f"models/CURRENT points at {version!r}, which is not a published model version")
+        return version
+
+    def require_model_version(self) -> str:
+        version = self.current_model_version()
+        if version is None:
+            raise WorkspaceError(f"workspace {self.url} has no model yet (run 'lida init')")
+        return version
+
+    def publish_model_version(self, files: dict[str, bytes], meta: dict) -> str:
+        """Write a new immutable version folder, then return its name (CURRENT is not moved).
+
+        The folder is assembled under a temporary name and renamed into place; a name that
+        exists is never reused, so nothing published is ever overwritten.
+        """
+        staging = self.path(MODELS, f".staging-{uuid.uuid4().hex}")
+        self.fs.makedirs(staging, exist_ok=True)
+        digest = hashlib.sha256(files["model.pt"]).hexdigest() if "model.pt" in files else None
+        for name, data in files.items():
+            with self.fs.open(f"{staging}/{name}", "wb") as handle:
+                handle.write(data)
+        while True:
+            existing = self.model_versions()
+            version = f"v{(int(existing[-1][1:]) + 1) if existing else 0:04d}"
+            full_meta = {**meta, "version": version, "sha256": digest, "created_at": utc_now().isoformat()}
+            with self.fs.open(f"{staging}/meta.json", "wb") as handle:
+                handle.write((json.dumps(full_meta, indent=2, sort_keys=True, default=str) + "\n").encode())
+            target = self.path(MODELS, version)
+            if self.local:
+                try:
+                    os.rename(staging, target)  # fails if the target exists: never overwrite
+                    return version
+                except OSError:
+                    if not os.path.exists(target):
+                        raise
+                    continue
+            if not self.fs.exists(target):
+                self.fs.mv(staging, target, recursive=True)
+                return version
+
+    def set_current_model(self, version: str) -> None:
+        if not self.exists(MODELS, version, "meta.json"):
+            raise WorkspaceError(f"model version {version} does not exist")
+        self.write_bytes(f"{MODELS}/{CURRENT}", (version + "\n").encode())
+
+    def model_meta(self, version: str) -> dict:
+        try:
+            return self.read_json(MODELS, version, "meta.json")
+        except FileNotFoundError:
+            raise WorkspaceError(f"model version {version} does not exist") from None
+
+    def model_file(self, version: str) -> str:
+        return self.uri(MODELS, version, "model.pt")
+
+    def verify_model(self, version: str) -> None:
+        meta = self.model_meta(version)
+        digest = hashlib.sha256(self.read_bytes(MODELS, version, "model.pt")).hexdigest()
+        if meta.get("sha256") != digest:
+            raise WorkspaceError(f"model version {version}: weights do not match their recorded sha256")
+
+    # ------------------------------------------------------------ content-addressed blobs
+
+    def put_blob(self, data: bytes) -> str:
+        image_id = hashlib.sha256(data).hexdigest()
+        rel = f"{BLOBS}/{image_id[:2]}/{image_id}"
+        if not self.exists(rel):
+            self.write_bytes(rel, data)
+        return image_id
+
+    def get_blob(self, image_id: str) -> bytes:
+        if not re.fullmatch(r"[0-9a-f]{64}", image_id):
+            raise WorkspaceError(f"not an image id: {image_id!r}")
+        try:
+            return self.read_bytes(BLOBS, image_id[:2], image_id)
+        except FileNotFoundError:
+            raise WorkspaceError(f"image {image_id} is missing from the workspace blobs") from None
+
+    # ------------------------------------------------------------ runs (resumable state)
+
+    def run_path(self, job: str, name: str = "") -> str:
+        return f"{RUNS}/{job}/{name}".rstrip("/")
+
+    # ------------------------------------------------------------ lock
+
+    @contextlib.contextmanager
+    def lock(self, purpose: str) -> Iterator[None]:
+        """One writer at a time; a lock left by a dead local process is taken over."""
+        self.fs.makedirs(self.root, exist_ok=True)
+        rel = self.path(LOCK)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose, "since": utc_now().isoformat()}
+        if self.local:
+            while True:
+                try:
+                    fd = os.open(rel, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    with os.fdopen(fd, "w") as handle:
+                        json.dump(owner, handle)
+                    break
+                except FileExistsError:
+                    holder = self._lock_holder()
+                    if holder and holder.get("host") == owner["host"] and not _pid_alive(int(holder.get("pid", -1))):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(rel)
+                        continue
+                    raise WorkspaceError(
+                        f"workspace {self.url} is busy: {holder.get('purpose', '?')} (pid {holder.get('pid', '?')} "
+                        f"on {holder.get('host', '?')} since {holder.get('since', '?')}); try again when it ends"
+                    ) from None
+        else:
+            if self.fs.exists(rel):
+                holder = self._lock_holder()
+                raise WorkspaceError(f"workspace {self.url} is busy: {holder.get('purpose', '?')} since {holder.get('since', '?')}")
+            with self.fs.open(rel, "w") as handle:
+                json.dump(owner, handle)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(rel)
+
+    def _lock_holder(self) -> dict:
+        try:
+            with self.fs.open(self.path(LOCK), "r") as handle:
+                return json.load(handle)
+        except (FileNotFoundError, ValueError):
+            return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_uri_bytes(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as handle:
+        return handle.read()
+
+
+def bytes_io(data: bytes) -> io.BytesIO:
+    return io.BytesIO(data)
