@@ -47,8 +47,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runner-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb, (text, _) in VERBS.items():
-        sub.add_parser(verb, help=text, description=text).add_argument("args", nargs=argparse.REMAINDER)
+    verbs = {verb: sub.add_parser(verb, help=text, description=text) for verb, (text, _) in VERBS.items()}
+
+    p = verbs["init"]
+    p.add_argument("--profile", choices=("small", "paper"), help="default: paper with CUDA, else small")
+    p.add_argument("--checkpoint", help="a lida checkpoint, or (profile paper) the authors' ResNet-50 .pth")
+
+    p = verbs["pretrain"]
+    p.add_argument("paths", nargs="+", metavar="PATH", help="real images: files, folders, fsspec URLs")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--labels", choices=("folders",), help="classification pretext: one sub-folder per class")
+    p.add_argument("--input", choices=("fingerprint", "rgb"), default="fingerprint", help="rgb: the paper's ablation")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = verbs["gallery"]
+    gsub = p.add_subparsers(dest="gallery_verb", metavar="ACTION", required=True)
+    add = gsub.add_parser("add", help="register labelled images of one source")
+    add.add_argument("--source", required=True, help="a generator's name, or 'real'")
+    add.add_argument("paths", nargs="+", metavar="PATH")
+    gsub.add_parser("list", help="sources, image counts, model and index versions")
+
+    p = verbs["adapt"]
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = verbs["eval"]
+    p.add_argument("directory", metavar="DIR", help="one sub-folder per source, 'real' among them")
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-adapt", action="store_true", help="evaluate the current model as it is")
+    p.add_argument("--epochs", type=int, help="adaptation epochs on the K-shot gallery")
+    p.add_argument("--input", choices=("fingerprint", "rgb"), help="check the model takes this input")
+
+    for verb in ("reindex", "scan", "attribute", "report", "query", "serve", "demo"):
+        verbs[verb].add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -59,7 +94,117 @@ def _not_yet(verb: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+class _Progress:
+    """Progress on stderr: a bar for decoding, one line per epoch."""
+
+    def __init__(self, quiet: bool = False):
+        self.bar = None
+        self.quiet = quiet
+
+    def __call__(self, stage: str, info: dict) -> None:
+        if self.quiet:
+            return
+        if stage == "decode":
+            from tqdm import tqdm
+
+            if self.bar is None or self.bar.total != info["total"]:
+                self._close()
+                self.bar = tqdm(total=info["total"], desc="decode", unit="img", file=sys.stderr, leave=False)
+            self.bar.update(info["done"] - self.bar.n)
+            if info["done"] >= info["total"]:
+                self._close()
+            return
+        self._close()
+        if stage == "epoch":
+            parts = [f"epoch {info['epoch']}/{info['epochs']}", f"loss {info['loss']:.4f}"]
+            if "images_per_s" in info:
+                parts.append(f"{info['images_per_s']:.0f} img/s")
+            if "holdout_accuracy" in info:
+                parts.append(f"held-out accuracy {info['holdout_accuracy']:.3f}")
+            print("  " + ", ".join(parts), file=sys.stderr, flush=True)
+        elif stage == "resume":
+            print(f"  resuming at epoch {info['epoch']}/{info['epochs']}", file=sys.stderr, flush=True)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _emit(args: argparse.Namespace, result: dict, text: str) -> int:
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(text)
+    return 0
+
+
+def _errors_text(errors: list) -> str:
+    if not errors:
+        return ""
+    lines = [f"{len(errors)} file(s) skipped:"] + [f"  {uri}: {reason}" for uri, reason in errors[:10]]
+    if len(errors) > 10:
+        lines.append(f"  ... and {len(errors) - 10} more")
+    return "\n" + "\n".join(lines)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from lida_core.lifecycle import init_workspace
+
+    r = init_workspace(args.workspace, args.profile, args.checkpoint)
+    return _emit(args, r, f"workspace {r['workspace']}: profile {r['profile']}, fingerprint {r['fingerprint']}, "
+                          f"model {r['model_version']} ({r['weights']} weights)")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from lida_core.lifecycle import pretrain_version
+    from lida_core.workspace import Workspace
+
+    r = pretrain_version(Workspace(args.workspace), args.paths, args.epochs, args.batch_size, args.lr, args.labels,
+                         args.input, args.seed, _Progress(args.json))
+    return _emit(args, r, f"model {r['model_version']} (from {r['parent']}): pre-trained on {r['images']} real images, "
+                          f"{r['calibration']} held out for calibration (threshold {r['threshold']:.3f})" + _errors_text(r["errors"]))
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from lida_core.lifecycle import gallery_add, gallery_summary
+    from lida_core.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    if args.gallery_verb == "add":
+        r = gallery_add(ws, args.source, args.paths, _Progress(args.json))
+        return _emit(args, r, f"{r['source']}: {r['added']} added, {r['already_registered']} already registered "
+                              f"(model {r['model_version']})" + _errors_text(r["errors"]))
+    r = gallery_summary(ws)
+    lines = [f"model {r['model_version']}, {r['images']} gallery images"]
+    lines += [f"  {source:24s} {count:6d}" for source, count in r["sources"].items()] or ["  (empty: 'lida gallery add --source NAME PATH...')"]
+    return _emit(args, r, "\n".join(lines))
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from lida_core.lifecycle import adapt_version
+    from lida_core.workspace import Workspace
+
+    r = adapt_version(Workspace(args.workspace), args.epochs, args.lr, args.seed, _Progress(args.json))
+    verdict = "promoted to current" if r["promoted"] else "NOT promoted (worse on held-out gallery images); current unchanged"
+    return _emit(args, r, f"candidate {r['model_version']} (from {r['parent']}): held-out accuracy "
+                          f"{r['holdout_accuracy_before']:.3f} -> {r['holdout_accuracy_after']:.3f}; {verdict}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lida_core.lifecycle import evaluate, evaluation_markdown, save_evaluation
+    from lida_core.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    if args.shots < 1:
+        raise UserError("--shots must be at least 1")
+    r = evaluate(ws, args.directory, args.shots, args.seed, not args.no_adapt, args.input, args.epochs, _Progress(args.json))
+    r["saved"] = save_evaluation(ws, r)
+    return _emit(args, r, evaluation_markdown(r) + f"\nsaved: {r['saved']['markdown']}")
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {verb: _not_yet(verb) for verb in VERBS}
+HANDLERS.update({"init": cmd_init, "pretrain": cmd_pretrain, "gallery": cmd_gallery, "adapt": cmd_adapt, "eval": cmd_eval})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,9 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verb:
         parser.print_help(sys.stderr)
         return 2
+    from lida_core.errors import user_errors
+
     try:
         return HANDLERS[args.verb](args)
-    except UserError as exc:
+    except user_errors() as exc:
         _fail(args, str(exc))
         return 2
     except KeyboardInterrupt:

@@ -66,6 +66,24 @@ def training_settings(settings: FingerprintSettings) -> FingerprintSettings:
     return settings
 
 
+def tile_views(pixels: np.ndarray, size: int, tiles: int) -> list[np.ndarray]:
+    """Up to `tiles` non-overlapping size x size tiles spread over the image (centre first).
+
+    More tiles read more of an image's noise; with tiles=1 this is the fingerprint's own
+    centre crop. Tiles only apply to crop-fit settings (a resize fit reads the whole image).
+    """
+    height, width = pixels.shape[:2]
+    rows, cols = max(1, height // size), max(1, width // size)
+    if tiles <= 1 or rows * cols == 1:
+        return [pixels]
+    ys = np.linspace(0, height - size, rows).round().astype(int)
+    xs = np.linspace(0, width - size, cols).round().astype(int)
+    grid = [(y, x) for y in ys for x in xs]
+    centre = np.array([(height - size) / 2, (width - size) / 2])
+    grid.sort(key=lambda p: float(np.abs(np.array(p) - centre).sum()))
+    return [np.ascontiguousarray(pixels[y : y + size, x : x + size]) for y, x in grid[:tiles]]
+
+
 @torch.no_grad()
 def embed(
     model: Embedder,
@@ -73,14 +91,29 @@ def embed(
     batch_size: int = 64,
     input_kind: str = "fingerprint",
     device: str | torch.device = "cpu",
+    tiles: int | None = None,
 ) -> np.ndarray:
-    """L2-normalised embeddings (N x D float32) of decoded images, in evaluation mode."""
+    """L2-normalised embeddings (N x D float32) of decoded images, in evaluation mode.
+
+    With `tiles` > 1 (crop-fit models), an image's embedding is the normalised mean over
+    up to that many non-overlapping tiles; None takes the model profile's choice.
+    """
     model.eval().to(device)
+    tiles = model.tiles if tiles is None else tiles
+    if model.fingerprint.fit != "crop":
+        tiles = 1
+    views, owner = [], []
+    for i, image in enumerate(images):
+        parts = tile_views(image, model.input_size, tiles)
+        views += parts
+        owner += [i] * len(parts)
+    feats = np.zeros((len(views), model.embedding_dim), dtype=np.float32)
+    for start in range(0, len(views), batch_size):
+        x = model_inputs(views[start : start + batch_size], model.fingerprint, input_kind).to(device)
+        feats[start : start + len(x)] = F.normalize(model(x).float(), dim=1).cpu().numpy()
     out = np.zeros((len(images), model.embedding_dim), dtype=np.float32)
-    for start in range(0, len(images), batch_size):
-        x = model_inputs(images[start : start + batch_size], model.fingerprint, input_kind).to(device)
-        out[start : start + len(x)] = F.normalize(model(x).float(), dim=1).cpu().numpy()
-    return out
+    np.add.at(out, np.asarray(owner, dtype=np.int64), feats)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 # ---------------------------------------------------------------- pre-training
@@ -128,6 +161,7 @@ def pretrain(
     head_state: dict | None = None,
     on_epoch_end: Callable[[int, dict, dict], None] | None = None,
     device: str | torch.device = "cpu",
+    optimizer_state: dict | None = None,
 ) -> dict:
     """Train `model` in place on real images; returns the history and the head's state.
 
@@ -136,8 +170,6 @@ def pretrain(
     """
     if len(images) < 2:
         raise ValueError("pre-training needs at least two images")
-    torch.manual_seed(config.seed + start_epoch)
-    rng = np.random.default_rng([config.seed, start_epoch])
     model.train().to(device)
     size = model.input_size if config.labels else (config.view_size or model.input_size // 2)
     view_settings = model.fingerprint.with_size(size)
@@ -152,6 +184,8 @@ def pretrain(
     head.to(device)
     params = list(model.parameters()) + list(head.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if optimizer_state:
+        optimiser.load_state_dict(optimizer_state)
     steps_per_epoch = max(1, len(images) // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -159,6 +193,9 @@ def pretrain(
     )
     history = []
     for epoch in range(start_epoch, config.epochs):
+        # Seeded per epoch, so a run resumed at epoch e continues exactly as it would have.
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        rng = np.random.default_rng([config.seed, epoch])
         started = time.perf_counter()
         order = rng.permutation(len(images))
         losses = []
@@ -190,7 +227,7 @@ def pretrain(
         if progress:
             progress(entry)
         if on_epoch_end:
-            on_epoch_end(epoch + 1, entry, {"head": head.state_dict()})
+            on_epoch_end(epoch + 1, entry, {"head": head.state_dict(), "optimizer": optimiser.state_dict()})
     model.eval()
     return {"history": history, "head": head.state_dict()}
 

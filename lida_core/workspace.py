@@ -173,7 +173,7 @@ class Workspace:
         return version
 
     def require_model_version(self) -> str:
-        version = self.current_model_version()
+        version = self.require().current_model_version()
         if version is None:
             raise WorkspaceError(f"workspace {self.url} has no model yet (run 'lida init')")
         return version

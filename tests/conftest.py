@@ -19,3 +19,14 @@ def encode(pixels: np.ndarray | Image.Image, fmt: str = "PNG", **kwargs) -> byte
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def sample_dirs(tmp_path_factory):
+    """Bundled samples written to disk once per session: real images for pre-training and a labelled set."""
+    from lida_core import samples
+
+    root = tmp_path_factory.mktemp("samples")
+    samples.write_samples(str(root / "pretrain"), 24, sources=["real"], start=20000)
+    samples.write_samples(str(root / "labelled"), 6)
+    return root

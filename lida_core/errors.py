@@ -1,0 +1,14 @@
+"""Which exceptions are the user's to fix: the CLI prints them as one line and exits 2."""
+
+from __future__ import annotations
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from lida_core.cli import UserError
+    from lida_core.decode import DecodeError
+    from lida_core.inputs import InputError
+    from lida_core.model import CheckpointError
+    from lida_core.workspace import WorkspaceError
+    from schemas import SchemaError
+
+    return (UserError, WorkspaceError, InputError, CheckpointError, DecodeError, SchemaError)

@@ -1,0 +1,576 @@
+"""Model lifecycle in a workspace: init, pre-train, gallery, adapt, evaluate.
+
+These are the verbs' logic without the command line. Every step that publishes holds the
+workspace lock. A model version is published whole and `models/CURRENT` only moves after
+it, so a crash (even kill -9) leaves the current model untouched and usable.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import io
+import json
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import schemas
+from lida_core import training
+from lida_core.decode import DecodeError, decode_image
+from lida_core.fingerprint import FingerprintSettings
+from lida_core.inputs import labelled_folders, list_inputs, read_input
+from lida_core.metrics import auroc, balanced_accuracy, confusion_matrix, per_source_table, retrieval_metrics
+from lida_core.model import (
+    CheckpointError,
+    Embedder,
+    build_model,
+    checkpoint_bytes,
+    get_profile,
+    load_checkpoint,
+    load_upstream_weights,
+)
+from lida_core.workspace import TABLES, Workspace, WorkspaceConfig, WorkspaceError, utc_now
+
+Progress = Callable[[str, dict], None]
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+CALIBRATION_SHARE = 0.1
+MIN_CALIBRATION = 8
+
+# Per-profile training defaults: the paper's numbers for its ResNet-50; the CPU profile
+# trains from scratch and needs a larger step to move within minutes.
+PRETRAIN_DEFAULTS = {"small": {"epochs": 15, "batch_size": 64, "lr": 1e-3}, "paper": {"epochs": 30, "batch_size": 32, "lr": 1e-4}}
+ADAPT_DEFAULTS = {"small": {"epochs": 60, "lr": 1e-3}, "paper": {"epochs": 100, "lr": 1e-4}}
+
+
+def _quiet(_: str, __: dict) -> None:
+    return None
+
+
+# ---------------------------------------------------------------- loading images
+
+
+@dataclass
+class Decoded:
+    uris: list[str]
+    image_ids: list[str]
+    pixels: list[np.ndarray]
+    raw: list[bytes]
+    errors: list[tuple[str, str]]
+
+
+def decode_inputs(uris: Sequence[str], progress: Progress = _quiet, keep_bytes: bool = False) -> Decoded:
+    out = Decoded([], [], [], [], [])
+    for n, uri in enumerate(uris, 1):
+        try:
+            data = read_input(uri)
+            pixels = decode_image(data, uri).pixels
+        except DecodeError as exc:
+            out.errors.append((uri, exc.reason))
+        except OSError as exc:
+            out.errors.append((uri, f"unreadable: {exc}"))
+        else:
+            out.uris.append(uri)
+            out.image_ids.append(hashlib.sha256(data).hexdigest())
+            out.pixels.append(pixels)
+            if keep_bytes:
+                out.raw.append(data)
+        progress("decode", {"done": n, "total": len(uris)})
+    return out
+
+
+# ---------------------------------------------------------------- models in the workspace
+
+
+@dataclass
+class LoadedModel:
+    version: str
+    model: Embedder
+    meta: dict
+
+    @property
+    def input_kind(self) -> str:
+        return self.meta.get("input", "fingerprint")
+
+    @property
+    def decider(self) -> training.Decider | None:
+        data = self.meta.get("decider")
+        return training.Decider.from_dict(data) if data else None
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return training.embed(self.model, images, input_kind=self.input_kind)
+
+
+def default_profile() -> str:
+    return "paper" if torch.cuda.is_available() else "small"
+
+
+def load_model(ws: Workspace, version: str | None = None) -> LoadedModel:
+    config = ws.config()
+    version = version or ws.require_model_version()
+    meta = ws.model_meta(version)
+    data = ws.read_bytes("models", version, "model.pt")
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise WorkspaceError(f"model version {version}: weights do not match their recorded sha256")
+    try:
+        model, _ = load_checkpoint(ws.model_file(version), profile=config.profile, fingerprint=config.fingerprint, data=data)
+    except CheckpointError as exc:
+        raise WorkspaceError(str(exc)) from None
+    return LoadedModel(version, model.eval(), meta)
+
+
+def publish(ws: Workspace, model: Embedder, meta: dict, make_current: bool) -> str:
+    version = ws.publish_model_version({"model.pt": checkpoint_bytes(model, {"kind": meta.get("kind")})}, meta)
+    if make_current:
+        ws.set_current_model(version)
+    return version
+
+
+def init_workspace(url: str, profile: str | None = None, checkpoint: str | None = None, seed: int = 0) -> dict:
+    ws = Workspace(url)
+    if ws.is_initialised():
+        raise WorkspaceError(f"{url} is already a lida workspace (current model {ws.current_model_version()})")
+    profile = profile or default_profile()
+    get_profile(profile)
+    torch.manual_seed(seed)
+    source = "random"
+    try:
+        if checkpoint:
+            try:
+                model, _ = load_checkpoint(checkpoint, profile=profile)
+                source = "lida checkpoint"
+            except CheckpointError as exc:
+                if profile != "paper" or "not a lida checkpoint" not in str(exc):
+                    raise
+                model = load_upstream_weights(checkpoint)
+                source = "upstream LIDA .pth"
+        else:
+            model = build_model(profile)
+    except CheckpointError as exc:
+        raise WorkspaceError(str(exc)) from None
+    config = WorkspaceConfig(profile=profile, fingerprint=str(model.fingerprint), created_at=utc_now().isoformat())
+    with ws.lock("init"):
+        ws.save_config(config)
+        meta = {
+            "kind": "init",
+            "parent": None,
+            "profile": profile,
+            "fingerprint": str(model.fingerprint),
+            "input": "fingerprint",
+            "tiles": model.tiles,
+            "weights": source,
+            "checkpoint": checkpoint,
+            "data": {},
+            "training": {"seed": seed},
+            "metrics": {},
+            "decider": None,
+        }
+        version = publish(ws, model, meta, make_current=True)
+    return {"workspace": ws.url, "profile": profile, "fingerprint": str(model.fingerprint), "model_version": version, "weights": source}
+
+
+def _data_summary(image_ids: Sequence[str], sources: Sequence[str]) -> dict:
+    counts: dict[str, int] = {}
+    for s in sources:
+        counts[s] = counts.get(s, 0) + 1
+    digest = hashlib.sha256("\n".join(sorted(f"{s}:{i}" for s, i in zip(sources, image_ids, strict=True))).encode())
+    return {"count": len(image_ids), "sources": counts, "content_sha256": digest.hexdigest()}
+
+
+# ---------------------------------------------------------------- pre-training
+
+
+def pretrain_version(
+    ws: Workspace,
+    paths: Sequence[str],
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    labels: str | None = None,
+    input_kind: str = "fingerprint",
+    seed: int = 0,
+    progress: Progress = _quiet,
+) -> dict:
+    """Unsupervised pre-training on real images -> a new current model version.
+
+    Resumable: the run's state is saved after every epoch under runs/pretrain-<key>/ and a
+    re-run with the same inputs and settings continues from the last finished epoch.
+    """
+    ws.require()
+    config = ws.config()
+    defaults = PRETRAIN_DEFAULTS.get(config.profile, PRETRAIN_DEFAULTS["small"])
+    cfg = training.PretrainConfig(
+        epochs=epochs or defaults["epochs"],
+        batch_size=batch_size or defaults["batch_size"],
+        lr=lr or defaults["lr"],
+        seed=seed,
+        input_kind=input_kind,
+        labels=labels == "folders",
+    )
+    if labels not in (None, "folders"):
+        raise WorkspaceError("--labels takes 'folders' (one sub-folder per class)")
+    if cfg.labels:
+        if len(paths) != 1:
+            raise WorkspaceError("--labels folders takes exactly one folder with one sub-folder per class")
+        groups = labelled_folders(paths[0])
+        uris = [u for files in groups.values() for u in files]
+        class_of = {u: i for i, files in enumerate(groups.values()) for u in files}
+    else:
+        uris = list_inputs(paths)
+    if len(uris) < 2 * MIN_CALIBRATION:
+        raise WorkspaceError(f"pre-training needs at least {2 * MIN_CALIBRATION} real images, found {len(uris)}")
+    decoded = decode_inputs(uris, progress, keep_bytes=True)
+    if len(decoded.pixels) < 2 * MIN_CALIBRATION:
+        raise WorkspaceError(f"only {len(decoded.pixels)} of {len(uris)} images could be decoded")
+    # Hold out a calibration slice of real images, chosen by content hash (stable across runs).
+    order = sorted(range(len(decoded.pixels)), key=lambda i: hashlib.sha256((decoded.image_ids[i] + str(seed)).encode()).hexdigest())
+    n_cal = max(MIN_CALIBRATION, int(round(CALIBRATION_SHARE * len(order))))
+    cal_idx, train_idx = sorted(order[:n_cal]), sorted(order[n_cal:])
+    train_images = [decoded.pixels[i] for i in train_idx]
+    class_labels = [class_of[decoded.uris[i]] for i in train_idx] if cfg.labels else None
+
+    parent = ws.require_model_version()
+    current = load_model(ws, parent)
+    if current.input_kind != input_kind and parent != "v0000" and current.meta.get("kind") != "init":
+        raise WorkspaceError(f"the current model takes {current.input_kind} input, not {input_kind}")
+    model = current.model
+    key = hashlib.sha256(
+        json.dumps({"parent": parent, "ids": sorted(decoded.image_ids), "config": asdict(cfg)}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    state_rel = ws.run_path(f"pretrain-{key}", "state.pt")
+    start_epoch, head_state, opt_state = 0, None, None
+    if ws.exists(state_rel):
+        state = torch.load(io.BytesIO(ws.read_bytes(state_rel)), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        start_epoch, head_state, opt_state = int(state["epoch"]), state["head"], state["optimizer"]
+        progress("resume", {"epoch": start_epoch, "epochs": cfg.epochs})
+
+    def save_state(epoch: int, entry: dict, extra: dict) -> None:
+        buffer = io.BytesIO()
+        torch.save({"epoch": epoch, "model": model.state_dict(), **extra}, buffer)
+        ws.write_bytes(state_rel, buffer.getvalue())
+        progress("epoch", entry)
+
+    with ws.lock("pretrain"):
+        result = training.pretrain(
+            model,
+            train_images,
+            cfg,
+            labels=class_labels,
+            start_epoch=start_epoch,
+            head_state=head_state,
+            optimizer_state=opt_state,
+            on_epoch_end=save_state,
+        )
+        loaded = LoadedModel("candidate", model, {"input": input_kind})
+        prototype = training.real_prototype(loaded.embed(train_images))
+        cal_images = [decoded.pixels[i] for i in cal_idx]
+        cal_scores = loaded.embed(cal_images) @ prototype
+        threshold = training.calibrate_real_threshold(cal_scores, config.target_fpr)
+        calibration_ids = [ws.put_blob(decoded.raw[i]) for i in cal_idx]
+        decider = training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k)
+        meta = {
+            "kind": "pretrain",
+            "parent": parent,
+            "profile": config.profile,
+            "fingerprint": config.fingerprint,
+            "input": input_kind,
+            "tiles": model.tiles,
+            "data": {**_data_summary([decoded.image_ids[i] for i in train_idx], [training.REAL] * len(train_idx)),
+                     "errors": len(decoded.errors)},
+            "calibration": calibration_ids,
+            "training": {**asdict(cfg), "objective": "classification" if cfg.labels else "contrastive", "resumed_from": start_epoch},
+            "metrics": {"history": result["history"], "calibration_real_scores": {"count": len(cal_scores), "threshold": threshold}},
+            "decider": decider.to_dict(),
+        }
+        version = publish(ws, model, meta, make_current=True)
+        ws.fs.rm(ws.path(ws.run_path(f"pretrain-{key}")), recursive=True)
+    return {"model_version": version, "parent": parent, "images": len(train_idx), "calibration": len(cal_idx),
+            "errors": decoded.errors, "threshold": threshold, "epochs": cfg.epochs}
+
+
+# ---------------------------------------------------------------- gallery
+
+
+def gallery_table(ws: Workspace, version: str) -> pa.Table:
+    folder = ws.path(TABLES, "gallery", f"model_version={version}")
+    if not ws.fs.exists(folder):
+        return schemas.schema("gallery", 1).empty_table().drop(["embedding"])
+    files = sorted(p for p in ws.fs.find(folder) if p.endswith(".parquet") and "/." not in p)
+    tables = []
+    for path in files:
+        with ws.fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    if not tables:
+        return schemas.schema("gallery", 1).empty_table().drop(["embedding"])
+    table = pa.concat_tables(tables).append_column("model_version", pa.array([version] * sum(len(t) for t in tables)))
+    # One row per (image, source): a re-added image keeps its first registration.
+    seen, keep = set(), []
+    for i, (image_id, source) in enumerate(zip(table["image_id"].to_pylist(), table["source"].to_pylist(), strict=True)):
+        if (image_id, source) not in seen:
+            seen.add((image_id, source))
+            keep.append(i)
+    return table.take(keep)
+
+
+def write_gallery_rows(ws: Workspace, version: str, rows: list[dict], dim: int) -> None:
+    if not rows:
+        return
+    table = schemas.validate(pa.Table.from_pylist(rows), "gallery", embedding_dim=dim)
+    buffer = io.BytesIO()
+    pq.write_table(table.drop(["model_version"]), buffer)
+    ws.write_bytes(f"{TABLES}/gallery/model_version={version}/part-{uuid.uuid4().hex}.parquet", buffer.getvalue())
+
+
+def check_source_name(source: str) -> str:
+    if not _SOURCE_NAME.match(source) or source == training.UNKNOWN:
+        raise WorkspaceError(f"invalid source name {source!r}: letters, digits and _ . + - (not 'unknown')")
+    return source
+
+
+def gallery_add(ws: Workspace, source: str, paths: Sequence[str], progress: Progress = _quiet) -> dict:
+    """Register labelled images of one source; embedded now with the current model."""
+    check_source_name(source)
+    ws.require()
+    uris = list_inputs(paths)
+    if not uris:
+        raise WorkspaceError("no images found in the given paths")
+    decoded = decode_inputs(uris, progress, keep_bytes=True)
+    if not decoded.pixels:
+        raise WorkspaceError(f"none of the {len(uris)} files could be decoded (first: {decoded.errors[0][1]})")
+    with ws.lock("gallery add"):
+        current = load_model(ws)
+        existing = gallery_table(ws, current.version)
+        known = set(zip(existing["image_id"].to_pylist(), existing["source"].to_pylist(), strict=True))
+        new = [i for i, image_id in enumerate(decoded.image_ids) if (image_id, source) not in known]
+        embeddings = current.embed([decoded.pixels[i] for i in new]) if new else np.zeros((0, current.model.embedding_dim))
+        now = utc_now()
+        rows = []
+        for k, i in enumerate(new):
+            ws.put_blob(decoded.raw[i])
+            rows.append({
+                "image_id": decoded.image_ids[i], "uri": decoded.uris[i], "source": source, "added_at": now,
+                "model_version": current.version, "fingerprint": str(current.model.fingerprint),
+                "embedding": embeddings[k].tolist(),
+            })
+        write_gallery_rows(ws, current.version, rows, current.model.embedding_dim)
+    return {"source": source, "added": len(rows), "already_registered": len(decoded.pixels) - len(rows),
+            "errors": decoded.errors, "model_version": current.version}
+
+
+def gallery_summary(ws: Workspace) -> dict:
+    current = ws.require_model_version()
+    table = gallery_table(ws, current)
+    counts: dict[str, int] = {}
+    for s in table["source"].to_pylist():
+        counts[s] = counts.get(s, 0) + 1
+    return {"model_version": current, "sources": dict(sorted(counts.items())), "images": len(table)}
+
+
+def gallery_images(ws: Workspace, version: str) -> tuple[list[np.ndarray], list[str], list[str]]:
+    table = gallery_table(ws, version)
+    ids, sources = table["image_id"].to_pylist(), table["source"].to_pylist()
+    return [decode_image(ws.get_blob(i), i).pixels for i in ids], sources, ids
+
+
+# ---------------------------------------------------------------- decisions
+
+
+def gallery_decider(current: LoadedModel, embeddings: np.ndarray, sources: Sequence[str], config: WorkspaceConfig) -> training.Decider:
+    """The model's detection decider plus an open-set threshold calibrated on this gallery."""
+    base = current.decider
+    if base is None:
+        real = embeddings[np.asarray(sources) == training.REAL]
+        if len(real) == 0:
+            raise WorkspaceError("no real prototype yet: run 'lida pretrain' or add real images with 'lida gallery add --source real'")
+        prototype = training.real_prototype(real)
+        threshold = training.calibrate_real_threshold(training.leave_one_out_similarities(real, [training.REAL] * len(real)), config.target_fpr) if len(real) > 1 else -1.0
+        base = training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k)
+    unknown = training.calibrate_unknown_threshold(embeddings, sources, config.unknown_accept) if len(embeddings) else None
+    return training.Decider(base.prototype, base.real_threshold, unknown, config.decision, config.k, config.top_k)
+
+
+# ---------------------------------------------------------------- adaptation
+
+
+def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: WorkspaceConfig) -> training.Decider:
+    """Prototype from the real gallery images; threshold from the held-out calibration images."""
+    emb = model.embed(images)
+    real = emb[np.asarray(sources) == training.REAL]
+    prototype = training.real_prototype(real)
+    calibration = model.meta.get("calibration") or []
+    if calibration:
+        cal = model.embed([decode_image(ws.get_blob(i), i).pixels for i in calibration])
+        scores = cal @ prototype
+    else:
+        scores = training.leave_one_out_similarities(real, [training.REAL] * len(real))
+        scores = scores[np.isfinite(scores)]
+    threshold = training.calibrate_real_threshold(scores, config.target_fpr) if len(scores) else -1.0
+    return training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k)
+
+
+def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0, progress: Progress = _quiet) -> dict:
+    """Few-shot adaptation on the gallery -> candidate; promoted only if not worse on held-out images."""
+    ws.require()
+    config = ws.config()
+    defaults = ADAPT_DEFAULTS.get(config.profile, ADAPT_DEFAULTS["small"])
+    with ws.lock("adapt"):
+        current = load_model(ws)
+        images, sources, ids = gallery_images(ws, current.version)
+        if training.REAL not in sources or len(set(sources)) < 2:
+            raise WorkspaceError("adaptation needs real images and at least one generator in the gallery ('lida gallery add')")
+        cfg = training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"], seed=seed, input_kind=current.input_kind)
+        candidate = LoadedModel("candidate", copy.deepcopy(current.model), {**current.meta})
+        train_idx, held_idx = training.split_holdout(sources, cfg.holdout, seed)
+        before = training.holdout_accuracy(current.model, images, sources, train_idx, held_idx, current.input_kind)
+        result = training.adapt(candidate.model, images, sources, cfg, progress=lambda e: progress("epoch", e))
+        after = result.best_holdout_accuracy
+        promoted = bool(np.isnan(before) or (not np.isnan(after) and after >= before))
+        decider = _decider_for(candidate, ws, [images[i] for i in train_idx], [sources[i] for i in train_idx], config)
+        meta = {
+            **{k: v for k, v in current.meta.items() if k in ("profile", "fingerprint", "input", "tiles", "calibration")},
+            "kind": "adapt",
+            "parent": current.version,
+            "data": _data_summary(ids, sources),
+            "training": {**asdict(cfg), "best_epoch": result.best_epoch},
+            "metrics": {"history": result.history, "holdout_accuracy_before": before, "holdout_accuracy_after": after,
+                        "holdout_images": len(held_idx)},
+            "promotion": {"promoted": promoted, "current_accuracy": before, "candidate_accuracy": after,
+                          "rule": "candidate leave-out accuracy >= current"},
+            "decider": decider.to_dict(),
+        }
+        version = publish(ws, candidate.model, meta, make_current=False)
+        if promoted:
+            # Re-embed the gallery for the new version before it becomes current.
+            emb = candidate.embed(images)
+            table = gallery_table(ws, current.version)
+            rows = [
+                {**{k: table[k][i].as_py() for k in ("image_id", "uri", "source", "added_at")}, "model_version": version,
+                 "fingerprint": str(candidate.model.fingerprint), "embedding": emb[i].tolist()}
+                for i in range(len(table))
+            ]
+            write_gallery_rows(ws, version, rows, candidate.model.embedding_dim)
+            ws.set_current_model(version)
+    return {"model_version": version, "parent": current.version, "promoted": promoted,
+            "holdout_accuracy_before": before, "holdout_accuracy_after": after, "best_epoch": result.best_epoch}
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    ws: Workspace,
+    directory: str,
+    shots: int = 5,
+    seed: int = 0,
+    adapt: bool = True,
+    input_kind: str | None = None,
+    epochs: int | None = None,
+    progress: Progress = _quiet,
+) -> dict:
+    """K-shot evaluation on DIR/<source>/...: K gallery images per source, the rest are queries."""
+    config = ws.config()
+    current = load_model(ws)
+    if input_kind and input_kind != current.input_kind:
+        raise WorkspaceError(
+            f"the current model takes {current.input_kind} input; evaluate {input_kind} input in a workspace "
+            f"pre-trained with 'lida pretrain --input {input_kind}'"
+        )
+    groups = labelled_folders(directory)
+    if training.REAL not in groups:
+        raise WorkspaceError(f"{directory}: needs a 'real' sub-folder")
+    rng = np.random.default_rng(seed)
+    gallery_uris, gallery_src, query_uris, query_src = [], [], [], []
+    for source, files in groups.items():
+        files = list(files)
+        rng.shuffle(files)
+        if len(files) <= shots:
+            raise WorkspaceError(f"{directory}/{source}: {len(files)} images, need more than --shots {shots}")
+        gallery_uris += files[:shots]
+        gallery_src += [source] * shots
+        query_uris += files[shots:]
+        query_src += [source] * (len(files) - shots)
+    gallery = decode_inputs(gallery_uris, progress)
+    queries = decode_inputs(query_uris, progress)
+    g_src = [s for s, u in zip(gallery_src, gallery_uris, strict=True) if u in set(gallery.uris)]
+    q_src = [s for s, u in zip(query_src, query_uris, strict=True) if u in set(queries.uris)]
+    model = LoadedModel(current.version, copy.deepcopy(current.model), current.meta)
+    adapt_info = None
+    if adapt:
+        defaults = ADAPT_DEFAULTS.get(config.profile, ADAPT_DEFAULTS["small"])
+        cfg = training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=defaults["lr"], seed=seed, input_kind=model.input_kind)
+        result = training.adapt(model.model, gallery.pixels, g_src, cfg, progress=lambda e: progress("epoch", e))
+        adapt_info = {"best_epoch": result.best_epoch, "holdout_accuracy": result.best_holdout_accuracy}
+        model.meta = {**model.meta, "calibration": current.meta.get("calibration")}
+    g_emb = model.embed(gallery.pixels)
+    q_emb = model.embed(queries.pixels)
+    decider = _decider_for(model, ws, gallery.pixels, g_src, config) if adapt or current.decider is None else current.decider
+    decider = training.Decider(decider.prototype, decider.real_threshold,
+                               training.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept), config.decision, config.k, config.top_k)
+    retrieval = retrieval_metrics(q_emb @ g_emb.T, q_src, g_src)
+    decisions = decider.decide(q_emb, g_emb, g_src)
+    predicted = [d["predicted_source"] for d in decisions]
+    truth_generated = [s != training.REAL for s in q_src]
+    real_scores = np.array([d["real_score"] for d in decisions])
+    names, matrix = confusion_matrix(q_src, predicted, sorted(set(q_src) | set(predicted) | {training.UNKNOWN}))
+    return {
+        "directory": directory,
+        "shots": shots,
+        "seed": seed,
+        "model_version": current.version,
+        "input": model.input_kind,
+        "fingerprint": str(model.model.fingerprint),
+        "adapted": adapt_info,
+        "gallery_images": len(g_src),
+        "query_images": len(q_src),
+        "errors": gallery.errors + queries.errors,
+        "rank1": retrieval["rank1"],
+        "mAP": retrieval["mAP"],
+        "attribution_accuracy": float(np.mean([p == t for p, t in zip(predicted, q_src, strict=True)])),
+        "balanced_accuracy": balanced_accuracy(truth_generated, [d["is_generated"] for d in decisions]),
+        "auroc": auroc(-real_scores, truth_generated),
+        "real_threshold": decider.real_threshold,
+        "unknown_threshold": decider.unknown_threshold,
+        "per_source": per_source_table(q_src, predicted),
+        "confusion": {"labels": names, "matrix": matrix.tolist()},
+    }
+
+
+def evaluation_markdown(result: dict) -> str:
+    lines = [
+        f"# lida eval: {result['shots']}-shot, model {result['model_version']} ({result['input']}, {result['fingerprint']})",
+        "",
+        f"- gallery {result['gallery_images']} images, queries {result['query_images']}, errors {len(result['errors'])}",
+        f"- Rank-1 **{result['rank1']:.3f}**, mAP **{result['mAP']:.3f}**, attribution accuracy {result['attribution_accuracy']:.3f}",
+        f"- real vs generated: balanced accuracy **{result['balanced_accuracy']:.3f}**, AUROC {result['auroc']:.3f} "
+        f"(threshold {result['real_threshold']:.3f})",
+        "",
+        "| source | queries | correct | recall | precision |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["per_source"]:
+        lines.append(f"| {row['source']} | {row['count']} | {row['correct']} | {row['recall']:.3f} | {row['precision']:.3f} |")
+    labels = result["confusion"]["labels"]
+    lines += ["", "Confusion (rows: true, columns: predicted)", "", "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for name, row in zip(labels, result["confusion"]["matrix"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_evaluation(ws: Workspace, result: dict) -> dict:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    rel = f"evals/{stamp}-{result['shots']}shot"
+    ws.write_json(f"{rel}.json", result)
+    ws.write_bytes(f"{rel}.md", evaluation_markdown(result).encode())
+    return {"json": ws.uri(f"{rel}.json"), "markdown": ws.uri(f"{rel}.md")}
+
+
+def fingerprint_of(ws: Workspace) -> FingerprintSettings:
+    return FingerprintSettings.parse(ws.config().fingerprint)

@@ -1,0 +1,72 @@
+"""Calibrated decisions on hand-made embeddings: thresholds, real/generated/unknown."""
+
+import numpy as np
+import pytest
+
+from lida_core.training import (
+    Decider,
+    calibrate_real_threshold,
+    calibrate_unknown_threshold,
+    leave_one_out_similarities,
+    real_prototype,
+    split_holdout,
+    tile_views,
+)
+
+
+def unit(*rows):
+    x = np.asarray(rows, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_real_threshold_holds_the_target_false_positive_rate(rng):
+    scores = rng.normal(0.8, 0.05, 1000)
+    for fpr in (0.01, 0.05, 0.2):
+        threshold = calibrate_real_threshold(scores, fpr)
+        assert np.mean(scores < threshold) <= fpr
+        assert np.mean(scores < threshold) > fpr - 0.01
+    with pytest.raises(ValueError):
+        calibrate_real_threshold(np.array([]), 0.05)
+
+
+def test_unknown_threshold_keeps_most_known_images():
+    gallery = unit([1, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [0.1, 0.99, 0], [0, 0, 1])
+    labels = ["g1", "g1", "g2", "g2", "real"]
+    best = leave_one_out_similarities(gallery, labels)
+    assert np.isnan(best[4]) and best[0] == pytest.approx(best[1])
+    threshold = calibrate_unknown_threshold(gallery, labels, accept=1.0)
+    assert threshold == pytest.approx(min(best[:4]))
+    assert calibrate_unknown_threshold(gallery[[0, 2, 4]], ["g1", "g2", "real"]) is None
+
+
+def test_decider_says_real_generated_or_unknown():
+    gallery = unit([1, 0, 0, 0], [0.98, 0.2, 0, 0], [0, 1, 0, 0], [0, 0.98, 0.2, 0], [0, 0, 0, 1], [0, 0, 0.2, 0.98])
+    labels = ["g1", "g1", "g2", "g2", "real", "real"]
+    proto = real_prototype(gallery[4:])
+    decider = Decider(proto, real_threshold=0.9, unknown_threshold=0.9, k=3, top_k=3)
+    queries = unit([0.05, 0, 0, 1], [1, 0.05, 0, 0], [0, 1, 0.05, 0], [0, 0, 1, 0])
+    out = decider.decide(queries, gallery, labels)
+    assert [o["predicted_source"] for o in out] == ["real", "g1", "g2", "unknown"]
+    assert [o["is_generated"] for o in out] == [False, True, True, True]
+    assert out[1]["topk_sources"][0] == "g1" and len(out[1]["topk_similarities"]) == 3
+    assert out[1]["top1_similarity"] == pytest.approx(out[1]["topk_similarities"][0])
+    centroid = Decider(proto, 0.9, None, method="centroid").decide(queries, gallery, labels)
+    assert [o["predicted_source"] for o in centroid][:3] == ["real", "g1", "g2"]
+    round_trip = Decider.from_dict(decider.to_dict())
+    assert round_trip.real_threshold == 0.9 and np.allclose(round_trip.prototype, proto)
+
+
+def test_holdout_split_keeps_every_source_in_training():
+    labels = ["a"] * 5 + ["b"] * 2 + ["c"] * 1
+    train, held = split_holdout(labels, 0.2, seed=0)
+    assert sorted(train + held) == list(range(8))
+    assert {labels[i] for i in train} == {"a", "b", "c"}
+    assert [labels[i] for i in held] == ["a"]
+
+
+def test_tiles_are_disjoint_and_start_at_the_centre(rng):
+    image = rng.integers(0, 256, (256, 384, 3), dtype=np.uint8)
+    views = tile_views(image, 128, 4)
+    assert len(views) == 4 and all(v.shape == (128, 128, 3) for v in views)
+    assert len({v.tobytes() for v in views}) == 4
+    assert tile_views(image[:100, :100], 128, 4)[0].shape == (100, 100, 3)
