@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("paths", nargs="+", metavar="PATH")
     gsub.add_parser("list", help="sources, image counts, model and index versions")
 
+    verbs["reindex"].set_defaults()
+
     p = verbs["adapt"]
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
@@ -82,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="adaptation epochs on the K-shot gallery")
     p.add_argument("--input", choices=("fingerprint", "rgb"), help="check the model takes this input")
 
-    for verb in ("reindex", "scan", "attribute", "report", "query", "serve", "demo"):
+    p = verbs["scan"]
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files, folders (recursively), fsspec URLs")
+    p.add_argument("--scan-id", help="re-running a scan id completes it; nothing is added twice")
+
+    for verb in ("attribute", "report", "query", "serve", "demo"):
         verbs[verb].add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
@@ -167,16 +173,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from lida_core.lifecycle import gallery_add, gallery_summary
+    from lida_core.lifecycle import gallery_summary
     from lida_core.workspace import Workspace
+    from pipelines import gallery
+    from pipelines.index import open_index
 
     ws = Workspace(args.workspace)
     if args.gallery_verb == "add":
-        r = gallery_add(ws, args.source, args.paths, _Progress(args.json))
+        r = gallery.add(ws, args.source, args.paths, _Progress(args.json))
         return _emit(args, r, f"{r['source']}: {r['added']} added, {r['already_registered']} already registered "
-                              f"(model {r['model_version']})" + _errors_text(r["errors"]))
+                              f"(model {r['model_version']}, index {r['index']['index_version']})" + _errors_text(r["errors"]))
     r = gallery_summary(ws)
-    lines = [f"model {r['model_version']}, {r['images']} gallery images"]
+    index = open_index(ws)
+    r["index_version"] = index.version if index else None
+    r["index_model_version"] = index.model_version if index else None
+    lines = [f"model {r['model_version']}, index {r['index_version'] or 'none'}, {r['images']} gallery images"]
     lines += [f"  {source:24s} {count:6d}" for source, count in r["sources"].items()] or ["  (empty: 'lida gallery add --source NAME PATH...')"]
     return _emit(args, r, "\n".join(lines))
 
@@ -184,8 +195,12 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 def cmd_adapt(args: argparse.Namespace) -> int:
     from lida_core.lifecycle import adapt_version
     from lida_core.workspace import Workspace
+    from pipelines.gallery import reindex
 
-    r = adapt_version(Workspace(args.workspace), args.epochs, args.lr, args.seed, _Progress(args.json))
+    ws = Workspace(args.workspace)
+    r = adapt_version(ws, args.epochs, args.lr, args.seed, _Progress(args.json))
+    if r["promoted"]:
+        r["index"] = reindex(ws)
     verdict = "promoted to current" if r["promoted"] else "NOT promoted (worse on held-out gallery images); current unchanged"
     return _emit(args, r, f"candidate {r['model_version']} (from {r['parent']}): held-out accuracy "
                           f"{r['holdout_accuracy_before']:.3f} -> {r['holdout_accuracy_after']:.3f}; {verdict}")
@@ -203,11 +218,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _emit(args, r, evaluation_markdown(r) + f"\nsaved: {r['saved']['markdown']}")
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from lida_core.workspace import Workspace
+    from pipelines.gallery import reindex
+
+    ws = Workspace(args.workspace)
+    with ws.lock("reindex"):
+        r = reindex(ws)
+    return _emit(args, r, f"index {r['index_version']}: {r['count']} vectors of model {r['model_version']} "
+                          f"({r['kind']}, {r['dimension']}-d)")
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from lida_core.workspace import Workspace
+    from pipelines.scan import run_scan
+
+    device = "cuda" if args.device == "cuda" else "cpu"
+    say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    r = run_scan(Workspace(args.workspace), args.paths, args.scan_id, args.runner, args.runner_option, device, say)
+    status = ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items()))
+    predicted = ", ".join(f"{k} {v}" for k, v in r["predicted"].items()) or "none"
+    return _emit(args, r, f"scan {r['scan_id']} (model {r['model_version']}): {r['images']} files: {status}\n"
+                          f"predicted: {predicted}" + _errors_text(r["errors"]))
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {verb: _not_yet(verb) for verb in VERBS}
-HANDLERS.update({"init": cmd_init, "pretrain": cmd_pretrain, "gallery": cmd_gallery, "adapt": cmd_adapt, "eval": cmd_eval})
+HANDLERS.update({"init": cmd_init, "pretrain": cmd_pretrain, "gallery": cmd_gallery, "adapt": cmd_adapt, "eval": cmd_eval,
+                 "reindex": cmd_reindex, "scan": cmd_scan})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("apache_beam", "faiss", "distributed", "prefect"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verb:
@@ -223,6 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail(args, "interrupted")
         return 130
+    except Exception as exc:  # never a bare traceback: one line, and the details on request
+        if os.environ.get("LIDA_DEBUG"):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _fail(args, f"{type(exc).__name__}: {detail} (set LIDA_DEBUG=1 for the traceback)")
+        return 1
 
 
 def _fail(args: argparse.Namespace, message: str) -> None:

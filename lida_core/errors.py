@@ -11,4 +11,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lida_core.workspace import WorkspaceError
     from schemas import SchemaError
 
-    return (UserError, WorkspaceError, InputError, CheckpointError, DecodeError, SchemaError)
+    errors: tuple[type[BaseException], ...] = (UserError, WorkspaceError, InputError, CheckpointError, DecodeError, SchemaError)
+    try:
+        from pipelines.runners import RunnerError
+
+        errors += (RunnerError,)
+    except ImportError:  # Beam not installed: the method alone still works
+        pass
+    return errors

@@ -289,46 +289,54 @@ class Decider:
     top_k: int = 5
 
     def decide(self, queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str]) -> list[dict]:
-        gallery_labels = np.asarray(gallery_labels)
-        real_scores = queries @ self.prototype
+        """Decisions against a whole gallery (exact search)."""
+        labels = np.asarray(gallery_labels)
         sims = queries @ gallery.T if len(gallery) else np.zeros((len(queries), 0), np.float32)
-        sources = sorted(set(gallery_labels.tolist()))
-        results = []
+        out = []
         for i in range(len(queries)):
             order = np.argsort(-sims[i], kind="stable")
-            top = order[: self.top_k]
-            per_source = self._source_scores(sims[i], gallery_labels, sources, order)
-            generated = bool(real_scores[i] < self.real_threshold)
-            candidates = {s: v for s, v in per_source.items() if s != REAL}
-            if not generated:
-                predicted = REAL
-            elif not candidates:
-                predicted = UNKNOWN
-            else:
-                predicted = max(candidates, key=lambda s: (candidates[s], s))
-                best_sim = float(np.max(sims[i][gallery_labels == predicted]))
-                if self.unknown_threshold is not None and best_sim < self.unknown_threshold:
-                    predicted = UNKNOWN
-            results.append(
-                {
-                    "predicted_source": predicted,
-                    "is_generated": generated,
-                    "real_score": float(real_scores[i]),
-                    "top1_similarity": float(sims[i][top[0]]) if len(top) else float("nan"),
-                    "topk_sources": [str(gallery_labels[j]) for j in top],
-                    "topk_similarities": [float(sims[i][j]) for j in top],
-                }
-            )
-        return results
+            out.append(self.decide_from_similarities(queries[i], sims[i][order], labels[order].tolist()))
+        return out
 
-    def _source_scores(self, sim_row: np.ndarray, labels: np.ndarray, sources: list[str], order: np.ndarray) -> dict[str, float]:
+    def decide_from_similarities(self, query: np.ndarray, similarities: Sequence[float], labels: Sequence[str]) -> dict:
+        """One decision from the query's neighbours, most similar first (as an index returns them)."""
+        sims = np.asarray(similarities, dtype=np.float64)
+        labels = list(labels)
+        real_score = float(np.dot(query, self.prototype))
+        generated = bool(real_score < self.real_threshold)
+        scores = self._source_scores(sims, labels)
+        candidates = {s: v for s, v in scores.items() if s != REAL}
+        if not generated:
+            predicted = REAL
+        elif not candidates:
+            predicted = UNKNOWN
+        else:
+            predicted = max(candidates, key=lambda s: (candidates[s], s))
+            best = max(sim for sim, label in zip(sims, labels, strict=True) if label == predicted)
+            if self.unknown_threshold is not None and best < self.unknown_threshold:
+                predicted = UNKNOWN
+        top = min(self.top_k, len(labels))
+        return {
+            "predicted_source": predicted,
+            "is_generated": generated,
+            "real_score": real_score,
+            "top1_similarity": float(sims[0]) if len(sims) else float("nan"),
+            "topk_sources": [str(label) for label in labels[:top]],
+            "topk_similarities": [float(v) for v in sims[:top]],
+        }
+
+    def _source_scores(self, sims: np.ndarray, labels: list[str]) -> dict[str, float]:
+        sources = sorted(set(labels))
         if self.method == "centroid":
-            return {s: float(sim_row[labels == s].mean()) for s in sources}
+            return {s: float(np.mean([v for v, label in zip(sims, labels, strict=True) if label == s])) for s in sources}
         # k-NN: similarity-weighted votes of the k nearest; ties broken by the best similarity.
         votes: dict[str, float] = {}
-        for j in order[: self.k]:
-            votes[labels[j]] = votes.get(labels[j], 0.0) + float(sim_row[j]) + 1.0
-        return {s: votes.get(s, 0.0) + 1e-3 * float(sim_row[labels == s].max()) for s in sources}
+        for v, label in zip(sims[: self.k], labels[: self.k], strict=True):
+            votes[label] = votes.get(label, 0.0) + float(v) + 1.0
+        best = {}
+        for v, label in zip(sims, labels, strict=True):
+            best.setdefault(label, float(v))
+        return {s: votes.get(s, 0.0) + 1e-3 * best[s] for s in sources}
 
     def to_dict(self) -> dict:
         return {

@@ -1,0 +1,44 @@
+"""Gallery changes and their index: add (incremental index update), reindex (full rebuild)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lida_core import lifecycle
+from lida_core.workspace import Workspace
+from pipelines import index as gallery_index
+
+
+def reindex(ws: Workspace) -> dict:
+    """Rebuild the index of the current model from the gallery table; published atomically."""
+    config = ws.config()
+    version = ws.require_model_version()
+    table = lifecycle.gallery_table(ws, version)
+    vectors = np.asarray(table["embedding"].to_pylist(), dtype=np.float32) if len(table) else np.zeros((0, 1), np.float32)
+    manifest = gallery_index.build_index(ws, version, config.fingerprint, table["image_id"].to_pylist(),
+                                         table["source"].to_pylist(), vectors, config.unknown_accept)
+    return {k: manifest[k] for k in ("index_version", "model_version", "count", "dimension", "kind", "unknown_threshold")}
+
+
+def add(ws: Workspace, source: str, paths: Sequence[str], progress=lifecycle._quiet) -> dict:
+    """`lida gallery add`: register, embed, and extend the index without a full rebuild."""
+    result = lifecycle.gallery_add(ws, source, paths, progress)
+    config = ws.config()
+    current = gallery_index.open_index(ws)
+    if current is None or current.model_version != result["model_version"]:
+        result["index"] = reindex(ws)
+        return result
+    table = lifecycle.gallery_table(ws, result["model_version"])
+    known = set(current.image_ids)
+    new = [i for i, image_id in enumerate(table["image_id"].to_pylist()) if image_id not in known or
+           (image_id, table["source"][i].as_py()) not in set(zip(current.image_ids, current.sources, strict=True))]
+    if new:
+        vectors = np.asarray([table["embedding"][i].as_py() for i in new], dtype=np.float32)
+        manifest = gallery_index.add_to_index(ws, current, [table["image_id"][i].as_py() for i in new],
+                                              [table["source"][i].as_py() for i in new], vectors, config.unknown_accept)
+        result["index"] = {"index_version": manifest["index_version"], "count": manifest["count"], "incremental": True}
+    else:
+        result["index"] = {"index_version": current.version, "count": len(current.image_ids), "incremental": True}
+    return result

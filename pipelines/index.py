@@ -1,0 +1,169 @@
+"""The attribution index: FAISS over the gallery table of one model version.
+
+Exact inner product over L2-normalised float32 vectors (= cosine) by default; above
+`ivf_threshold` vectors an IVF index (nlist ~ 4 sqrt(n), nprobe set for recall) keeps search
+fast within memory, as autofaiss reasons. Ids go through IndexIDMap2; the manifest maps
+ids back to (image id, source) and records model version, index version, count, dimension,
+fingerprint settings, calibrated open-set threshold and build time.
+
+Publication is atomic: a version folder `indexes/iNNNN/` is written whole under a staging
+name, renamed, and only then does `indexes/CURRENT` move. A reader opens one version and
+never sees a partial index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from lida_core.training import calibrate_unknown_threshold
+from lida_core.workspace import INDEXES, Workspace, WorkspaceError, utc_now
+
+IVF_THRESHOLD = 200_000
+
+
+class IndexMismatch(WorkspaceError):
+    """Embeddings from one model version queried against an index of another."""
+
+
+@dataclass
+class GalleryIndex:
+    version: str
+    manifest: dict
+    index: faiss.Index
+    sources: list[str]
+    image_ids: list[str]
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest["model_version"]
+
+    def search(self, queries: np.ndarray, k: int, model_version: str) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (similarities, row ids) for normalised queries from `model_version`."""
+        if model_version != self.model_version:
+            raise IndexMismatch(
+                f"index {self.version} holds embeddings of model {self.model_version}, not {model_version}; run 'lida reindex'"
+            )
+        if queries.shape[1] != self.manifest["dimension"]:
+            raise IndexMismatch(f"query dimension {queries.shape[1]} != index dimension {self.manifest['dimension']}")
+        k = min(k, self.index.ntotal)
+        if k == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def _build_faiss(vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    n, dim = vectors.shape
+    if n >= IVF_THRESHOLD:
+        nlist = int(4 * math.sqrt(n))
+        quantizer = faiss.IndexFlatIP(dim)
+        base = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        base.train(vectors)
+        base.nprobe = max(8, nlist // 16)
+    else:
+        base = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIDMap2(base)
+    if n:
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+    return index
+
+
+def _publish(ws: Workspace, index: faiss.Index, manifest: dict) -> str:
+    staging = ws.path(INDEXES, f".staging-{uuid.uuid4().hex}")
+    ws.fs.makedirs(staging, exist_ok=True)
+    with ws.fs.open(f"{staging}/index.faiss", "wb") as handle:
+        handle.write(faiss.serialize_index(index).tobytes())
+    while True:
+        existing = versions(ws)
+        version = f"i{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
+        with ws.fs.open(f"{staging}/manifest.json", "w") as handle:
+            json.dump({**manifest, "index_version": version}, handle, indent=1)
+        target = ws.path(INDEXES, version)
+        try:
+            if ws.local:
+                os.rename(staging, target)
+            elif not ws.fs.exists(target):
+                ws.fs.mv(staging, target, recursive=True)
+            else:
+                continue
+            break
+        except OSError:
+            if not ws.fs.exists(target):
+                raise
+    ws.write_bytes(f"{INDEXES}/CURRENT", (version + "\n").encode())
+    return version
+
+
+def versions(ws: Workspace) -> list[str]:
+    if not ws.exists(INDEXES):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in ws.fs.ls(ws.path(INDEXES), detail=False)]
+    return sorted((n for n in names if n.startswith("i") and n[1:].isdigit()), key=lambda n: int(n[1:]))
+
+
+def build_index(ws: Workspace, model_version: str, fingerprint: str, image_ids: list[str], sources: list[str],
+                vectors: np.ndarray, unknown_accept: float) -> dict:
+    """Full rebuild from gallery rows; returns the manifest."""
+    started = time.perf_counter()
+    vectors = np.asarray(vectors, dtype=np.float32).reshape(len(image_ids), -1)
+    index = _build_faiss(vectors, np.arange(len(image_ids)))
+    manifest = {
+        "model_version": model_version,
+        "count": len(image_ids),
+        "dimension": int(vectors.shape[1]) if len(vectors) else 0,
+        "fingerprint": fingerprint,
+        "kind": type(index.index).__name__ if hasattr(index, "index") else type(index).__name__,
+        "sources": sources,
+        "image_ids": image_ids,
+        "unknown_threshold": calibrate_unknown_threshold(vectors, sources, unknown_accept) if len(vectors) else None,
+        "built_at": utc_now().isoformat(),
+        "build_seconds": time.perf_counter() - started,
+    }
+    manifest["index_version"] = _publish(ws, index, manifest)
+    return manifest
+
+
+def add_to_index(ws: Workspace, current: GalleryIndex, image_ids: list[str], sources: list[str], vectors: np.ndarray,
+                 unknown_accept: float) -> dict:
+    """Incremental add: the current index plus new vectors, published as a new version."""
+    index = faiss.deserialize_index(faiss.serialize_index(current.index))
+    start = len(current.image_ids)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    index.add_with_ids(vectors, np.arange(start, start + len(image_ids), dtype=np.int64))
+    all_sources = current.sources + list(sources)
+    all_vectors = np.vstack([index.reconstruct(i) for i in range(len(all_sources))]) if len(all_sources) <= 50_000 else None
+    manifest = {
+        **current.manifest,
+        "count": len(all_sources),
+        "sources": all_sources,
+        "image_ids": current.image_ids + list(image_ids),
+        "unknown_threshold": calibrate_unknown_threshold(all_vectors, all_sources, unknown_accept)
+        if all_vectors is not None else current.manifest.get("unknown_threshold"),
+        "built_at": utc_now().isoformat(),
+        "parent_index": current.version,
+    }
+    manifest["index_version"] = _publish(ws, index, manifest)
+    return manifest
+
+
+def open_index(ws: Workspace, version: str | None = None) -> GalleryIndex | None:
+    """The published index (CURRENT, or `version`); None when none was ever built."""
+    if version is None:
+        try:
+            version = ws.read_bytes(INDEXES, "CURRENT").decode().strip()
+        except FileNotFoundError:
+            return None
+    try:
+        manifest = json.loads(ws.read_bytes(INDEXES, version, "manifest.json"))
+        data = ws.read_bytes(INDEXES, version, "index.faiss")
+    except FileNotFoundError:
+        raise WorkspaceError(f"index {version} is missing or incomplete") from None
+    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    return GalleryIndex(version, manifest, index, manifest["sources"], manifest["image_ids"])

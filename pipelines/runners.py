@@ -1,0 +1,65 @@
+"""Beam runner selection: the pipeline code never knows which runner executes it.
+
+- local: Beam's FnApiRunner (DirectRunner in multi-processing mode) with one worker per core,
+  fully offline (the default runner would first try to download a Prism binary).
+- dask: Beam's DaskRunner; `--runner-option dask_address=HOST:PORT`, or a local cluster when
+  no address is given.
+- flink, spark, dataflow: the runner-options are passed through as pipeline options
+  (`--runner-option flink_master=...`, `project=...`, `temp_location=...`); the DoFns are
+  picklable and read and write only through fsspec, which is what those runners need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+RUNNERS = {"local": "DirectRunner", "dask": "apache_beam.runners.dask.dask_runner.DaskRunner", "flink": "FlinkRunner", "spark": "SparkRunner", "dataflow": "DataflowRunner"}
+
+
+class RunnerError(ValueError):
+    """Runner options that cannot work."""
+
+
+def parse_runner_options(items: Sequence[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        if "=" not in item:
+            raise RunnerError(f"--runner-option expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
+@contextlib.contextmanager
+def pipeline_options(runner: str = "local", runner_options: Sequence[str] = (), workers: int | None = None) -> Iterator[PipelineOptions]:
+    """PipelineOptions for `runner`; a local Dask cluster lives as long as the context."""
+    if runner not in RUNNERS:
+        raise RunnerError(f"unknown runner {runner!r}; choose from {', '.join(RUNNERS)}")
+    extra = parse_runner_options(runner_options)
+    flags = [f"--runner={RUNNERS[runner]}", "--default_sdk_harness_log_level=WARNING"]
+    cluster = client = None
+    if runner == "local":
+        n = int(extra.pop("workers", workers or os.cpu_count() or 1))
+        flags += [f"--direct_num_workers={n}", "--direct_running_mode=" + extra.pop("mode", "multi_processing" if n > 1 else "in_memory")]
+    elif runner == "dask":
+        address = extra.pop("dask_address", None)
+        if address is None:
+            from distributed import Client, LocalCluster
+
+            cluster = LocalCluster(n_workers=int(extra.pop("workers", workers or os.cpu_count() or 1)), threads_per_worker=1,
+                                   processes=True, dashboard_address=None)
+            client = Client(cluster)
+            address = cluster.scheduler_address
+        flags.append(f"--dask_client_address={address}")
+    flags += [f"--{key}={value}" for key, value in extra.items()]
+    try:
+        yield PipelineOptions(flags)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
