@@ -251,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        # Beam warns on import about optional Google Cloud clients that lida never uses.
+        handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
     for noisy in ("apache_beam", "faiss", "distributed", "prefect"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser()

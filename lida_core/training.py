@@ -256,6 +256,8 @@ def calibrate_real_threshold(real_scores: np.ndarray, target_fpr: float = 0.05) 
 def leave_one_out_similarities(embeddings: np.ndarray, labels: Sequence[str]) -> np.ndarray:
     """Each image's best similarity to another image of its own label (NaN when it is alone)."""
     labels = np.asarray(labels)
+    if len(labels) == 0:
+        return np.zeros(0, dtype=np.float64)
     sim = embeddings @ embeddings.T
     np.fill_diagonal(sim, -np.inf)
     same = labels[:, None] == labels[None, :]

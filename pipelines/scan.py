@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 import uuid
 from collections.abc import Iterable, Sequence
@@ -33,7 +34,7 @@ from lida_core.decode import DecodeError, decode_image
 from lida_core.inputs import list_inputs, read_input
 from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, utc_now
 
-SHARD_SIZE = 256
+SHARD_SIZE = int(os.environ.get("LIDA_SHARD_SIZE", "256"))  # images per shard (tests use small shards)
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
 
 
@@ -376,8 +377,6 @@ def run_scan(
     progress=None,
 ) -> dict:
     """`lida scan`: the whole job, resumable under the same scan id."""
-    import os
-
     from pipelines.runners import pipeline_options
 
     say = progress or (lambda _msg: None)

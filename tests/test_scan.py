@@ -1,0 +1,185 @@
+"""`lida scan` on real runners: hostile files, exactly-once after kill -9, local == dask, the index."""
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from PIL import Image
+
+from lida_core.workspace import Workspace
+from pipelines import index as gallery_index
+from pipelines.gallery import reindex
+
+LIDA = str(Path(sys.executable).with_name("lida"))
+
+
+def lida(ws, *args, check=True, env=None, timeout=900):
+    full_env = dict(os.environ, **(env or {}))
+    result = subprocess.run([LIDA, "--workspace", str(ws), "--json", *args], capture_output=True, text=True,
+                            timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"lida {' '.join(args)} failed ({result.returncode}): {result.stderr[-3000:]}")
+    return result
+
+
+def out(result):
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def q(ws, sql):
+    tables = {t: f"read_parquet('{ws}/tables/{t}/**/*.parquet', hive_partitioning=true)" for t in ("images", "attributions", "embeddings")}
+    return duckdb.sql(sql.format(**tables)).fetchall()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, sample_dirs):
+    ws = tmp_path_factory.mktemp("scan") / "ws"
+    lida(ws, "init", "--profile", "small")
+    lida(ws, "pretrain", str(sample_dirs / "pretrain"), "--epochs", "1", "--batch-size", "8")
+    for source in ("real", "tconv_gan", "vae_ldm"):
+        lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
+    return ws
+
+
+def _png_header_only(width, height):
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def hostile_dir(tmp_path_factory, sample_dirs):
+    d = tmp_path_factory.mktemp("hostile")
+    good = sorted((sample_dirs / "labelled" / "tconv_gan").glob("*.png"))[:3]
+    for i, path in enumerate(good):
+        shutil.copy(path, d / f"good {i} é.png")
+    shutil.copy(good[0], d / "sub_copy.png")  # same bytes as "good 0 é.png": a duplicate
+    (d / "zero.jpg").write_bytes(b"")
+    (d / "page.jpg").write_bytes(b"<html><body>not an image</body></html>")
+    data = (d / "good 1 é.png").read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 3])
+    (d / "bomb.png").write_bytes(_png_header_only(60_000, 60_000))
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.integers(0, 256, (40, 40)) * 257).astype(np.uint16)).save(d / "sixteen.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8), "CMYK").save(d / "cmyk.jpg", quality=95)
+    palette = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).convert("P")
+    palette.save(d / "palette_alpha.png", transparency=0)
+    frames = [Image.new("RGB", (30, 30), c) for c in ((200, 10, 10), (10, 200, 10))]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(d / "one.png")
+    return d
+
+
+def test_hostile_files_each_get_one_row_and_the_scan_succeeds(workspace, hostile_dir):
+    r = out(lida(workspace, "scan", str(hostile_dir), "--scan-id", "hostile"))
+    files = sorted(p.name for p in hostile_dir.iterdir())
+    rows = q(workspace, "select uri, status, error from {images} where scan_id = 'hostile' order by uri")
+    assert sorted(Path(u).name for u, _, _ in rows) == files
+    status = {Path(u).name: (s, e) for u, s, e in rows}
+    for name in ("zero.jpg", "page.jpg", "truncated.png", "bomb.png"):
+        assert status[name][0] == "error" and status[name][1], name
+    assert "decompression bomb" in status["bomb.png"][1] and "empty" in status["zero.jpg"][1]
+    for name in ("sixteen.png", "cmyk.jpg", "palette_alpha.png", "animated.gif", "one.png", "good 0 é.png"):
+        assert status[name] == ("ok", None), name
+    duplicates = [n for n in ("good 0 é.png", "sub_copy.png") if status[n][0] == "duplicate"]
+    assert duplicates == ["sub_copy.png"]  # the first URI keeps the image
+    attributed = q(workspace, "select uri, count(*) from {attributions} where scan_id = 'hostile' group by uri")
+    ok = {u for u, s, _ in rows if s == "ok"}
+    assert {u for u, _ in attributed} == ok and all(c == 1 for _, c in attributed)
+    assert r["status"] == {"ok": 8, "error": 4, "duplicate": 1}
+    lineage = q(workspace, "select distinct model_version, index_version, fingerprint from {attributions} where scan_id='hostile'")
+    assert len(lineage) == 1 and lineage[0][1].startswith("i") and lineage[0][2] == "b3-scale-full-crop128"
+
+
+def test_rerunning_a_scan_adds_nothing(workspace, hostile_dir):
+    lida(workspace, "scan", str(hostile_dir), "--scan-id", "again")
+    before = q(workspace, "select count(*) from {attributions} where scan_id = 'again'")
+    lida(workspace, "scan", str(hostile_dir), "--scan-id", "again")
+    assert q(workspace, "select count(*) from {attributions} where scan_id = 'again'") == before
+    assert q(workspace, "select count(*), count(distinct uri) from {images} where scan_id = 'again'") == [(13, 13)]
+
+
+@pytest.mark.slow
+def test_kill_during_a_scan_then_rerun_is_exactly_once(workspace, sample_dirs, tmp_path):
+    inbox = tmp_path / "inbox"
+    for source in ("real", "shuffle_sr", "style_noise", "nearest_unet"):
+        shutil.copytree(sample_dirs / "labelled" / source, inbox / source)
+    env = {"LIDA_SHARD_SIZE": "4"}
+    shards = Path(workspace) / "shards" / "crash"
+    cmd = [LIDA, "--workspace", str(workspace), "scan", str(inbox), "--scan-id", "crash"]
+    process = subprocess.Popen(cmd, env=dict(os.environ, **env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if len(list(shards.glob("*.rows.parquet"))) >= 2:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    subprocess.run(["pkill", "-9", "-f", "apache_beam.runners.worker.sdk_worker_main"], check=False)
+    lock = Path(workspace) / "lock"
+    assert process.returncode != 0, "the scan finished before it could be killed"
+    lida(workspace, "scan", str(inbox), "--scan-id", "crash", env=env)
+    counts = q(workspace, "select count(*), count(distinct uri) from {images} where scan_id = 'crash'")
+    assert counts == [(24, 24)]
+    attributed = q(workspace, "select count(*), count(distinct uri) from {attributions} where scan_id = 'crash'")
+    assert attributed == [(24, 24)]
+    lida(workspace, "scan", str(inbox), "--scan-id", "crash", env=env)  # a third run adds nothing
+    assert q(workspace, "select count(*) from {attributions} where scan_id = 'crash'") == [(24,)]
+    assert not lock.exists()
+
+
+@pytest.mark.slow
+def test_local_and_dask_runners_agree(workspace, sample_dirs):
+    inbox = sample_dirs / "labelled"
+    lida(workspace, "scan", str(inbox), "--scan-id", "on_local")
+    lida(workspace, "--runner", "dask", "scan", str(inbox), "--scan-id", "on_dask")
+    rows = q(workspace, """
+        select count(*), count(*) filter (where a.predicted_source = b.predicted_source and a.topk_sources = b.topk_sources
+                                          and abs(a.real_score - b.real_score) < 1e-5)
+        from (select * from {attributions} where scan_id = 'on_local') a
+        join (select * from {attributions} where scan_id = 'on_dask') b using (uri)""")
+    assert rows == [(42, 42)]
+
+
+def test_index_publication_is_atomic_and_refuses_other_models(workspace):
+    ws = Workspace(str(workspace))
+    first = gallery_index.open_index(ws)
+    seen, failures, stop = set(), [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                idx = gallery_index.open_index(ws)
+                assert idx.index.ntotal == idx.manifest["count"] == len(idx.sources)
+                seen.add(idx.version)
+            except Exception as exc:  # any failure to open is a broken publication
+                failures.append(repr(exc))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(5):
+            reindex(ws)
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == [] and len(seen) >= 2
+    current = gallery_index.open_index(ws)
+    assert int(current.version[1:]) == int(first.version[1:]) + 5
+    query = np.zeros((1, current.manifest["dimension"]), np.float32)
+    with pytest.raises(gallery_index.IndexMismatch, match="run 'lida reindex'"):
+        current.search(query, 3, "v9999")
+    sims, ids = current.search(query + 1 / np.sqrt(query.shape[1]), 3, current.model_version)
+    assert sims.shape == (1, 3) and (ids >= 0).all()
