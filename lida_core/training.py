@@ -376,6 +376,7 @@ class AdaptConfig:
     tau: float = 0.1
     alpha: float = 0.5
     patience: int = 20
+    min_epochs: int = 30  # no early stop before this many (capped at half the epochs)
     holdout: float = 0.2
     views_per_image: int = 4  # augmented views of each gallery image per epoch
     seed: int = 0
@@ -488,13 +489,15 @@ def adapt(
         result.history.append(entry)
         if progress:
             progress(entry)
-        if not math.isnan(accuracy) and (math.isnan(best) or accuracy > best):
+        # A few held-out images make a noisy score: ties go to the later (more trained) epoch,
+        # and patience only starts counting after a minimum of epochs.
+        if not math.isnan(accuracy) and (math.isnan(best) or accuracy >= best):
             best, stale = accuracy, 0
             result.best_epoch = epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif held_idx:
             stale += 1
-            if stale >= config.patience:
+            if stale >= config.patience and epoch + 1 >= min(config.min_epochs, config.epochs // 2):
                 break
         else:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

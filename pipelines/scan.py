@@ -34,7 +34,7 @@ from lida_core.decode import DecodeError, decode_image
 from lida_core.inputs import list_inputs, read_input
 from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, utc_now
 
-SHARD_SIZE = int(os.environ.get("LIDA_SHARD_SIZE", "256"))  # images per shard (tests use small shards)
+SHARD_SIZE = int(os.environ.get("LIDA_SHARD_SIZE", "256"))  # most images per shard (tests use small shards)
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
 
 
@@ -45,13 +45,20 @@ def _scan_dir(scan_id: str) -> str:
     return f"{SHARDS}/{scan_id}"
 
 
-def plan_scan(ws: Workspace, scan_id: str, paths: Sequence[str], shard_size: int = SHARD_SIZE) -> dict:
-    """Load or create the scan's plan; files not yet planned are appended as new shards."""
+def plan_scan(ws: Workspace, scan_id: str, paths: Sequence[str], shard_size: int | None = None) -> dict:
+    """Load or create the scan's plan; files not yet planned are appended as new shards.
+
+    A new plan sizes its shards so that a small scan still gives every core several shards
+    (at least 16 and at most SHARD_SIZE images each); the size is then fixed in the plan.
+    """
     rel = f"{_scan_dir(scan_id)}/plan.json"
     uris = list_inputs(paths)
     if ws.exists(rel):
         plan = ws.read_json(rel)
     else:
+        if shard_size is None:
+            per_core = -(-len(uris) // (4 * (os.cpu_count() or 1)))
+            shard_size = max(1, min(SHARD_SIZE, max(16, per_core)))
         plan = {"scan_id": scan_id, "shard_size": shard_size, "shards": [], "created_at": utc_now().isoformat()}
     planned = {u for shard in plan["shards"] for u in shard}
     new = [u for u in uris if u not in planned]
@@ -183,7 +190,11 @@ class Item:
 
 
 class ReadShard(beam.DoFn):
-    """(shard, wanted items) -> chunks of (Items, decoded pixels), `chunk` images at most.
+    """(shard, wanted items) -> chunks of (Items, raw bytes), `chunk` images at most.
+
+    Chunks of encoded bytes are small to move, so the step after can spread them over every
+    worker (a shard is too coarse a unit: 3 shards on 2 workers leave one worker idle half
+    the time); they are decoded where they are embedded.
 
     Batches are made here, inside one call, rather than by BatchElements (see EmbedderHandler).
     """
@@ -197,24 +208,26 @@ class ReadShard(beam.DoFn):
     def process(self, element: tuple[str, list[Item]]):
         shard, items = element
         wanted = {item.key: item for item in items}
-        found, pixels = [], []
+        found, blobs = [], []
         with self.ws.fs.open(self.ws.path(_scan_dir(self.scan_id), f"{shard}.tar"), "rb") as handle:
             with tarfile.open(fileobj=handle, mode="r|") as tar:  # streaming: one member at a time
                 for member in tar:
                     key = member.name.split(".", 1)[0]
                     if key not in wanted or not member.isfile():
                         continue
-                    data = tar.extractfile(member).read()
-                    try:
-                        pixels.append(decode_image(data, wanted[key].uri).pixels)
-                    except DecodeError:
-                        continue  # validated when sharding; cannot happen for the same bytes
+                    blobs.append(tar.extractfile(member).read())
                     found.append(wanted[key])
                     if len(found) == self.chunk:
-                        yield tuple(found), pixels
-                        found, pixels = [], []
+                        yield tuple(found), blobs
+                        found, blobs = [], []
         if found:
-            yield tuple(found), pixels
+            yield tuple(found), blobs
+
+
+def decode_chunk(chunk: tuple[tuple[Item, ...], list[bytes]]) -> tuple[tuple[Item, ...], list[np.ndarray]]:
+    """Decode a chunk with the one decoder (validated when sharding, so the same bytes decode)."""
+    items, blobs = chunk
+    return items, [decode_image(data, item.uri).pixels for item, data in zip(items, blobs, strict=True)]
 
 
 class EmbedderHandler(ModelHandler):
@@ -327,6 +340,8 @@ class EmbedAndAttribute(beam.PTransform):
             | "ShardsToEmbed" >> beam.Create(self.work)
             | "Spread" >> beam.Reshuffle()
             | "ReadShard" >> beam.ParDo(ReadShard(self.workspace, self.scan_id, self.batch_size))
+            | "SpreadChunks" >> beam.Reshuffle()
+            | "Decode" >> beam.Map(decode_chunk)
             | "Embed" >> RunInference(handler)
             | "PerImage" >> beam.FlatMap(lambda kv: [(item.shard, (item, vector)) for item, vector in zip(kv[0], kv[1], strict=True)])
             | "GroupShard" >> beam.GroupByKey()

@@ -1,0 +1,154 @@
+"""End-to-end `lida scan` throughput over the bare forward pass of the same model, same run.
+
+Makes a workspace (small profile, 1-epoch pre-training, a small gallery), writes N sample
+PNGs (128-256 px), then times:
+  - scan:    `lida scan` as a user runs it (process start, Beam start-up, shard, images table,
+             decode, fingerprint, embed, attribute, Parquet) -> img/s;
+  - forward: the model's forward pass alone on the same images' input tensors (tiles included),
+             batch 32 -> img/s;
+  - parts:   decode + fingerprint alone, and an empty Beam pipeline's start-up, to say where
+             the remaining time goes.
+With --rss it also samples the peak resident memory of the scan's whole process tree.
+
+    .venv/bin/python benchmarks/scan_throughput.py [--images 600] [--rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LIDA = str(Path(sys.executable).with_name("lida"))
+
+
+def lida(ws: Path, *args: str) -> float:
+    started = time.perf_counter()
+    result = subprocess.run([LIDA, "--workspace", str(ws), "--json", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"lida {' '.join(args)} failed: {result.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (Linux /proc)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as handle:
+                for line in handle:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            with open(f"/proc/{p}/task/{p}/children") as handle:
+                stack += [int(c) for c in handle.read().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def timed_scan(ws: Path, inbox: Path, scan_id: str, rss: bool) -> tuple[float, int]:
+    started = time.perf_counter()
+    process = subprocess.Popen([LIDA, "--workspace", str(ws), "--json", "scan", str(inbox), "--scan-id", scan_id],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    if rss:
+        stop = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, tree_rss(process.pid))
+                time.sleep(0.2)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+    out, err = process.communicate()
+    if rss:
+        stop.set()
+        thread.join()
+    if process.returncode != 0:
+        raise SystemExit(f"scan failed: {err[-2000:]}")
+    return time.perf_counter() - started, peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--rss", action="store_true", help="sample the scan's peak memory")
+    args = parser.parse_args(argv)
+
+    import apache_beam as beam
+    import torch
+
+    from lida_core import samples, training
+    from lida_core.decode import decode_image
+    from lida_core.lifecycle import load_model
+    from lida_core.workspace import Workspace
+    from pipelines.runners import pipeline_options
+
+    work = Path(tempfile.mkdtemp(prefix="lida-bench-"))
+    ws = work / "ws"
+    samples.write_samples(str(work / "pretrain"), 32, sources=["real"], start=20000)
+    samples.write_samples(str(work / "gallery"), 5, sources=["real", "tconv_gan", "vae_ldm"], start=30000)
+    per_source = -(-args.images // len(samples.sample_sources()))
+    written = samples.write_samples(str(work / "inbox"), per_source)
+    paths = written[: args.images]
+    for extra in written[args.images :]:
+        Path(extra).unlink()
+    lida(ws, "init", "--profile", "small")
+    lida(ws, "pretrain", str(work / "pretrain"), "--epochs", "1", "--batch-size", "16")
+    for source in ("real", "tconv_gan", "vae_ldm"):
+        lida(ws, "gallery", "add", "--source", source, str(work / "gallery" / source))
+
+    scan_seconds, peak = timed_scan(ws, work / "inbox", "bench", args.rss)
+    n = len(paths)
+
+    # The bare forward pass of the same model on the same inputs (tiles and all), batch 32.
+    loaded = load_model(Workspace(str(ws)))
+    model = loaded.model.eval()
+    started = time.perf_counter()
+    pixels = [decode_image(Path(p).read_bytes(), p).pixels for p in paths]
+    decode_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    views = [v for image in pixels for v in training.tile_views(image, model.input_size, model.tiles)]
+    batches = [training.model_inputs(views[i : i + 32], model.fingerprint) for i in range(0, len(views), 32)]
+    fingerprint_seconds = time.perf_counter() - started
+    with torch.inference_mode():
+        model(batches[0])
+        started = time.perf_counter()
+        for x in batches:
+            model(x)
+        forward_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    with pipeline_options("local") as options, beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | beam.Create([1]) | beam.Map(lambda x: x)
+    beam_startup = time.perf_counter() - started
+
+    scan_rate, forward_rate = n / scan_seconds, n / forward_seconds
+    print(f"images                {n} ({len(views)} model inputs: {model.tiles} tiles max per image)")
+    print(f"lida scan end to end  {scan_seconds:7.1f} s  {scan_rate:7.1f} img/s")
+    print(f"bare forward pass     {forward_seconds:7.1f} s  {forward_rate:7.1f} img/s")
+    print(f"ratio scan/forward    {scan_rate / forward_rate:.2f}  (target >= 0.6)")
+    print("where the rest goes (measured alone, one process):")
+    print(f"  decode              {decode_seconds:7.1f} s")
+    print(f"  fingerprint + tiles {fingerprint_seconds:7.1f} s")
+    print(f"  empty Beam pipeline {beam_startup:7.1f} s  (x2 jobs per scan)")
+    if args.rss:
+        print(f"peak RSS (scan tree)  {peak / 2**30:.2f} GiB")
+    print(json.dumps({"images": n, "scan_img_s": scan_rate, "forward_img_s": forward_rate, "ratio": scan_rate / forward_rate,
+                      "peak_rss_bytes": peak or None}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
