@@ -12,28 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import lida  # noqa: E402  (benchmarks/common.py puts the project on sys.path)
 
 from lida_core import samples  # noqa: E402
-
-LIDA = str(Path(sys.executable).with_name("lida"))
-
-
-def lida(workspace: Path, *args: str) -> dict:
-    started = time.perf_counter()
-    result = subprocess.run([LIDA, "--workspace", str(workspace), "--json", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"lida {' '.join(args)} failed: {result.stderr[-2000:]}")
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    out["_seconds"] = time.perf_counter() - started
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,18 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-LIDA = str(Path(sys.executable).with_name("lida"))
-
-
-def lida(ws: Path, *args: str) -> float:
-    started = time.perf_counter()
-    result = subprocess.run([LIDA, "--workspace", str(ws), "--json", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"lida {' '.join(args)} failed: {result.stderr[-2000:]}")
-    return time.perf_counter() - started
+from common import LIDA, lida  # noqa: E402  (benchmarks/common.py puts the project on sys.path)
 
 
 def tree_rss(pid: int) -> int:

@@ -30,3 +30,24 @@ def sample_dirs(tmp_path_factory):
     samples.write_samples(str(root / "pretrain"), 24, sources=["real"], start=20000)
     samples.write_samples(str(root / "labelled"), 6)
     return root
+
+
+LIDA = str(__import__("pathlib").Path(__import__("sys").executable).with_name("lida"))
+
+
+def run_lida(ws, *args, check=True, env=None, timeout=900):
+    """The installed command with --json, as a user runs it; raises with its stderr on failure."""
+    import subprocess
+
+    full_env = dict(os.environ, **(env or {}))
+    result = subprocess.run([LIDA, "--workspace", str(ws), "--json", *args], capture_output=True, text=True,
+                            timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"lida {' '.join(args)} failed ({result.returncode}): {result.stderr[-3000:]}")
+    return result
+
+
+def json_out(result):
+    import json
+
+    return json.loads(result.stdout.strip().splitlines()[-1])

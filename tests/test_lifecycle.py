@@ -4,29 +4,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import LIDA, json_out, run_lida
 from lida_core.lifecycle import gallery_images, load_model
 from lida_core.training import Decider
 from lida_core.workspace import Workspace
-
-LIDA = str(Path(sys.executable).with_name("lida"))
-
-
-def lida(ws, *args, check=True, timeout=600):
-    result = subprocess.run([LIDA, "--workspace", str(ws), "--json", *args], capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"lida {' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}")
-    return result
-
-
-def out(result):
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def current(ws):
@@ -37,28 +24,28 @@ def current(ws):
 def trained(tmp_path_factory, sample_dirs):
     """A small workspace: init, a short pre-training, a gallery of four sources."""
     ws = tmp_path_factory.mktemp("ws") / "workspace"
-    lida(ws, "init", "--profile", "small")
-    lida(ws, "pretrain", str(sample_dirs / "pretrain"), "--epochs", "2", "--batch-size", "8")
+    run_lida(ws, "init", "--profile", "small")
+    run_lida(ws, "pretrain", str(sample_dirs / "pretrain"), "--epochs", "2", "--batch-size", "8")
     for source in ("real", "tconv_gan", "vae_ldm", "shuffle_sr"):
-        lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
+        run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
     return ws
 
 
 def test_init_publishes_version_zero_and_refuses_twice(tmp_path):
     ws = tmp_path / "w"
-    r = out(lida(ws, "init", "--profile", "small"))
+    r = json_out(run_lida(ws, "init", "--profile", "small"))
     assert r["model_version"] == "v0000" and current(ws) == "v0000"
     meta = json.loads((ws / "models" / "v0000" / "meta.json").read_text())
     assert meta["profile"] == "small" and meta["fingerprint"] == "b3-scale-full-crop128" and len(meta["sha256"]) == 64
-    again = lida(ws, "init", check=False)
+    again = run_lida(ws, "init", check=False)
     assert again.returncode == 2 and "already a lida workspace" in again.stderr
 
 
 def test_init_from_a_checkpoint(tmp_path, trained):
     checkpoint = Path(trained) / "models" / current(trained) / "model.pt"
     ws = tmp_path / "from-checkpoint"
-    assert out(lida(ws, "init", "--profile", "small", "--checkpoint", str(checkpoint)))["weights"] == "lida checkpoint"
-    bad = lida(tmp_path / "other", "init", "--profile", "paper", "--checkpoint", str(checkpoint), check=False)
+    assert json_out(run_lida(ws, "init", "--profile", "small", "--checkpoint", str(checkpoint)))["weights"] == "lida checkpoint"
+    bad = run_lida(tmp_path / "other", "init", "--profile", "paper", "--checkpoint", str(checkpoint), check=False)
     assert bad.returncode == 2 and "profile 'small', not 'paper'" in bad.stderr
 
 
@@ -75,12 +62,12 @@ def test_pretraining_records_its_data_and_calibration(trained):
 
 def test_gallery_add_is_retrievable_immediately(trained, sample_dirs, tmp_path):
     ws = Workspace(str(trained))
-    listing = out(lida(trained, "gallery", "list"))
+    listing = json_out(run_lida(trained, "gallery", "list"))
     assert listing["sources"] == {"real": 6, "shuffle_sr": 6, "tconv_gan": 6, "vae_ldm": 6}
     before = current(trained)
-    added = out(lida(trained, "gallery", "add", "--source", "style_noise", str(sample_dirs / "labelled" / "style_noise")))
+    added = json_out(run_lida(trained, "gallery", "add", "--source", "style_noise", str(sample_dirs / "labelled" / "style_noise")))
     assert added["added"] == 6 and current(trained) == before  # no retraining, no new model
-    again = out(lida(trained, "gallery", "add", "--source", "style_noise", str(sample_dirs / "labelled" / "style_noise")))
+    again = json_out(run_lida(trained, "gallery", "add", "--source", "style_noise", str(sample_dirs / "labelled" / "style_noise")))
     assert again["added"] == 0 and again["already_registered"] == 6
     loaded = load_model(ws)
     images, sources, _ = gallery_images(ws, loaded.version)
@@ -94,17 +81,17 @@ def test_gallery_add_is_retrievable_immediately(trained, sample_dirs, tmp_path):
 
 def test_gallery_add_refuses_bad_input(trained, tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image")
-    r = lida(trained, "gallery", "add", "--source", "junk", str(tmp_path / "junk.png"), check=False)
+    r = run_lida(trained, "gallery", "add", "--source", "junk", str(tmp_path / "junk.png"), check=False)
     assert r.returncode == 2 and "could be decoded" in r.stderr
-    r = lida(trained, "gallery", "add", "--source", "unknown", str(tmp_path), check=False)
+    r = run_lida(trained, "gallery", "add", "--source", "unknown", str(tmp_path), check=False)
     assert r.returncode == 2 and "invalid source name" in r.stderr
-    r = lida(tmp_path / "nowhere", "gallery", "list", check=False)
+    r = run_lida(tmp_path / "nowhere", "gallery", "list", check=False)
     assert r.returncode == 2 and "no lida workspace" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_adapt_promotes_only_a_candidate_that_is_not_worse(trained):
     before = current(trained)
-    r = out(lida(trained, "adapt", "--epochs", "3"))
+    r = json_out(run_lida(trained, "adapt", "--epochs", "3"))
     assert r["parent"] == before
     meta = Workspace(str(trained)).model_meta(r["model_version"])
     assert meta["promotion"]["promoted"] == r["promoted"]
@@ -117,7 +104,7 @@ def test_adapt_promotes_only_a_candidate_that_is_not_worse(trained):
         assert current(trained) == before
     # An absurd learning rate wrecks the candidate: the gate must keep the current model.
     keep = current(trained)
-    wrecked = out(lida(trained, "adapt", "--epochs", "2", "--lr", "50"))
+    wrecked = json_out(run_lida(trained, "adapt", "--epochs", "2", "--lr", "50"))
     if not wrecked["promoted"]:
         assert current(trained) == keep
     else:  # only when the held-out images could not tell them apart
@@ -143,14 +130,14 @@ def _kill_when(cmd, condition, timeout=300):
 @pytest.mark.slow
 def test_kill_during_pretraining_leaves_current_usable_and_resumes(tmp_path, sample_dirs):
     ws = tmp_path / "w"
-    lida(ws, "init", "--profile", "small")
+    run_lida(ws, "init", "--profile", "small")
     runs = ws / "runs"
     cmd = [LIDA, "--workspace", str(ws), "pretrain", str(sample_dirs / "pretrain"), "--epochs", "40", "--batch-size", "8"]
     assert _kill_when(cmd, lambda: any(runs.glob("*/state.pt"))), "pre-training never saved its state"
     assert current(ws) == "v0000"
     assert [p.name for p in (ws / "models").iterdir() if p.name.startswith("v")] == ["v0000"]
     load_model(Workspace(str(ws)))  # the current model is intact and loads
-    assert not (ws / "lock").exists() or lida(ws, "gallery", "list").returncode == 0  # a dead holder's lock is taken over
+    assert not (ws / "lock").exists() or run_lida(ws, "gallery", "list").returncode == 0  # a dead holder's lock is taken over
     resumed = subprocess.run(cmd[:-2] + ["--epochs", "3", "--batch-size", "8"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert current(ws) == "v0001"
@@ -159,26 +146,26 @@ def test_kill_during_pretraining_leaves_current_usable_and_resumes(tmp_path, sam
 @pytest.mark.slow
 def test_kill_during_adaptation_leaves_current_untouched(tmp_path, sample_dirs):
     ws = tmp_path / "w"
-    lida(ws, "init", "--profile", "small")
+    run_lida(ws, "init", "--profile", "small")
     for source in ("real", "tconv_gan"):
-        lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
+        run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
     lock = ws / "lock"
     cmd = [LIDA, "--workspace", str(ws), "adapt", "--epochs", "100"]
     started = time.time()
     assert _kill_when(cmd, lambda: lock.exists() and time.time() - started > 4)
     assert current(ws) == "v0000"
     load_model(Workspace(str(ws)))
-    assert out(lida(ws, "gallery", "list"))["sources"] == {"real": 6, "tconv_gan": 6}
+    assert json_out(run_lida(ws, "gallery", "list"))["sources"] == {"real": 6, "tconv_gan": 6}
 
 
 def test_eval_reports_and_saves_metrics(trained, sample_dirs):
-    r = out(lida(trained, "eval", str(sample_dirs / "labelled"), "--shots", "2", "--no-adapt"))
+    r = json_out(run_lida(trained, "eval", str(sample_dirs / "labelled"), "--shots", "2", "--no-adapt"))
     for key in ("rank1", "mAP", "balanced_accuracy", "auroc", "per_source", "confusion"):
         assert key in r
     assert r["gallery_images"] == 14 and r["query_images"] == 28
     assert 0 <= r["rank1"] <= 1 and sum(map(sum, r["confusion"]["matrix"])) == 28
     assert Path(r["saved"]["json"]).exists() and Path(r["saved"]["markdown"]).read_text().startswith("# lida eval")
-    wrong = lida(trained, "eval", str(sample_dirs / "labelled"), "--input", "rgb", check=False)
+    wrong = run_lida(trained, "eval", str(sample_dirs / "labelled"), "--input", "rgb", check=False)
     assert wrong.returncode == 2 and "takes fingerprint input" in wrong.stderr
-    too_many = lida(trained, "eval", str(sample_dirs / "labelled"), "--shots", "6", check=False)
+    too_many = run_lida(trained, "eval", str(sample_dirs / "labelled"), "--shots", "6", check=False)
     assert too_many.returncode == 2 and "need more than --shots 6" in too_many.stderr

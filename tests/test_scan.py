@@ -1,12 +1,10 @@
 """`lida scan` on real runners: hostile files, exactly-once after kill -9, local == dask, the index."""
 
-import json
 import os
 import shutil
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -17,24 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import LIDA, json_out, run_lida
 from lida_core.workspace import Workspace
 from pipelines import index as gallery_index
 from pipelines.gallery import reindex
-
-LIDA = str(Path(sys.executable).with_name("lida"))
-
-
-def lida(ws, *args, check=True, env=None, timeout=900):
-    full_env = dict(os.environ, **(env or {}))
-    result = subprocess.run([LIDA, "--workspace", str(ws), "--json", *args], capture_output=True, text=True,
-                            timeout=timeout, env=full_env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"lida {' '.join(args)} failed ({result.returncode}): {result.stderr[-3000:]}")
-    return result
-
-
-def out(result):
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def q(ws, sql):
@@ -45,10 +29,10 @@ def q(ws, sql):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, sample_dirs):
     ws = tmp_path_factory.mktemp("scan") / "ws"
-    lida(ws, "init", "--profile", "small")
-    lida(ws, "pretrain", str(sample_dirs / "pretrain"), "--epochs", "1", "--batch-size", "8")
+    run_lida(ws, "init", "--profile", "small")
+    run_lida(ws, "pretrain", str(sample_dirs / "pretrain"), "--epochs", "1", "--batch-size", "8")
     for source in ("real", "tconv_gan", "vae_ldm"):
-        lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
+        run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
     return ws
 
 
@@ -83,7 +67,7 @@ def hostile_dir(tmp_path_factory, sample_dirs):
 
 
 def test_hostile_files_each_get_one_row_and_the_scan_succeeds(workspace, hostile_dir):
-    r = out(lida(workspace, "scan", str(hostile_dir), "--scan-id", "hostile"))
+    r = json_out(run_lida(workspace, "scan", str(hostile_dir), "--scan-id", "hostile"))
     files = sorted(p.name for p in hostile_dir.iterdir())
     rows = q(workspace, "select uri, status, error from {images} where scan_id = 'hostile' order by uri")
     assert sorted(Path(u).name for u, _, _ in rows) == files
@@ -104,9 +88,9 @@ def test_hostile_files_each_get_one_row_and_the_scan_succeeds(workspace, hostile
 
 
 def test_rerunning_a_scan_adds_nothing(workspace, hostile_dir):
-    lida(workspace, "scan", str(hostile_dir), "--scan-id", "again")
+    run_lida(workspace, "scan", str(hostile_dir), "--scan-id", "again")
     before = q(workspace, "select count(*) from {attributions} where scan_id = 'again'")
-    lida(workspace, "scan", str(hostile_dir), "--scan-id", "again")
+    run_lida(workspace, "scan", str(hostile_dir), "--scan-id", "again")
     assert q(workspace, "select count(*) from {attributions} where scan_id = 'again'") == before
     assert q(workspace, "select count(*), count(distinct uri) from {images} where scan_id = 'again'") == [(13, 13)]
 
@@ -130,12 +114,12 @@ def test_kill_during_a_scan_then_rerun_is_exactly_once(workspace, sample_dirs, t
     subprocess.run(["pkill", "-9", "-f", "apache_beam.runners.worker.sdk_worker_main"], check=False)
     lock = Path(workspace) / "lock"
     assert process.returncode != 0, "the scan finished before it could be killed"
-    lida(workspace, "scan", str(inbox), "--scan-id", "crash", env=env)
+    run_lida(workspace, "scan", str(inbox), "--scan-id", "crash", env=env)
     counts = q(workspace, "select count(*), count(distinct uri) from {images} where scan_id = 'crash'")
     assert counts == [(24, 24)]
     attributed = q(workspace, "select count(*), count(distinct uri) from {attributions} where scan_id = 'crash'")
     assert attributed == [(24, 24)]
-    lida(workspace, "scan", str(inbox), "--scan-id", "crash", env=env)  # a third run adds nothing
+    run_lida(workspace, "scan", str(inbox), "--scan-id", "crash", env=env)  # a third run adds nothing
     assert q(workspace, "select count(*) from {attributions} where scan_id = 'crash'") == [(24,)]
     assert not lock.exists()
 
@@ -143,8 +127,8 @@ def test_kill_during_a_scan_then_rerun_is_exactly_once(workspace, sample_dirs, t
 @pytest.mark.slow
 def test_local_and_dask_runners_agree(workspace, sample_dirs):
     inbox = sample_dirs / "labelled"
-    lida(workspace, "scan", str(inbox), "--scan-id", "on_local")
-    lida(workspace, "--runner", "dask", "scan", str(inbox), "--scan-id", "on_dask")
+    run_lida(workspace, "scan", str(inbox), "--scan-id", "on_local")
+    run_lida(workspace, "--runner", "dask", "scan", str(inbox), "--scan-id", "on_dask")
     rows = q(workspace, """
         select count(*), count(*) filter (where a.predicted_source = b.predicted_source and a.topk_sources = b.topk_sources
                                           and abs(a.real_score - b.real_score) < 1e-5)
