@@ -327,17 +327,18 @@ class Attribute(beam.DoFn):
 
 
 class EmbedAndAttribute(beam.PTransform):
-    def __init__(self, workspace: str, scan_id: str, model_version: str, work: list[tuple[str, list[Item]]],
-                 batch_size: int = 32, threads: int = 1, device: str = "cpu"):
+    """(shard, [Item]) work -> embeddings and attributions tables, per shard."""
+
+    def __init__(self, workspace: str, scan_id: str, model_version: str, batch_size: int = 32, threads: int = 1,
+                 device: str = "cpu"):
         super().__init__()
-        self.workspace, self.scan_id, self.model_version, self.work = workspace, scan_id, model_version, work
+        self.workspace, self.scan_id, self.model_version = workspace, scan_id, model_version
         self.batch_size, self.threads, self.device = batch_size, threads, device
 
-    def expand(self, pbegin):
+    def expand(self, work):
         handler = EmbedderHandler(self.workspace, self.model_version, self.batch_size, self.threads, self.device).with_no_batching()
         return (
-            pbegin
-            | "ShardsToEmbed" >> beam.Create(self.work)
+            work
             | "Spread" >> beam.Reshuffle()
             | "ReadShard" >> beam.ParDo(ReadShard(self.workspace, self.scan_id, self.batch_size))
             | "SpreadChunks" >> beam.Reshuffle()
@@ -347,6 +348,18 @@ class EmbedAndAttribute(beam.PTransform):
             | "GroupShard" >> beam.GroupByKey()
             | "Attribute" >> beam.ParDo(Attribute(self.workspace, self.scan_id, self.model_version))
         )
+
+
+class ImagesTable(beam.DoFn):
+    """After every shard is committed: write the scan's images table, emit the shards to embed."""
+
+    def __init__(self, workspace: str, scan_id: str, shard_count: int):
+        self.workspace, self.scan_id, self.shard_count = workspace, scan_id, shard_count
+
+    def process(self, _written: list[int]):
+        ws = Workspace(self.workspace)
+        images = finalize_images(ws, self.scan_id, self.shard_count)
+        yield from embed_work(ws, self.scan_id, images)
 
 
 def embed_work(ws: Workspace, scan_id: str, images: pa.Table) -> list[tuple[str, list[Item]]]:
@@ -406,18 +419,20 @@ def run_scan(
         todo = [(i, uris) for i, uris in shards if not ws.exists(f"{_scan_dir(scan_id)}/{shard_name(i)}.rows.parquet")]
         files = sum(len(u) for _, u in shards)
         say(f"scan {scan_id}: {files} files in {len(shards)} shards; {len(todo)} shards to write")
-        workers = os.cpu_count() or 1
-        if todo:
-            with pipeline_options(runner, runner_options) as options, beam.Pipeline(options=options) as pipeline:
-                _ = pipeline | "Shard" >> Shard(ws.url, scan_id, todo)
-        images = finalize_images(ws, scan_id, len(shards))
-        work = embed_work(ws, scan_id, images)
-        say(f"scan {scan_id}: images table written; {sum(len(i) for _, i in work)} images in {len(work)} shards to embed")
-        if work:
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            with pipeline_options(runner, runner_options) as options, beam.Pipeline(options=options) as pipeline:
-                _ = pipeline | "EmbedAttribute" >> EmbedAndAttribute(ws.url, scan_id, model_version, work, threads=threads,
-                                                                     device=device)
+        threads = 1 if runner in ("local", "dask") else max(1, os.cpu_count() or 1)  # one worker per core
+        # One pipeline, so worker start-up is paid once: shards, then (after all of them are
+        # committed) the images table, then embedding and attribution of what is not done.
+        with pipeline_options(runner, runner_options) as options, beam.Pipeline(options=options) as pipeline:
+            written = pipeline | "Shard" >> Shard(ws.url, scan_id, todo)
+            work = (
+                written
+                | "AllShardsCommitted" >> beam.combiners.ToList()
+                | "ImagesTable" >> beam.ParDo(ImagesTable(ws.url, scan_id, len(shards)))
+            )
+            _ = work | "EmbedAttribute" >> EmbedAndAttribute(ws.url, scan_id, model_version, threads=threads, device=device)
+        images = pq.read_table(io.BytesIO(ws.read_bytes(TABLES, "images", f"scan_id={scan_id}", "part-00000.parquet")))
+        images = images.append_column("scan_id", pa.array([scan_id] * len(images)))
+        say(f"scan {scan_id}: done")
         result = summary(images, ws, scan_id)
         result["model_version"] = model_version
         return result
