@@ -118,22 +118,27 @@ class WriteShard(beam.DoFn):
                     seen.add(row["image_id"])
                     members.append((key, _EXT.get(decoded.format, "img"), data))
             rows.append(row)
-        self._write_tar(f"{base}.tar", members)
+        offsets = self._write_tar(f"{base}.tar", members)
+        self.ws.write_json(f"{base}.members.json", offsets)
         table = schemas.validate(pa.Table.from_pylist(rows), "images")
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         self.ws.write_bytes(f"{base}.rows.parquet", buffer.getvalue())  # the commit marker, last
         yield index
 
-    def _write_tar(self, rel: str, members: list[tuple[str, str, bytes]]) -> None:
+    def _write_tar(self, rel: str, members: list[tuple[str, str, bytes]]) -> dict[str, list[int]]:
+        """Write the tar (temporary name, then rename); returns key -> [data offset, size]."""
         buffer = io.BytesIO()
+        offsets = {}
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, ext, data in members:
-                info = tarfile.TarInfo(f"{key}.{ext}")
+                info = tarfile.TarInfo(f"{key}.{ext}")  # a short name: one 512-byte USTAR header
                 info.size = len(data)
                 info.mtime = 0
+                offsets[key] = [tar.offset + tarfile.BLOCKSIZE, len(data)]
                 tar.addfile(info, io.BytesIO(data))
         self.ws.write_bytes(rel, buffer.getvalue())
+        return offsets
 
 
 class Shard(beam.PTransform):
@@ -187,47 +192,32 @@ class Item:
     key: str
     image_id: str
     uri: str
+    offset: int = 0  # where the member's bytes start in the shard's tar
+    size: int = 0
 
 
-class ReadShard(beam.DoFn):
-    """(shard, wanted items) -> chunks of (Items, raw bytes), `chunk` images at most.
+class ReadChunk(beam.DoFn):
+    """(shard, up to `chunk` items) -> (items, decoded pixels), reading only those members' bytes.
 
-    Chunks of encoded bytes are small to move, so the step after can spread them over every
-    worker (a shard is too coarse a unit: 3 shards on 2 workers leave one worker idle half
-    the time); they are decoded where they are embedded.
-
-    Batches are made here, inside one call, rather than by BatchElements (see EmbedderHandler).
+    Work is spread over the workers as these small descriptors; image bytes are read (ranged
+    reads into the tar) and decoded where they are embedded, so no stage ever holds more than
+    a chunk of images: memory stays bounded whatever the size of the scan.
     """
 
-    def __init__(self, workspace: str, scan_id: str, chunk: int = 32):
-        self.workspace, self.scan_id, self.chunk = workspace, scan_id, chunk
+    def __init__(self, workspace: str, scan_id: str):
+        self.workspace, self.scan_id = workspace, scan_id
 
     def setup(self) -> None:
         self.ws = Workspace(self.workspace)
 
-    def process(self, element: tuple[str, list[Item]]):
+    def process(self, element: tuple[str, tuple[Item, ...]]):
         shard, items = element
-        wanted = {item.key: item for item in items}
-        found, blobs = [], []
+        pixels = []
         with self.ws.fs.open(self.ws.path(_scan_dir(self.scan_id), f"{shard}.tar"), "rb") as handle:
-            with tarfile.open(fileobj=handle, mode="r|") as tar:  # streaming: one member at a time
-                for member in tar:
-                    key = member.name.split(".", 1)[0]
-                    if key not in wanted or not member.isfile():
-                        continue
-                    blobs.append(tar.extractfile(member).read())
-                    found.append(wanted[key])
-                    if len(found) == self.chunk:
-                        yield tuple(found), blobs
-                        found, blobs = [], []
-        if found:
-            yield tuple(found), blobs
-
-
-def decode_chunk(chunk: tuple[tuple[Item, ...], list[bytes]]) -> tuple[tuple[Item, ...], list[np.ndarray]]:
-    """Decode a chunk with the one decoder (validated when sharding, so the same bytes decode)."""
-    items, blobs = chunk
-    return items, [decode_image(data, item.uri).pixels for item, data in zip(items, blobs, strict=True)]
+            for item in items:
+                handle.seek(item.offset)
+                pixels.append(decode_image(handle.read(item.size), item.uri).pixels)
+        yield items, pixels
 
 
 class EmbedderHandler(ModelHandler):
@@ -340,9 +330,7 @@ class EmbedAndAttribute(beam.PTransform):
         return (
             work
             | "Spread" >> beam.Reshuffle()
-            | "ReadShard" >> beam.ParDo(ReadShard(self.workspace, self.scan_id, self.batch_size))
-            | "SpreadChunks" >> beam.Reshuffle()
-            | "Decode" >> beam.Map(decode_chunk)
+            | "ReadChunk" >> beam.ParDo(ReadChunk(self.workspace, self.scan_id))
             | "Embed" >> RunInference(handler)
             | "PerImage" >> beam.FlatMap(lambda kv: [(item.shard, (item, vector)) for item, vector in zip(kv[0], kv[1], strict=True)])
             | "GroupShard" >> beam.GroupByKey()
@@ -362,13 +350,19 @@ class ImagesTable(beam.DoFn):
         yield from embed_work(ws, self.scan_id, images)
 
 
-def embed_work(ws: Workspace, scan_id: str, images: pa.Table) -> list[tuple[str, list[Item]]]:
-    """Shards whose attributions are missing, with their `ok` images."""
-    by_shard: dict[str, list[Item]] = {}
+def embed_work(ws: Workspace, scan_id: str, images: pa.Table, chunk: int = 32) -> list[tuple[str, tuple[Item, ...]]]:
+    """Chunks of `ok` images of the shards whose attributions are missing, with tar offsets."""
+    by_shard: dict[str, list[dict]] = {}
     for row in images.filter(pa.compute.equal(images["status"], "ok")).to_pylist():
-        by_shard.setdefault(row["shard"], []).append(Item(row["shard"], row["key"], row["image_id"], row["uri"]))
-    return [(shard, items) for shard, items in sorted(by_shard.items())
-            if not ws.exists(f"{TABLES}/attributions/scan_id={scan_id}/part-{shard}.parquet")]
+        by_shard.setdefault(row["shard"], []).append(row)
+    work = []
+    for shard, rows in sorted(by_shard.items()):
+        if ws.exists(f"{TABLES}/attributions/scan_id={scan_id}/part-{shard}.parquet"):
+            continue
+        offsets = ws.read_json(_scan_dir(scan_id), f"{shard}.members.json")
+        items = [Item(shard, r["key"], r["image_id"], r["uri"], *offsets[r["key"]]) for r in rows]
+        work += [(shard, tuple(items[i : i + chunk])) for i in range(0, len(items), chunk)]
+    return work
 
 
 def new_scan_id() -> str:

@@ -1,5 +1,6 @@
 """`lida scan` on real runners: hostile files, exactly-once after kill -9, local == dask, the index."""
 
+import json
 import os
 import shutil
 import signal
@@ -83,6 +84,14 @@ def test_hostile_files_each_get_one_row_and_the_scan_succeeds(workspace, hostile
     ok = {u for u, s, _ in rows if s == "ok"}
     assert {u for u, _ in attributed} == ok and all(c == 1 for _, c in attributed)
     assert r["status"] == {"ok": 8, "error": 4, "duplicate": 1}
+    # the recorded member offsets are where tarfile itself finds each member's bytes
+    import tarfile
+
+    for tar_path in (Path(workspace) / "shards" / "hostile").glob("*.tar"):
+        offsets = json.loads(tar_path.with_suffix(".members.json").read_text())
+        with tarfile.open(tar_path) as tar:
+            found = {m.name.split(".", 1)[0]: [m.offset_data, m.size] for m in tar.getmembers()}
+        assert found == offsets
     lineage = q(workspace, "select distinct model_version, index_version, fingerprint from {attributions} where scan_id='hostile'")
     assert len(lineage) == 1 and lineage[0][1].startswith("i") and lineage[0][2] == "b3-scale-full-crop128"
 
