@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--rss", action="store_true", help="sample the scan's peak memory")
+    parser.add_argument("--no-baseline", action="store_true", help="time and measure the scan only (large runs)")
     args = parser.parse_args(argv)
 
     import apache_beam as beam
@@ -102,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     scan_seconds, peak = timed_scan(ws, work / "inbox", "bench", args.rss)
     n = len(paths)
+    if args.no_baseline:
+        print(f"images {n}: lida scan {scan_seconds:.1f} s, {n / scan_seconds:.1f} img/s"
+              + (f", peak RSS (scan tree) {peak / 2**30:.2f} GiB" if args.rss else ""))
+        print(json.dumps({"images": n, "scan_img_s": n / scan_seconds, "peak_rss_bytes": peak or None}))
+        return 0
 
     # The bare forward pass of the same model on the same inputs (tiles and all), batch 32.
     loaded = load_model(Workspace(str(ws)))
