@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="files, folders (recursively), fsspec URLs")
     p.add_argument("--scan-id", help="re-running a scan id completes it; nothing is added twice")
 
-    for verb in ("attribute", "report", "query", "serve", "demo"):
+    p = verbs["query"]
+    p.add_argument("sql", metavar="SQL", help="views: images, embeddings, attributions, gallery")
+
+    for verb in ("attribute", "report", "serve", "demo"):
         verbs[verb].add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
@@ -242,9 +245,28 @@ def cmd_scan(args: argparse.Namespace) -> int:
                           f"predicted: {predicted}" + _errors_text(r["errors"]))
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from lida_core.query import run_query
+    from lida_core.workspace import Workspace
+
+    columns, rows = run_query(Workspace(args.workspace), args.sql)
+    records = [dict(zip(columns, row, strict=True)) for row in rows]
+    if args.json:
+        print(json.dumps(records, default=str))
+        return 0
+    cells = [[str(c) for c in columns]] + [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [min(60, max(len(r[i]) for r in cells)) for i in range(len(columns))]
+    for n, row in enumerate(cells):
+        print("  ".join(v[:60].ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"({len(rows)} rows)", file=sys.stderr)
+    return 0
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {verb: _not_yet(verb) for verb in VERBS}
 HANDLERS.update({"init": cmd_init, "pretrain": cmd_pretrain, "gallery": cmd_gallery, "adapt": cmd_adapt, "eval": cmd_eval,
-                 "reindex": cmd_reindex, "scan": cmd_scan})
+                 "reindex": cmd_reindex, "scan": cmd_scan, "query": cmd_query})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

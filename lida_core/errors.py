@@ -8,10 +8,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lida_core.decode import DecodeError
     from lida_core.inputs import InputError
     from lida_core.model import CheckpointError
+    from lida_core.query import QueryError
     from lida_core.workspace import WorkspaceError
     from schemas import SchemaError
 
-    errors: tuple[type[BaseException], ...] = (UserError, WorkspaceError, InputError, CheckpointError, DecodeError, SchemaError)
+    errors: tuple[type[BaseException], ...] = (UserError, WorkspaceError, InputError, CheckpointError, DecodeError, SchemaError,
+                                                   QueryError)
     try:
         from pipelines.runners import RunnerError
 

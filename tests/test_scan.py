@@ -176,3 +176,18 @@ def test_index_publication_is_atomic_and_refuses_other_models(workspace):
         current.search(query, 3, "v9999")
     sims, ids = current.search(query + 1 / np.sqrt(query.shape[1]), 3, current.model_version)
     assert sims.shape == (1, 3) and (ids >= 0).all()
+
+
+def test_query_reads_the_tables_as_views(workspace, hostile_dir, tmp_path):
+    run_lida(workspace, "scan", str(hostile_dir), "--scan-id", "for_query")
+    rows = json_out(run_lida(workspace, "query", "select status, count(*) as n from images where scan_id = 'for_query' "
+                                                 "group by status order by status"))
+    assert rows == [{"status": "duplicate", "n": 1}, {"status": "error", "n": 4}, {"status": "ok", "n": 8}]
+    joined = json_out(run_lida(workspace, "query", "select count(*) as n from attributions a join images i using (scan_id, uri) "
+                                                   "where scan_id = 'for_query' and i.status = 'ok'"))
+    assert joined == [{"n": 8}]
+    bad = run_lida(workspace, "query", "select nope from images", check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
+    fresh = tmp_path / "fresh"
+    run_lida(fresh, "init", "--profile", "small")
+    assert json_out(run_lida(fresh, "query", "select count(*) as n from attributions")) == [{"n": 0}]
