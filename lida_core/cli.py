@@ -19,7 +19,7 @@ VERBS: dict[str, tuple[str, int]] = {
     "adapt": ("few-shot attribution adaptation on the gallery", 3),
     "reindex": ("rebuild the FAISS attribution index", 4),
     "scan": ("the nightly job: shard, fingerprint, embed, attribute, write tables", 4),
-    "attribute": ("attribute a few images now, one JSON object per image", 5),
+    "attribute": ("attribute a few images now, one JSON object per image (exit 3 if any file failed)", 5),
     "eval": ("labelled evaluation: Rank-1, mAP, detection accuracy, confusion matrix", 3),
     "report": ("self-contained HTML report for a scan", 5),
     "query": ("DuckDB SQL over the workspace tables", 5),
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs["query"]
     p.add_argument("sql", metavar="SQL", help="views: images, embeddings, attributions, gallery")
 
-    for verb in ("attribute", "report", "serve", "demo"):
+    verbs["attribute"].add_argument("paths", nargs="+", metavar="FILE", help="images (files, folders, fsspec URLs)")
+
+    for verb in ("report", "serve", "demo"):
         verbs[verb].add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
@@ -245,6 +247,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
                           f"predicted: {predicted}" + _errors_text(r["errors"]))
 
 
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from lida_core.workspace import Workspace
+    from pipelines.gallery import attribute_files
+
+    results = attribute_files(Workspace(args.workspace), args.paths)
+    for result in results:
+        print(json.dumps(result, default=str))
+    return 0 if all("error" not in r for r in results) else 3
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from lida_core.query import run_query
     from lida_core.workspace import Workspace
@@ -266,7 +278,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {verb: _not_yet(verb) for verb in VERBS}
 HANDLERS.update({"init": cmd_init, "pretrain": cmd_pretrain, "gallery": cmd_gallery, "adapt": cmd_adapt, "eval": cmd_eval,
-                 "reindex": cmd_reindex, "scan": cmd_scan, "query": cmd_query})
+                 "reindex": cmd_reindex, "scan": cmd_scan, "query": cmd_query,
+                 "attribute": cmd_attribute})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

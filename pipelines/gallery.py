@@ -42,3 +42,40 @@ def add(ws: Workspace, source: str, paths: Sequence[str], progress=lifecycle._qu
     else:
         result["index"] = {"index_version": current.version, "count": len(current.image_ids), "incremental": True}
     return result
+
+
+def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
+    """`lida attribute`: decisions for a few files now, in this process (no Beam, no server)."""
+    from lida_core.decode import DecodeError, decode_image
+    from lida_core.inputs import list_inputs, read_input
+    from lida_core.training import Decider
+
+    config = ws.config()
+    loaded = lifecycle.load_model(ws)
+    index = gallery_index.open_index(ws)
+    if index is not None and index.model_version != loaded.version:
+        raise gallery_index.IndexMismatch(f"the published index is for model {index.model_version}, not {loaded.version}; "
+                                          "run 'lida reindex'")
+    base = loaded.decider
+    if base is None:
+        raise lifecycle.WorkspaceError("the current model has no real prototype yet: run 'lida pretrain' first")
+    decider = Decider(base.prototype, base.real_threshold, index.manifest.get("unknown_threshold") if index else None,
+                      config.decision, config.k, config.top_k)
+    results, good, pixels = [], [], []
+    for uri in [u for path in paths for u in list_inputs([path])]:  # in the order given
+        try:
+            pixels.append(decode_image(read_input(uri), uri).pixels)
+            good.append(len(results))
+            results.append({"uri": uri})
+        except (DecodeError, OSError) as exc:
+            results.append({"uri": uri, "error": getattr(exc, "reason", str(exc))})
+    if pixels:
+        emb = loaded.embed(pixels)
+        k = min(index.index.ntotal, max(config.k, config.top_k) * 8) if index else 0
+        sims, ids = index.search(emb, k, loaded.version) if k else (np.zeros((len(emb), 0)), np.zeros((len(emb), 0), int))
+        for row, position in enumerate(good):
+            labels = [index.sources[j] for j in ids[row] if j >= 0] if k else []
+            results[position].update(decider.decide_from_similarities(emb[row], sims[row][: len(labels)], labels))
+            results[position].update(model_version=loaded.version, index_version=index.version if index else "none",
+                                     fingerprint=config.fingerprint)
+    return results

@@ -191,3 +191,16 @@ def test_query_reads_the_tables_as_views(workspace, hostile_dir, tmp_path):
     fresh = tmp_path / "fresh"
     run_lida(fresh, "init", "--profile", "small")
     assert json_out(run_lida(fresh, "query", "select count(*) as n from attributions")) == [{"n": 0}]
+
+
+def test_attribute_answers_per_file_in_order(workspace, sample_dirs, tmp_path):
+    good = sorted((sample_dirs / "labelled" / "vae_ldm").glob("*.png"))[0]
+    (tmp_path / "bad.jpg").write_bytes(b"<html>")
+    result = run_lida(workspace, "attribute", str(good), str(tmp_path / "bad.jpg"), check=False)
+    assert result.returncode == 3
+    answers = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [Path(a["uri"]).name for a in answers] == [good.name, "bad.jpg"]
+    first = answers[0]
+    assert first["topk_sources"][0] == "vae_ldm" and first["top1_similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert first["predicted_source"] in {"real", "unknown", "vae_ldm", "tconv_gan"} and first["model_version"].startswith("v")
+    assert "not an image" in answers[1]["error"]
