@@ -25,7 +25,6 @@ import torch
 import schemas
 from lida_core import training
 from lida_core.decode import DecodeError, decode_image
-from lida_core.fingerprint import FingerprintSettings
 from lida_core.inputs import labelled_folders, list_inputs, read_input
 from lida_core.metrics import auroc, balanced_accuracy, confusion_matrix, per_source_table, retrieval_metrics
 from lida_core.model import (
@@ -383,20 +382,6 @@ def gallery_images(ws: Workspace, version: str) -> tuple[list[np.ndarray], list[
 # ---------------------------------------------------------------- decisions
 
 
-def gallery_decider(current: LoadedModel, embeddings: np.ndarray, sources: Sequence[str], config: WorkspaceConfig) -> training.Decider:
-    """The model's detection decider plus an open-set threshold calibrated on this gallery."""
-    base = current.decider
-    if base is None:
-        real = embeddings[np.asarray(sources) == training.REAL]
-        if len(real) == 0:
-            raise WorkspaceError("no real prototype yet: run 'lida pretrain' or add real images with 'lida gallery add --source real'")
-        prototype = training.real_prototype(real)
-        threshold = training.calibrate_real_threshold(training.leave_one_out_similarities(real, [training.REAL] * len(real)), config.target_fpr) if len(real) > 1 else -1.0
-        base = training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k)
-    unknown = training.calibrate_unknown_threshold(embeddings, sources, config.unknown_accept) if len(embeddings) else None
-    return training.Decider(base.prototype, base.real_threshold, unknown, config.decision, config.k, config.top_k)
-
-
 # ---------------------------------------------------------------- adaptation
 
 
@@ -570,7 +555,3 @@ def save_evaluation(ws: Workspace, result: dict) -> dict:
     ws.write_json(f"{rel}.json", result)
     ws.write_bytes(f"{rel}.md", evaluation_markdown(result).encode())
     return {"json": ws.uri(f"{rel}.json"), "markdown": ws.uri(f"{rel}.md")}
-
-
-def fingerprint_of(ws: Workspace) -> FingerprintSettings:
-    return FingerprintSettings.parse(ws.config().fingerprint)

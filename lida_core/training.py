@@ -61,11 +61,6 @@ def model_inputs(images: Sequence[np.ndarray], settings: FingerprintSettings, in
     raise ValueError(f"input kind must be 'fingerprint' or 'rgb', got {input_kind!r}")
 
 
-def training_settings(settings: FingerprintSettings) -> FingerprintSettings:
-    """Settings for training views: a crop of a full-image crop fit is the identity."""
-    return settings
-
-
 def tile_views(pixels: np.ndarray, size: int, tiles: int) -> list[np.ndarray]:
     """Up to `tiles` non-overlapping size x size tiles spread over the image (centre first).
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import io
 import json
 import os
 import re
@@ -306,12 +305,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def read_uri_bytes(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as handle:
-        return handle.read()
-
-
-def bytes_io(data: bytes) -> io.BytesIO:
-    return io.BytesIO(data)

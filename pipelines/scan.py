@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 import uuid
@@ -383,10 +382,6 @@ def summary(images: pa.Table, ws: Workspace, scan_id: str) -> dict:
     errors = [(r["uri"], r["error"]) for r in images.filter(pa.compute.equal(images["status"], "error")).to_pylist()]
     return {"scan_id": scan_id, "images": len(images), "status": statuses, "predicted": dict(sorted(predicted.items())),
             "errors": errors}
-
-
-def to_json(obj) -> str:
-    return json.dumps(obj, default=str)
 
 
 def run_scan(
