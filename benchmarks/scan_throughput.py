@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print("where the rest goes (measured alone, one process):")
     print(f"  decode              {decode_seconds:7.1f} s")
     print(f"  fingerprint + tiles {fingerprint_seconds:7.1f} s")
-    print(f"  empty Beam pipeline {beam_startup:7.1f} s  (x2 jobs per scan)")
+    print(f"  empty Beam pipeline {beam_startup:7.1f} s  (once per scan)")
     if args.rss:
         print(f"peak RSS (scan tree)  {peak / 2**30:.2f} GiB")
     print(json.dumps({"images": n, "scan_img_s": scan_rate, "forward_img_s": forward_rate, "ratio": scan_rate / forward_rate,
