@@ -408,7 +408,9 @@ def run_scan(
         todo = [(i, uris) for i, uris in shards if not ws.exists(f"{_scan_dir(scan_id)}/{shard_name(i)}.rows.parquet")]
         files = sum(len(u) for _, u in shards)
         say(f"scan {scan_id}: {files} files in {len(shards)} shards; {len(todo)} shards to write")
-        threads = 1 if runner in ("local", "dask") else max(1, os.cpu_count() or 1)  # one worker per core
+        # torch threads per worker: the cores shared out among the workers running side by side
+        workers = next((int(o.split("=", 1)[1]) for o in runner_options if o.startswith("workers=")), os.cpu_count() or 1)
+        threads = max(1, (os.cpu_count() or 1) // workers) if runner in ("local", "dask") else max(1, os.cpu_count() or 1)
         # One pipeline, so worker start-up is paid once: shards, then (after all of them are
         # committed) the images table, then embedding and attribution of what is not done.
         with pipeline_options(runner, runner_options) as options, beam.Pipeline(options=options) as pipeline:
