@@ -7,6 +7,7 @@ it, so a crash (even kill -9) leaves the current model untouched and usable.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import hashlib
@@ -334,8 +335,11 @@ def check_source_name(source: str) -> str:
     return source
 
 
-def gallery_add(ws: Workspace, source: str, paths: Sequence[str], progress: Progress = _quiet) -> dict:
-    """Register labelled images of one source; embedded now with the current model."""
+def gallery_add(ws: Workspace, source: str, paths: Sequence[str], progress: Progress = _quiet, lock: bool = True) -> dict:
+    """Register labelled images of one source; embedded now with the current model.
+
+    `lock=False` when the caller already holds the workspace lock (to update the index too).
+    """
     check_source_name(source)
     ws.require()
     uris = list_inputs(paths)
@@ -344,7 +348,7 @@ def gallery_add(ws: Workspace, source: str, paths: Sequence[str], progress: Prog
     decoded = decode_inputs(uris, progress, keep_bytes=True)
     if not decoded.pixels:
         raise WorkspaceError(f"none of the {len(uris)} files could be decoded (first: {decoded.errors[0][1]})")
-    with ws.lock("gallery add"):
+    with ws.lock("gallery add") if lock else contextlib.nullcontext():
         current = load_model(ws)
         existing = gallery_table(ws, current.version)
         known = set(zip(existing["image_id"].to_pylist(), existing["source"].to_pylist(), strict=True))

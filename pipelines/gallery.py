@@ -23,8 +23,17 @@ def reindex(ws: Workspace) -> dict:
 
 
 def add(ws: Workspace, source: str, paths: Sequence[str], progress=lifecycle._quiet) -> dict:
-    """`lida gallery add`: register, embed, and extend the index without a full rebuild."""
-    result = lifecycle.gallery_add(ws, source, paths, progress)
+    """`lida gallery add`: register, embed, and extend the index without a full rebuild.
+
+    One lock covers both, so two adds at once cannot each extend the same old index.
+    """
+    ws.require()
+    with ws.lock("gallery add"):
+        return _add_locked(ws, source, paths, progress)
+
+
+def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress) -> dict:
+    result = lifecycle.gallery_add(ws, source, paths, progress, lock=False)
     config = ws.config()
     current = gallery_index.open_index(ws)
     if current is None or current.model_version != result["model_version"]:

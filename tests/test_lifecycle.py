@@ -169,3 +169,21 @@ def test_eval_reports_and_saves_metrics(trained, sample_dirs):
     assert wrong.returncode == 2 and "takes fingerprint input" in wrong.stderr
     too_many = run_lida(trained, "eval", str(sample_dirs / "labelled"), "--shots", "6", check=False)
     assert too_many.returncode == 2 and "need more than --shots 6" in too_many.stderr
+
+
+def test_concurrent_gallery_adds_never_lose_index_entries(tmp_path, sample_dirs):
+    from pipelines.index import open_index
+
+    ws = tmp_path / "w"
+    run_lida(ws, "init", "--profile", "small")
+    processes = [
+        subprocess.Popen([LIDA, "--workspace", str(ws), "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for source in ("real", "tconv_gan")
+    ]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in processes]
+    for code, err in results:
+        assert code == 0 or (code == 2 and "is busy" in err), err  # the loser is told, in one line
+    listing = json_out(run_lida(ws, "gallery", "list"))
+    index = open_index(Workspace(str(ws)))
+    assert index.index.ntotal == listing["images"] == len(index.sources)
