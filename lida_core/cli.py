@@ -202,10 +202,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from lida_core.workspace import Workspace
     from pipelines.gallery import reindex
 
-    ws = Workspace(args.workspace)
-    r = adapt_version(ws, args.epochs, args.lr, args.seed, _Progress(args.json))
-    if r["promoted"]:
-        r["index"] = reindex(ws)
+    ws = Workspace(args.workspace).require()
+    with ws.lock("adapt"):  # one lock: no scan sees the new model before its index
+        r = adapt_version(ws, args.epochs, args.lr, args.seed, _Progress(args.json), lock=False)
+        if r["promoted"]:
+            r["index"] = reindex(ws)
     verdict = "promoted to current" if r["promoted"] else "NOT promoted (worse on held-out gallery images); current unchanged"
     return _emit(args, r, f"candidate {r['model_version']} (from {r['parent']}): held-out accuracy "
                           f"{r['holdout_accuracy_before']:.3f} -> {r['holdout_accuracy_after']:.3f}; {verdict}")

@@ -405,12 +405,16 @@ def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Wor
     return training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k)
 
 
-def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0, progress: Progress = _quiet) -> dict:
-    """Few-shot adaptation on the gallery -> candidate; promoted only if not worse on held-out images."""
+def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
+                  progress: Progress = _quiet, lock: bool = True) -> dict:
+    """Few-shot adaptation on the gallery -> candidate; promoted only if not worse on held-out images.
+
+    `lock=False` when the caller holds the workspace lock (to rebuild the index under it too).
+    """
     ws.require()
     config = ws.config()
     defaults = ADAPT_DEFAULTS.get(config.profile, ADAPT_DEFAULTS["small"])
-    with ws.lock("adapt"):
+    with ws.lock("adapt") if lock else contextlib.nullcontext():
         current = load_model(ws)
         images, sources, ids = gallery_images(ws, current.version)
         if training.REAL not in sources or len(set(sources)) < 2:
