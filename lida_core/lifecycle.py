@@ -116,9 +116,7 @@ def load_model(ws: Workspace, version: str | None = None) -> LoadedModel:
     config = ws.config()
     version = version or ws.require_model_version()
     meta = ws.model_meta(version)
-    data = ws.read_bytes("models", version, "model.pt")
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise WorkspaceError(f"model version {version}: weights do not match their recorded sha256")
+    data = ws.model_bytes(version)
     try:
         model, _ = load_checkpoint(ws.model_file(version), profile=config.profile, fingerprint=config.fingerprint, data=data)
     except CheckpointError as exc:
@@ -501,7 +499,6 @@ def evaluate(
         cfg = training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=defaults["lr"], seed=seed, input_kind=model.input_kind)
         result = training.adapt(model.model, gallery.pixels, g_src, cfg, progress=lambda e: progress("epoch", e))
         adapt_info = {"best_epoch": result.best_epoch, "holdout_accuracy": result.best_holdout_accuracy}
-        model.meta = {**model.meta, "calibration": current.meta.get("calibration")}
     g_emb = model.embed(gallery.pixels)
     q_emb = model.embed(queries.pixels)
     decider = _decider_for(model, ws, gallery.pixels, g_src, config) if adapt or current.decider is None else current.decider

@@ -222,11 +222,13 @@ class Workspace:
     def model_file(self, version: str) -> str:
         return self.uri(MODELS, version, "model.pt")
 
-    def verify_model(self, version: str) -> None:
+    def model_bytes(self, version: str) -> bytes:
+        """The version's weights, checked against the sha256 recorded when it was published."""
         meta = self.model_meta(version)
-        digest = hashlib.sha256(self.read_bytes(MODELS, version, "model.pt")).hexdigest()
-        if meta.get("sha256") != digest:
+        data = self.read_bytes(MODELS, version, "model.pt")
+        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
             raise WorkspaceError(f"model version {version}: weights do not match their recorded sha256")
+        return data
 
     # ------------------------------------------------------------ content-addressed blobs
 

@@ -40,9 +40,9 @@ def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress) -> d
         result["index"] = reindex(ws)
         return result
     table = lifecycle.gallery_table(ws, result["model_version"])
-    known = set(current.image_ids)
-    new = [i for i, image_id in enumerate(table["image_id"].to_pylist()) if image_id not in known or
-           (image_id, table["source"][i].as_py()) not in set(zip(current.image_ids, current.sources, strict=True))]
+    indexed = set(zip(current.image_ids, current.sources, strict=True))
+    rows = zip(table["image_id"].to_pylist(), table["source"].to_pylist(), strict=True)
+    new = [i for i, pair in enumerate(rows) if pair not in indexed]
     if new:
         vectors = np.asarray([table["embedding"][i].as_py() for i in new], dtype=np.float32)
         manifest = gallery_index.add_to_index(ws, current, [table["image_id"][i].as_py() for i in new],
@@ -57,19 +57,10 @@ def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
     """`lida attribute`: decisions for a few files now, in this process (no Beam, no server)."""
     from lida_core.decode import DecodeError, decode_image
     from lida_core.inputs import list_inputs, read_input
-    from lida_core.training import Decider
 
     config = ws.config()
     loaded = lifecycle.load_model(ws)
-    index = gallery_index.open_index(ws)
-    if index is not None and index.model_version != loaded.version:
-        raise gallery_index.IndexMismatch(f"the published index is for model {index.model_version}, not {loaded.version}; "
-                                          "run 'lida reindex'")
-    base = loaded.decider
-    if base is None:
-        raise lifecycle.WorkspaceError("the current model has no real prototype yet: run 'lida pretrain' first")
-    decider = Decider(base.prototype, base.real_threshold, index.manifest.get("unknown_threshold") if index else None,
-                      config.decision, config.k, config.top_k)
+    decider, index = gallery_index.query_decider(ws, loaded.version, loaded.meta, config)
     results, good, pixels = [], [], []
     for uri in [u for path in paths for u in list_inputs([path])]:  # in the order given
         try:

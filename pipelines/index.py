@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from lida_core.training import calibrate_unknown_threshold
-from lida_core.workspace import INDEXES, Workspace, WorkspaceError, utc_now
+from lida_core.training import Decider, calibrate_unknown_threshold
+from lida_core.workspace import INDEXES, Workspace, WorkspaceConfig, WorkspaceError, utc_now
 
 IVF_THRESHOLD = 200_000
 
@@ -167,3 +167,18 @@ def open_index(ws: Workspace, version: str | None = None) -> GalleryIndex | None
         raise WorkspaceError(f"index {version} is missing or incomplete") from None
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     return GalleryIndex(version, manifest, index, manifest["sources"], manifest["image_ids"])
+
+
+def query_decider(ws: Workspace, model_version: str, meta: dict, config: WorkspaceConfig) -> tuple[Decider, GalleryIndex | None]:
+    """What queries are decided with: the model's calibrated rule + the index's open-set threshold.
+
+    Refuses an index built for another model version, and a model with no real prototype yet.
+    """
+    index = open_index(ws)
+    if index is not None and index.model_version != model_version:
+        raise IndexMismatch(f"the published index is for model {index.model_version}, not {model_version}; run 'lida reindex'")
+    if not meta.get("decider"):
+        raise WorkspaceError("the current model has no real prototype yet: run 'lida pretrain' or 'lida adapt' first")
+    base = Decider.from_dict(meta["decider"])
+    unknown = index.manifest.get("unknown_threshold") if index else None
+    return Decider(base.prototype, base.real_threshold, unknown, config.decision, config.k, config.top_k), index

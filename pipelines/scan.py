@@ -258,26 +258,12 @@ class Attribute(beam.DoFn):
         self.workspace, self.scan_id, self.model_version = workspace, scan_id, model_version
 
     def setup(self) -> None:
-        from lida_core.lifecycle import load_model
-        from lida_core.training import Decider
-        from pipelines.index import open_index
+        from pipelines.index import query_decider
 
         self.ws = Workspace(self.workspace)
-        config = self.ws.config()
         meta = self.ws.model_meta(self.model_version)
         self.fingerprint = meta["fingerprint"]
-        self.index = open_index(self.ws)
-        if self.index is not None and self.index.model_version != self.model_version:
-            self.index = None  # refused below with a clear message
-            raise WorkspaceError(f"the published index is not for model {self.model_version}; run 'lida reindex'")
-        decider = meta.get("decider")
-        if decider is None:
-            decider = load_model(self.ws, self.model_version).decider
-        self.decider = Decider.from_dict(decider) if decider else None
-        if self.decider is None:
-            raise WorkspaceError("the current model has no real prototype yet: run 'lida pretrain' or 'lida adapt' first")
-        unknown = self.index.manifest.get("unknown_threshold") if self.index else None
-        self.decider = Decider(self.decider.prototype, self.decider.real_threshold, unknown, config.decision, config.k, config.top_k)
+        self.decider, self.index = query_decider(self.ws, self.model_version, meta, self.ws.config())
         self.index_version = self.index.version if self.index else "none"
 
     def process(self, element):
