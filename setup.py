@@ -33,5 +33,5 @@ setup(
     package_data={"schemas": ["*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": ["pytest>=8,<10", "pytest-timeout>=2.3", "ruff>=0.8"]},
-    entry_points={"console_scripts": ["lida=lida_core.cli:main"]},
+    entry_points={"console_scripts": ["lida=lida_core.cli:run"]},
 )

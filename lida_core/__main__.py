@@ -1,3 +1,3 @@
-from lida_core.cli import main
+from lida_core.cli import run
 
-raise SystemExit(main())
+run()

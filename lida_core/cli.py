@@ -315,6 +315,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The installed `lida` command: main(), then leave without running C++ static destructors.
+
+    Beam's in-process job service and torch's thread pools own native threads. Tearing them
+    down during interpreter exit sometimes aborts with "terminate called without an active
+    exception" (SIGABRT) after the work is done and published, which turns a good run into
+    exit code -6. Every lida write is atomic and already synced by the time main() returns,
+    so flushing our own streams and leaving with os._exit loses nothing.
+    """
+    import logging
+
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def _fail(args: argparse.Namespace, message: str) -> None:
     if args.json:
         print(json.dumps({"error": message}))

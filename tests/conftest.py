@@ -43,7 +43,8 @@ def run_lida(ws, *args, check=True, env=None, timeout=900):
     result = subprocess.run([LIDA, "--workspace", str(ws), "--json", *args], capture_output=True, text=True,
                             timeout=timeout, env=full_env)
     if check and result.returncode != 0:
-        raise AssertionError(f"lida {' '.join(args)} failed ({result.returncode}): {result.stderr[-3000:]}")
+        raise AssertionError(f"lida {' '.join(args)} failed ({result.returncode}):\n"
+                             f"stdout: {result.stdout[-1000:]}\nstderr: {result.stderr[-3000:]}")
     return result
 
 
