@@ -66,6 +66,7 @@ class WorkspaceConfig:
     top_k: int = 5
     inboxes: list[str] = field(default_factory=list)
     labelled_inbox: str | None = None
+    adapt_min_new: int = 20  # newly labelled images (of known sources) that trigger an adaptation run
     schedules: dict[str, str] = field(
         default_factory=lambda: {"scan": "0 2 * * *", "reindex": "0 3 * * 0", "adapt": "0 4 * * 0"}
     )
@@ -84,6 +85,12 @@ class WorkspaceConfig:
             raise WorkspaceError(f"config.json: {exc}") from None
         if not 0 < config.target_fpr < 1 or not 0 < config.unknown_accept <= 1:
             raise WorkspaceError("config.json: target_fpr and unknown_accept must lie in (0, 1)")
+        if not isinstance(config.inboxes, list) or not all(isinstance(i, str) for i in config.inboxes):
+            raise WorkspaceError("config.json: inboxes must be a list of paths or URLs")
+        if not isinstance(config.adapt_min_new, int) or config.adapt_min_new < 1:
+            raise WorkspaceError("config.json: adapt_min_new must be a positive integer")
+        if not isinstance(config.schedules, dict) or set(config.schedules) - {"scan", "reindex", "adapt"}:
+            raise WorkspaceError("config.json: schedules maps scan, reindex and adapt to cron strings")
         if config.decision not in ("knn", "centroid"):
             raise WorkspaceError("config.json: decision must be 'knn' or 'centroid'")
         return config
@@ -307,3 +314,38 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+FIXED_SETTINGS = ("profile", "fingerprint", "created_at")  # chosen at init: the models depend on them
+
+
+def set_config_value(ws: Workspace, key: str, values: list[str]) -> WorkspaceConfig:
+    """`lida config KEY VALUE...`: one setting, checked like config.json itself, saved under the lock."""
+    with ws.lock("config"):
+        data = asdict(ws.config())
+        head, _, tail = key.partition(".")
+        if head not in data:
+            raise WorkspaceError(f"no setting {key!r}; settings: {', '.join(sorted(data))}")
+        if head in FIXED_SETTINGS:
+            raise WorkspaceError(f"{head} is fixed when the workspace is made (the models depend on it)")
+        current = data[head]
+        if tail:
+            if not isinstance(current, dict) or len(values) != 1:
+                raise WorkspaceError(f"{key}: expected one value for an entry of {head}")
+            data[head] = {**current, tail: values[0]}
+        elif isinstance(current, list) or head == "inboxes":
+            data[head] = [] if values == ["none"] else list(values)
+        elif len(values) != 1:
+            raise WorkspaceError(f"{key} takes one value")
+        elif head == "labelled_inbox":
+            data[head] = None if values[0] == "none" else values[0]
+        else:
+            kind = type(current)
+            try:
+                data[head] = kind(values[0]) if kind is not dict else json.loads(values[0])
+            except ValueError:
+                noun = {"int": "an integer", "float": "a number"}.get(kind.__name__, kind.__name__)
+                raise WorkspaceError(f"{key}: {values[0]!r} is not {noun}") from None
+        config = WorkspaceConfig.from_dict(data)
+        ws.save_config(config)
+    return config

@@ -79,3 +79,14 @@ def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
             results[position].update(model_version=loaded.version, index_version=index.version if index else "none",
                                      fingerprint=config.fingerprint)
     return results
+
+
+def adapt_and_reindex(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
+                      progress=lifecycle._quiet) -> dict:
+    """`lida adapt`: one lock over adaptation and the index rebuild, so no scan sees the new model before its index."""
+    ws.require()
+    with ws.lock("adapt"):
+        result = lifecycle.adapt_version(ws, epochs, lr, seed, progress, lock=False)
+        if result["promoted"]:
+            result["index"] = reindex(ws)
+    return result

@@ -412,4 +412,23 @@ def run_scan(
         say(f"scan {scan_id}: done")
         result = summary(images, ws, scan_id)
         result["model_version"] = model_version
+        # Written last: a scan without it was interrupted and is resumed by its id.
+        ws.write_json(f"{_scan_dir(scan_id)}/done.json", {**result, "finished_at": utc_now().isoformat()})
         return result
+
+
+def scan_ids(ws: Workspace) -> dict[str, bool]:
+    """Every scan id with a plan, and whether it finished (images, embeddings and attributions written)."""
+    root = ws.path(SHARDS)
+    if not ws.fs.exists(root):
+        return {}
+    found = {}
+    for path in sorted(ws.fs.ls(root, detail=False)):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if ws.exists(f"{SHARDS}/{name}/plan.json"):
+            found[name] = ws.exists(f"{SHARDS}/{name}/done.json")
+    return found
+
+
+def planned_uris(ws: Workspace, scan_id: str) -> list[str]:
+    return [u for shard in ws.read_json(f"{_scan_dir(scan_id)}/plan.json")["shards"] for u in shard]

@@ -1,0 +1,97 @@
+"""What the flows share: offline Prefect settings, content hashes of inbox files, known image ids.
+
+"New since the last successful run" is decided by content: a file whose sha256 is already in a
+finished scan's `images` table (or in the gallery) is not redone, wherever it lies now. Hashing
+means reading every inbox file, so hashes are cached per workspace by (URI, size, modification
+stamp): a file that has not changed is not read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Callable, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lida_core.workspace import TABLES, Workspace
+
+HASH_CACHE = "runs/flows/hashes.parquet"
+# Seconds between task retries (a busy workspace, a flaky store); tests set LIDA_RETRY_DELAY_S=0.
+RETRY_DELAY_S = float(os.environ.get("LIDA_RETRY_DELAY_S", "30"))
+
+
+def offline_prefect() -> None:
+    """No analytics, no telemetry, and time for a temporary local server to start on a slow machine."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def _stamp(info: dict) -> str:
+    for key in ("mtime", "LastModified", "updated", "ETag", "etag", "md5Hash", "last_modified"):
+        if info.get(key) is not None:
+            return f"{key}={info[key]}"
+    return ""
+
+
+def content_hashes(ws: Workspace, uris: Iterable[str], progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+    """URI -> sha256 of its bytes (the image_id), reading only files whose size or stamp changed."""
+    uris = list(uris)
+    cached: dict[str, tuple[int, str, str]] = {}
+    if ws.exists(HASH_CACHE):
+        table = pq.read_table(io.BytesIO(ws.read_bytes(HASH_CACHE)))
+        for uri, size, stamp, image_id in zip(*(table[c].to_pylist() for c in ("uri", "size", "stamp", "image_id")), strict=True):
+            cached[uri] = (size, stamp, image_id)
+    out: dict[str, str] = {}
+    fresh: dict[str, tuple[int, str, str]] = {}
+    for n, uri in enumerate(uris, 1):
+        fs, path = fsspec.core.url_to_fs(uri)
+        try:
+            info = fs.info(path)
+        except (FileNotFoundError, OSError):
+            continue  # gone since it was listed: the next run sees it if it comes back
+        size, stamp = int(info.get("size") or 0), _stamp(info)
+        hit = cached.get(uri)
+        if hit and stamp and hit[0] == size and hit[1] == stamp:
+            out[uri] = hit[2]
+        else:
+            digest = hashlib.sha256()
+            try:
+                with fs.open(path, "rb") as handle:
+                    for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                        digest.update(block)
+            except (FileNotFoundError, OSError):
+                continue
+            out[uri] = digest.hexdigest()
+        fresh[uri] = (size, stamp, out[uri])
+        if progress and (n % 500 == 0 or n == len(uris)):
+            progress(n, len(uris))
+    if fresh and any(cached.get(u) != v for u, v in fresh.items()):
+        merged = {**cached, **fresh}
+        names = sorted(merged)
+        table = pa.table({"uri": names, "size": [merged[u][0] for u in names], "stamp": [merged[u][1] for u in names],
+                          "image_id": [merged[u][2] for u in names]})
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        ws.write_bytes(HASH_CACHE, sink.getvalue())
+    return out
+
+
+def table_image_ids(ws: Workspace, table: str, partitions: Iterable[str] | None = None) -> set[str]:
+    """image_id values of a workspace table, from all partitions or the named `key=value` ones."""
+    root = ws.path(TABLES, table)
+    if not ws.fs.exists(root):
+        return set()
+    folders = [ws.path(TABLES, table, p) for p in partitions] if partitions is not None else [root]
+    ids: set[str] = set()
+    for folder in folders:
+        if not ws.fs.exists(folder):
+            continue
+        for path in sorted(p for p in ws.fs.find(folder) if p.endswith(".parquet")):
+            with ws.fs.open(path, "rb") as handle:
+                ids.update(pq.read_table(handle, columns=["image_id"])["image_id"].to_pylist())
+    return ids
