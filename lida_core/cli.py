@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# verb -> (help, issue that delivers it); verbs appear in the contract's order.
+# verb -> (help, issue that delivered it); the contract's verbs in its order, then lida's additions.
 VERBS: dict[str, tuple[str, int]] = {
     "init": ("create the workspace and model version 0", 3),
     "pretrain": ("unsupervised pre-training on real images only", 3),
@@ -25,6 +25,8 @@ VERBS: dict[str, tuple[str, int]] = {
     "query": ("DuckDB SQL over the workspace tables", 5),
     "serve": ("register and serve the Prefect deployments on their schedules", 5),
     "demo": ("the main job on bundled sample data in a fresh workspace", 5),
+    "flow": ("run one Prefect flow now, no server needed: nightly (scan the inboxes), reindex, adapt", 5),
+    "config": ("show or change workspace settings (inboxes, labelled_inbox, schedules, thresholds)", 5),
 }
 
 
@@ -93,16 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     verbs["attribute"].add_argument("paths", nargs="+", metavar="FILE", help="images (files, folders, fsspec URLs)")
 
-    for verb in ("report", "serve", "demo"):
-        verbs[verb].add_argument("args", nargs=argparse.REMAINDER)
+    p = verbs["report"]
+    p.add_argument("--scan-id", help="default: the latest finished scan")
+    p.add_argument("--output", metavar="FILE", help="default: WORKSPACE/reports/<scan id>.html")
+
+    p = verbs["demo"]
+    p.add_argument("--dir", default="lida-demo", help="the demo folder, deleted and remade each run (default ./lida-demo)")
+    p.add_argument("--pretrain-epochs", type=int, default=3)
+    p.add_argument("--adapt-epochs", type=int, default=40)
+
+    p = verbs["flow"]
+    p.add_argument("name", choices=("nightly", "reindex", "adapt"))
+    p.add_argument("--epochs", type=int, help="adapt: adaptation epochs")
+    p.add_argument("--force", action="store_true", help="adapt: run on any new labelled image")
+
+    p = verbs["config"]
+    p.add_argument("key", nargs="?", help="a setting; schedules.scan etc. for one schedule")
+    p.add_argument("values", nargs="*", help="new value(s); lists take several, 'none' clears an optional one")
     return parser
-
-
-def _not_yet(verb: str) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        raise UserError(f"'lida {verb}' is not available in this version yet (issue #{VERBS[verb][1]})")
-
-    return run
 
 
 class _Progress:
@@ -198,15 +208,10 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from lida_core.lifecycle import adapt_version
     from lida_core.workspace import Workspace
-    from pipelines.gallery import reindex
+    from pipelines.gallery import adapt_and_reindex
 
-    ws = Workspace(args.workspace).require()
-    with ws.lock("adapt"):  # one lock: no scan sees the new model before its index
-        r = adapt_version(ws, args.epochs, args.lr, args.seed, _Progress(args.json), lock=False)
-        if r["promoted"]:
-            r["index"] = reindex(ws)
+    r = adapt_and_reindex(Workspace(args.workspace), args.epochs, args.lr, args.seed, _Progress(args.json))
     verdict = "promoted to current" if r["promoted"] else "NOT promoted (worse on held-out gallery images); current unchanged"
     return _emit(args, r, f"candidate {r['model_version']} (from {r['parent']}): held-out accuracy "
                           f"{r['holdout_accuracy_before']:.3f} -> {r['holdout_accuracy_after']:.3f}; {verdict}")
@@ -277,10 +282,84 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {verb: _not_yet(verb) for verb in VERBS}
-HANDLERS.update({"init": cmd_init, "pretrain": cmd_pretrain, "gallery": cmd_gallery, "adapt": cmd_adapt, "eval": cmd_eval,
+def cmd_report(args: argparse.Namespace) -> int:
+    from lida_core.report import write_report
+    from lida_core.workspace import Workspace
+
+    r = write_report(Workspace(args.workspace), args.scan_id, args.output)
+    return _emit(args, r, f"report for scan {r['scan_id']}: {r['report']} ({r['bytes'] // 1024} KiB; "
+                          f"{r['files']} files, {r['generated']} judged generated)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    r = run_demo(args.dir, say, args.pretrain_epochs, args.adapt_epochs, runner=args.runner,
+                 runner_options=args.runner_option)
+    status = ", ".join(f"{k} {v}" for k, v in sorted(r["scan"]["status"].items()))
+    return _emit(args, r, "\n".join([
+        f"demo done in {r['seconds']:.0f} s: model {r['adapted_model']} ({'promoted' if r['promoted'] else 'not promoted'}), "
+        f"scan 'demo': {r['scan']['images']} files ({status}), "
+        f"{r['attribution_accuracy_on_inbox']:.0%} attributed to their true source",
+        f"  workspace: {r['workspace']}",
+        f"  tables:    {r['tables']}/<images|embeddings|attributions|gallery>/",
+        f"  report:    {r['report']}",
+        "  try:", f"    {r['query_example']}"]))
+
+
+def cmd_flow(args: argparse.Namespace) -> int:
+    import logging
+
+    from lida_core.workspace import Workspace
+
+    logging.getLogger("prefect").setLevel(logging.INFO if not args.json else logging.WARNING)
+    ws = Workspace(args.workspace).require()
+    device = "cuda" if args.device == "cuda" else "cpu"
+    if args.name == "nightly":
+        from flows.nightly import run_nightly
+
+        r = run_nightly(ws.url, runner=args.runner, runner_options=args.runner_option, device=device)
+        return _emit(args, r, f"nightly: {r['new_files']} new files, {r['already_scanned']} already scanned; report {r['report']}")
+    if args.name == "reindex":
+        from flows.reindex import run_reindex
+
+        r = run_reindex(ws.url)
+        return _emit(args, r, f"index {r['index_version']}: {r['count']} vectors of model {r['model_version']}")
+    from flows.adapt import run_adaptation
+
+    r = run_adaptation(ws.url, epochs=args.epochs, force=args.force)
+    return _emit(args, r, r["report"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+    from lida_core.workspace import Workspace
+
+    serve(Workspace(args.workspace), args.runner, args.runner_option, "cuda" if args.device == "cuda" else "cpu")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from lida_core.workspace import Workspace, set_config_value
+
+    ws = Workspace(args.workspace)
+    if args.key and args.values:
+        set_config_value(ws, args.key, args.values)
+    config = __import__("dataclasses").asdict(ws.config())
+    if args.key:
+        head, _, tail = args.key.partition(".")
+        if head not in config or (tail and tail not in (config[head] or {})):
+            raise UserError(f"no setting {args.key!r}; settings: {', '.join(sorted(config))}")
+        value = config[head][tail] if tail else config[head]
+        return _emit(args, {args.key: value}, json.dumps(value))
+    return _emit(args, config, json.dumps(config, indent=2))
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"init": cmd_init, "pretrain": cmd_pretrain, "gallery": cmd_gallery, "adapt": cmd_adapt, "eval": cmd_eval,
                  "reindex": cmd_reindex, "scan": cmd_scan, "query": cmd_query,
-                 "attribute": cmd_attribute})
+                 "attribute": cmd_attribute, "report": cmd_report, "demo": cmd_demo, "flow": cmd_flow,
+                 "serve": cmd_serve, "config": cmd_config}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

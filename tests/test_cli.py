@@ -20,13 +20,32 @@ def test_help_lists_every_contract_verb():
         assert verb in result.stdout
 
 
-def test_unfinished_verbs_fail_in_one_line_never_fake_success():
-    result = run("demo")
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = run("demo", "--dir", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("lida: error:")
-    as_json = run("--json", "demo")
+    assert result.stderr.startswith("lida: error:") and "not a lida demo folder" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    as_json = run("--json", "demo", "--dir", str(tmp_path))
     assert as_json.returncode == 2 and "error" in json.loads(as_json.stdout)
+
+
+def test_config_shows_sets_and_checks(tmp_path):
+    ws = str(tmp_path / "ws")
+    assert run("--workspace", ws, "config").returncode == 2  # no workspace yet: one line
+    assert run("--workspace", ws, "init", "--profile", "small").returncode == 0
+    assert run("--workspace", ws, "config", "inboxes", "/data/a", "s3://bucket/b").returncode == 0
+    assert json.loads(run("--workspace", ws, "--json", "config", "inboxes").stdout) == {"inboxes": ["/data/a", "s3://bucket/b"]}
+    assert run("--workspace", ws, "config", "schedules.scan", "15 1 * * *").returncode == 0
+    assert json.loads(run("--workspace", ws, "--json", "config").stdout)["schedules"]["scan"] == "15 1 * * *"
+    assert run("--workspace", ws, "config", "adapt_min_new", "5").returncode == 0
+    for bad, reason in ((("target_fpr", "2"), "must lie in (0, 1)"), (("adapt_min_new", "many"), "is not an integer"),
+                        (("fingerprint", "b3-binary-full"), "fixed when the workspace is made"),
+                        (("nonsense", "1"), "no setting 'nonsense'")):
+        result = run("--workspace", ws, "config", *bad)
+        assert result.returncode == 2 and reason in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert json.loads(run("--workspace", ws, "--json", "config", "target_fpr").stdout) == {"target_fpr": 0.05}
 
 
 def test_module_entry_point_and_workspace_env():
