@@ -294,6 +294,53 @@ def fingerprint_file_bytes(data: bytes, settings: FingerprintSettings, name: str
     return fingerprint_bits(decoded.pixels, settings), decoded
 
 
+def prepare_low_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.ndarray:
+    """CPU half: the kept low bits (`x & mask`, uint8) of the region the fingerprint reads."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected H x W x 3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    top, left, h, w = patch_box(pixels, settings)
+    kept = np.bitwise_and(pixels[top : top + h, left : left + w], settings.mask)
+    if settings.fit == "crop":
+        rows, cols = crop_indices(kept.shape[0], settings.size), crop_indices(kept.shape[1], settings.size)
+        kept = kept[rows[:, None], cols[None, :]]
+    return np.ascontiguousarray(kept)
+
+
+
+def tile_views(pixels: np.ndarray, size: int, tiles: int) -> list[np.ndarray]:
+    """Up to `tiles` non-overlapping size x size tiles spread over the image (centre first).
+
+    More tiles read more of an image's noise; with tiles=1 this is the fingerprint's own
+    centre crop. Tiles only apply to crop-fit settings (a resize fit reads the whole image).
+    """
+    height, width = pixels.shape[:2]
+    rows, cols = max(1, height // size), max(1, width // size)
+    if tiles <= 1 or rows * cols == 1:
+        return [pixels]
+    ys = np.linspace(0, height - size, rows).round().astype(int)
+    xs = np.linspace(0, width - size, cols).round().astype(int)
+    grid = [(y, x) for y in ys for x in xs]
+    centre = np.array([(height - size) / 2, (width - size) / 2])
+    grid.sort(key=lambda p: float(np.abs(np.array(p) - centre).sum()))
+    return [np.ascontiguousarray(pixels[y : y + size, x : x + size]) for y, x in grid[:tiles]]
+
+
+def load_tile_bits(job: tuple[int, str, str, int, int]) -> tuple[int, list[np.ndarray] | str]:
+    """A decode worker's job (index, uri, settings, input size, tiles) -> (index, kept bits per tile, or the error).
+
+    Light on purpose (numpy and Pillow, no torch), so process pools start fast.
+    """
+    from lida_core.inputs import read_input
+
+    index, uri, settings_text, size, tiles = job
+    settings = FingerprintSettings.parse(settings_text)
+    try:
+        pixels = decode_image(read_input(uri), uri).pixels
+    except (DecodeError, OSError) as exc:
+        return index, str(exc)
+    return index, [prepare_low_bits(tile, settings) for tile in tile_views(pixels, size, tiles)]
+
+
 # ---------------------------------------------------------------- torch (batched) path
 
 

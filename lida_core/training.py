@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lida_core.fingerprint import FingerprintSettings, fingerprint_bits, fit_to_size, to_model_input
+from lida_core.fingerprint import FingerprintSettings, fingerprint_bits, fit_to_size, tile_views, to_model_input
 from lida_core.losses import LidaLoss
 from lida_core.model import Embedder
 
@@ -59,24 +59,6 @@ def model_inputs(images: Sequence[np.ndarray], settings: FingerprintSettings, in
     if input_kind == "rgb":
         return to_model_input(np.stack([np.ascontiguousarray(fit_to_size(image, settings)) for image in images]))
     raise ValueError(f"input kind must be 'fingerprint' or 'rgb', got {input_kind!r}")
-
-
-def tile_views(pixels: np.ndarray, size: int, tiles: int) -> list[np.ndarray]:
-    """Up to `tiles` non-overlapping size x size tiles spread over the image (centre first).
-
-    More tiles read more of an image's noise; with tiles=1 this is the fingerprint's own
-    centre crop. Tiles only apply to crop-fit settings (a resize fit reads the whole image).
-    """
-    height, width = pixels.shape[:2]
-    rows, cols = max(1, height // size), max(1, width // size)
-    if tiles <= 1 or rows * cols == 1:
-        return [pixels]
-    ys = np.linspace(0, height - size, rows).round().astype(int)
-    xs = np.linspace(0, width - size, cols).round().astype(int)
-    grid = [(y, x) for y in ys for x in xs]
-    centre = np.array([(height - size) / 2, (width - size) / 2])
-    grid.sort(key=lambda p: float(np.abs(np.array(p) - centre).sum()))
-    return [np.ascontiguousarray(pixels[y : y + size, x : x + size]) for y, x in grid[:tiles]]
 
 
 @torch.no_grad()

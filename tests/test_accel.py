@@ -1,0 +1,105 @@
+"""The accelerated embed path on CPU tensors: the CPU/device fingerprint split is bit-identical,
+DeviceEmbedder matches training.embed, and exact_topk finds FAISS's neighbours."""
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from test_fingerprint import ALL_SETTINGS
+
+from lida_core import accel, training
+from lida_core.fingerprint import FingerprintSettings, fingerprint_bits
+from lida_core.model import Embedder, build_model, get_profile
+
+
+def _images(seed, sizes=((37, 53), (256, 256), (300, 171), (16, 400), (129, 128))):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=str)
+def test_cpu_half_then_device_half_equals_the_fingerprint(settings):
+    for image in _images(1):
+        kept = torch.from_numpy(accel.prepare(image, settings))[None]
+        out = accel.finish(kept, settings)[0].numpy()
+        np.testing.assert_array_equal(out, fingerprint_bits(image, settings))
+
+
+def test_cpu_half_sends_only_low_bits():
+    settings = FingerprintSettings(bits=3, fit="crop", size=128)
+    kept = accel.prepare(_images(2)[2], settings)
+    assert kept.dtype == np.uint8 and kept.shape == (128, 128, 3) and kept.max() <= 7
+
+
+@pytest.mark.parametrize("fingerprint", [None, FingerprintSettings(bits=3, mode="binary", fit="resize", size=128)],
+                         ids=["small-crop-tiles", "small-resize-binary"])
+def test_device_embedder_matches_training_embed(fingerprint):
+    torch.manual_seed(0)
+    model = Embedder(get_profile("small"), fingerprint)
+    images = _images(3) + _images(4)
+    expected = training.embed(model, images)
+    fast = accel.DeviceEmbedder(model, "cpu", batch_size=3)  # small batches: several per size group
+    np.testing.assert_allclose(fast.embed(images), expected, atol=2e-5)
+
+
+def test_device_embedder_surfaces_cpu_side_errors():
+    model = build_model("small")
+    with pytest.raises(ValueError):
+        accel.DeviceEmbedder(model, "cpu").embed([np.zeros((40, 40), np.uint8)])
+
+
+def test_exact_topk_finds_the_faiss_flat_neighbours():
+    rng = np.random.default_rng(5)
+    gallery = rng.normal(size=(1000, 64)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = rng.normal(size=(37, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(64)
+    index.add(gallery)
+    want_s, want_i = index.search(queries, 10)
+    got_s, got_i = accel.exact_topk(queries, gallery, 10, "cpu", chunk=96)  # chunks that do not divide 1000
+    np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+    np.testing.assert_array_equal(got_i, want_i)
+    small_s, small_i = accel.exact_topk(queries, gallery[:4], 10, "cpu")
+    assert small_s.shape == (37, 4) and set(small_i[0]) == {0, 1, 2, 3}
+
+
+def test_gallery_index_exact_search_agrees_with_faiss(tmp_path):
+    from lida_core.workspace import Workspace
+    from pipelines import index as gallery_index
+
+    ws = Workspace(str(tmp_path / "ws"))
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(300, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"{i:064x}" for i in range(300)]
+    sources = [["real", "a", "b"][i % 3] for i in range(300)]
+    gallery_index.build_index(ws, "v0001", "b3-scale-full-crop128", ids, sources, vectors, 0.95)
+    plain = gallery_index.open_index(ws)
+    exact = gallery_index.open_index(ws)
+    exact.exact_device = "cpu"
+    queries = vectors[:20] + 0.05 * rng.normal(size=(20, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    want_s, want_i = plain.search(queries, 7, "v0001")
+    got_s, got_i = exact.search(queries, 7, "v0001")
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+
+
+def test_embed_files_decodes_in_worker_processes(tmp_path):
+    from PIL import Image
+
+    torch.manual_seed(1)
+    model = build_model("small")
+    images = _images(8, sizes=((130, 140), (256, 300), (90, 90)))
+    paths = []
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths.insert(1, str(tmp_path / "bad.png"))
+    fast = accel.DeviceEmbedder(model, "cpu", batch_size=2)
+    emb, errors = fast.embed_files(paths, workers=2)
+    assert list(errors) == [1] and "bad.png" in errors[1]
+    np.testing.assert_allclose(emb[[0, 2, 3]], training.embed(model, images), atol=2e-5)
+    assert not emb[1].any()
