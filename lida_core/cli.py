@@ -152,6 +152,19 @@ class _Progress:
             self.bar = None
 
 
+def _device(args: argparse.Namespace) -> str:
+    """--device auto takes CUDA when torch sees a GPU; cuda without one is a user error."""
+    if args.device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if args.device == "cuda":
+        raise UserError("--device cuda: torch sees no CUDA device on this machine")
+    return "cpu"
+
+
 def _emit(args: argparse.Namespace, result: dict, text: str) -> int:
     if args.json:
         print(json.dumps(result, default=str))
@@ -244,7 +257,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from lida_core.workspace import Workspace
     from pipelines.scan import run_scan
 
-    device = "cuda" if args.device == "cuda" else "cpu"
+    device = _device(args)
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     r = run_scan(Workspace(args.workspace), args.paths, args.scan_id, args.runner, args.runner_option, device, say)
     status = ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items()))
@@ -315,7 +328,7 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
     logging.getLogger("prefect").setLevel(logging.INFO if not args.json else logging.WARNING)
     ws = Workspace(args.workspace).require()
-    device = "cuda" if args.device == "cuda" else "cpu"
+    device = _device(args)
     if args.name == "nightly":
         from flows.nightly import run_nightly
 
@@ -336,7 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import serve
     from lida_core.workspace import Workspace
 
-    serve(Workspace(args.workspace), args.runner, args.runner_option, "cuda" if args.device == "cuda" else "cpu")
+    serve(Workspace(args.workspace), args.runner, args.runner_option, _device(args))
     return 0
 
 

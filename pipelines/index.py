@@ -40,6 +40,9 @@ class GalleryIndex:
     index: faiss.Index
     sources: list[str]
     image_ids: list[str]
+    # "cuda" (or "cpu", for tests): search exactly with lida_core.accel.exact_topk instead of FAISS
+    exact_device: str | None = None
+    _exact: tuple | None = None
 
     @property
     def model_version(self) -> str:
@@ -56,7 +59,19 @@ class GalleryIndex:
         k = min(k, self.index.ntotal)
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        flat = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap2) else None
+        if self.exact_device and isinstance(flat, faiss.IndexFlat):
+            import torch
+
+            from lida_core.accel import exact_topk
+
+            if self._exact is None:  # the gallery moved to the device once per index
+                vectors = torch.from_numpy(flat.reconstruct_n(0, flat.ntotal)).to(self.exact_device)
+                self._exact = (vectors, faiss.vector_to_array(self.index.id_map))
+            sims, rows = exact_topk(queries, self._exact[0], k, self.exact_device)
+            return sims, self._exact[1][rows]
+        return self.index.search(queries, k)
 
 
 def _build_faiss(vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:

@@ -229,10 +229,15 @@ class EmbedderHandler(ModelHandler):
     def load_model(self):
         import torch
 
+        from lida_core.accel import DeviceEmbedder
         from lida_core.lifecycle import load_model
 
         torch.set_num_threads(self.threads)
-        return load_model(Workspace(self.workspace), self.model_version)
+        loaded = load_model(Workspace(self.workspace), self.model_version)
+        if loaded.input_kind != "fingerprint":  # the RGB ablation keeps the plain path
+            return loaded
+        # CPU: low bits of the decoded pixels; device: the rest of the fingerprint and the model.
+        return DeviceEmbedder(loaded.model, self.device, batch_size=None if self.device == "cuda" else self.batch_size)
 
     def run_inference(self, batch, model, inference_args=None):
         """Used without Beam's batching: `batch` is one chunk (items, decoded images) -> [(items, embeddings)].
@@ -242,8 +247,11 @@ class EmbedderHandler(ModelHandler):
         keep the batch size explicit without it.
         """
         from lida_core import training
+        from lida_core.accel import DeviceEmbedder
 
         items, pixels = batch
+        if isinstance(model, DeviceEmbedder):
+            return [(items, model.embed(list(pixels)))]
         return [(items, training.embed(model.model, list(pixels), batch_size=self.batch_size, input_kind=model.input_kind,
                                        device=self.device))]
 
@@ -254,8 +262,8 @@ class EmbedderHandler(ModelHandler):
 class Attribute(beam.DoFn):
     """(shard, [(Item, embedding)]) -> embeddings + attributions rows of the shard, written out."""
 
-    def __init__(self, workspace: str, scan_id: str, model_version: str):
-        self.workspace, self.scan_id, self.model_version = workspace, scan_id, model_version
+    def __init__(self, workspace: str, scan_id: str, model_version: str, device: str = "cpu"):
+        self.workspace, self.scan_id, self.model_version, self.device = workspace, scan_id, model_version, device
 
     def setup(self) -> None:
         from pipelines.index import query_decider
@@ -264,6 +272,8 @@ class Attribute(beam.DoFn):
         meta = self.ws.model_meta(self.model_version)
         self.fingerprint = meta["fingerprint"]
         self.decider, self.index = query_decider(self.ws, self.model_version, meta, self.ws.config())
+        if self.index is not None and self.device == "cuda":
+            self.index.exact_device = "cuda"  # exact matmul + top-k on the GPU; FAISS on CPU otherwise
         self.index_version = self.index.version if self.index else "none"
 
     def process(self, element):
@@ -319,7 +329,7 @@ class EmbedAndAttribute(beam.PTransform):
             | "Embed" >> RunInference(handler)
             | "PerImage" >> beam.FlatMap(lambda kv: [(item.shard, (item, vector)) for item, vector in zip(kv[0], kv[1], strict=True)])
             | "GroupShard" >> beam.GroupByKey()
-            | "Attribute" >> beam.ParDo(Attribute(self.workspace, self.scan_id, self.model_version))
+            | "Attribute" >> beam.ParDo(Attribute(self.workspace, self.scan_id, self.model_version, self.device))
         )
 
 
