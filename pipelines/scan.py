@@ -409,7 +409,7 @@ def run_scan(
         threads = max(1, (os.cpu_count() or 1) // workers) if runner in ("local", "dask") else max(1, os.cpu_count() or 1)
         # One pipeline, so worker start-up is paid once: shards, then (after all of them are
         # committed) the images table, then embedding and attribution of what is not done.
-        with pipeline_options(runner, runner_options) as options, beam.Pipeline(options=options) as pipeline:
+        with pipeline_options(runner, runner_options, files=files) as options, beam.Pipeline(options=options) as pipeline:
             written = pipeline | "Shard" >> Shard(ws.url, scan_id, todo)
             work = (
                 written

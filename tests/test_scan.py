@@ -135,15 +135,18 @@ def test_kill_during_a_scan_then_rerun_is_exactly_once(workspace, sample_dirs, t
 
 @pytest.mark.slow
 def test_local_and_dask_runners_agree(workspace, sample_dirs):
+    """Threads (the default on few cores), worker processes and Dask give the same attributions."""
     inbox = sample_dirs / "labelled"
     run_lida(workspace, "scan", str(inbox), "--scan-id", "on_local")
+    run_lida(workspace, "--runner-option", "mode=multi_processing", "scan", str(inbox), "--scan-id", "on_processes")
     run_lida(workspace, "--runner", "dask", "scan", str(inbox), "--scan-id", "on_dask")
-    rows = q(workspace, """
-        select count(*), count(*) filter (where a.predicted_source = b.predicted_source and a.topk_sources = b.topk_sources
-                                          and abs(a.real_score - b.real_score) < 1e-5)
-        from (select * from {attributions} where scan_id = 'on_local') a
-        join (select * from {attributions} where scan_id = 'on_dask') b using (uri)""")
-    assert rows == [(42, 42)]
+    for other in ("on_processes", "on_dask"):
+        rows = q(workspace, """
+            select count(*), count(*) filter (where a.predicted_source = b.predicted_source and a.topk_sources = b.topk_sources
+                                              and abs(a.real_score - b.real_score) < 1e-5)
+            from (select * from {attributions} where scan_id = 'on_local') a
+            join (select * from {attributions} where scan_id = 'OTHER') b using (uri)""".replace("OTHER", other))
+        assert rows == [(42, 42)], other
 
 
 def test_index_publication_is_atomic_and_refuses_other_models(workspace):
