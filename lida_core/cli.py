@@ -125,12 +125,12 @@ class _Progress:
     def __call__(self, stage: str, info: dict) -> None:
         if self.quiet:
             return
-        if stage == "decode":
+        if stage in ("decode", "hash"):
             from tqdm import tqdm
 
-            if self.bar is None or self.bar.total != info["total"]:
+            if self.bar is None or self.bar.total != info["total"] or self.bar.desc != stage:
                 self._close()
-                self.bar = tqdm(total=info["total"], desc="decode", unit="img", file=sys.stderr, leave=False)
+                self.bar = tqdm(total=info["total"], desc=stage, unit="img", file=sys.stderr, leave=False)
             self.bar.update(info["done"] - self.bar.n)
             if info["done"] >= info["total"]:
                 self._close()
@@ -208,7 +208,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
     ws = Workspace(args.workspace)
     if args.gallery_verb == "add":
-        r = gallery.add(ws, args.source, args.paths, _Progress(args.json))
+        r = gallery.add(ws, args.source, args.paths, _Progress(args.json), args.runner, args.runner_option)
         return _emit(args, r, f"{r['source']}: {r['added']} added, {r['already_registered']} already registered "
                               f"(model {r['model_version']}, index {r['index']['index_version']})" + _errors_text(r["errors"]))
     r = gallery_summary(ws)

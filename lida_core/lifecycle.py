@@ -333,39 +333,6 @@ def check_source_name(source: str) -> str:
     return source
 
 
-def gallery_add(ws: Workspace, source: str, paths: Sequence[str], progress: Progress = _quiet, lock: bool = True) -> dict:
-    """Register labelled images of one source; embedded now with the current model.
-
-    `lock=False` when the caller already holds the workspace lock (to update the index too).
-    """
-    check_source_name(source)
-    ws.require()
-    uris = list_inputs(paths)
-    if not uris:
-        raise WorkspaceError("no images found in the given paths")
-    decoded = decode_inputs(uris, progress, keep_bytes=True)
-    if not decoded.pixels:
-        raise WorkspaceError(f"none of the {len(uris)} files could be decoded (first: {decoded.errors[0][1]})")
-    with ws.lock("gallery add") if lock else contextlib.nullcontext():
-        current = load_model(ws)
-        existing = gallery_table(ws, current.version)
-        known = set(zip(existing["image_id"].to_pylist(), existing["source"].to_pylist(), strict=True))
-        new = [i for i, image_id in enumerate(decoded.image_ids) if (image_id, source) not in known]
-        embeddings = current.embed([decoded.pixels[i] for i in new]) if new else np.zeros((0, current.model.embedding_dim))
-        now = utc_now()
-        rows = []
-        for k, i in enumerate(new):
-            ws.put_blob(decoded.raw[i])
-            rows.append({
-                "image_id": decoded.image_ids[i], "uri": decoded.uris[i], "source": source, "added_at": now,
-                "model_version": current.version, "fingerprint": str(current.model.fingerprint),
-                "embedding": embeddings[k].tolist(),
-            })
-        write_gallery_rows(ws, current.version, rows, current.model.embedding_dim)
-    return {"source": source, "added": len(rows), "already_registered": len(decoded.pixels) - len(rows),
-            "errors": decoded.errors, "model_version": current.version}
-
-
 def gallery_summary(ws: Workspace) -> dict:
     current = ws.require_model_version()
     table = gallery_table(ws, current)

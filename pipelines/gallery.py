@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import apache_beam as beam
 import numpy as np
 
 from lida_core import lifecycle
@@ -22,18 +23,150 @@ def reindex(ws: Workspace) -> dict:
     return {k: manifest[k] for k in ("index_version", "model_version", "count", "dimension", "kind", "unknown_threshold")}
 
 
-def add(ws: Workspace, source: str, paths: Sequence[str], progress=lifecycle._quiet) -> dict:
-    """`lida gallery add`: register, embed, and extend the index without a full rebuild.
+def add(ws: Workspace, source: str, paths: Sequence[str], progress=lifecycle._quiet, runner: str = "local",
+        runner_options: Sequence[str] = ()) -> dict:
+    """`lida gallery add`: register, embed through the scan's embed job, extend the index without a full rebuild.
 
     One lock covers both, so two adds at once cannot each extend the same old index.
     """
     ws.require()
     with ws.lock("gallery add"):
-        return _add_locked(ws, source, paths, progress)
+        return _add_locked(ws, source, paths, progress, runner, runner_options)
 
 
-def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress) -> dict:
-    result = lifecycle.gallery_add(ws, source, paths, progress, lock=False)
+CHUNK = 32
+
+
+class ReadGalleryChunk(beam.DoFn):
+    """(chunk number, URIs) -> (row stubs, decoded pixels); keeps the original bytes as blobs."""
+
+    def __init__(self, workspace: str, run: str):
+        self.workspace, self.run = workspace, run
+
+    def setup(self) -> None:
+        self.ws = Workspace(self.workspace)
+
+    def process(self, element):
+        from lida_core.decode import DecodeError, decode_image
+        from lida_core.inputs import read_input
+
+        number, uris = element
+        stubs, pixels, errors = [], [], []
+        for uri in uris:
+            try:
+                data = read_input(uri)
+                pixels.append(decode_image(data, uri).pixels)
+            except DecodeError as exc:
+                errors.append((uri, exc.reason))
+                continue
+            except OSError as exc:
+                errors.append((uri, f"unreadable: {exc}"))
+                continue
+            stubs.append({"image_id": self.ws.put_blob(data), "uri": uri})
+        self.ws.write_json(f"{self.run}/{number:06d}.read.json", {"errors": errors, "decoded": len(stubs)})
+        if stubs:
+            yield (number, tuple(stubs)), pixels
+
+
+class WriteGalleryChunk(beam.DoFn):
+    """((chunk number, row stubs), embeddings) -> one gallery Parquet part per chunk (fixed name: a retry rewrites it)."""
+
+    def __init__(self, workspace: str, source: str, model_version: str, run: str):
+        self.workspace, self.source, self.model_version, self.run = workspace, source, model_version, run
+
+    def setup(self) -> None:
+        self.ws = Workspace(self.workspace)
+        self.fingerprint = self.ws.model_meta(self.model_version)["fingerprint"]
+
+    def process(self, element):
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        import schemas
+        from lida_core.workspace import TABLES, utc_now
+
+        (number, stubs), embeddings = element
+        now = utc_now()
+        rows = [{**stub, "source": self.source, "added_at": now, "model_version": self.model_version,
+                 "fingerprint": self.fingerprint, "embedding": vector.tolist()} for stub, vector in zip(stubs, embeddings, strict=True)]
+        table = schemas.validate(pa.Table.from_pylist(rows), "gallery", embedding_dim=len(rows[0]["embedding"]))
+        buffer = io.BytesIO()
+        pq.write_table(table.drop(["model_version"]), buffer)
+        run_name = self.run.rsplit("/", 1)[-1]
+        self.ws.write_bytes(f"{TABLES}/gallery/model_version={self.model_version}/part-{run_name}-{number:06d}.parquet",
+                            buffer.getvalue())
+        yield len(rows)
+
+
+def embed_into_gallery(ws: Workspace, source: str, uris: Sequence[str], model_version: str, runner: str = "local",
+                       runner_options: Sequence[str] = ()) -> tuple[int, list[tuple[str, str]]]:
+    """The Beam job: read + decode in chunks, embed with the scan's RunInference handler, write gallery rows."""
+    import uuid
+
+    from apache_beam.ml.inference.base import RunInference
+
+    from pipelines.runners import pipeline_options
+    from pipelines.scan import EmbedderHandler
+
+    run = f"runs/gallery-add/{utc_stamp()}-{uuid.uuid4().hex[:6]}"
+    chunks = [(n, list(uris[i : i + CHUNK])) for n, i in enumerate(range(0, len(uris), CHUNK))]
+    handler = EmbedderHandler(ws.url, model_version).with_no_batching()
+    with pipeline_options(runner, runner_options, files=len(uris)) as options, beam.Pipeline(options=options) as pipeline:
+        _ = (pipeline
+             | "Chunks" >> beam.Create(chunks)
+             | "Spread" >> beam.Reshuffle()
+             | "Read" >> beam.ParDo(ReadGalleryChunk(ws.url, run))
+             | "Embed" >> RunInference(handler)
+             | "Write" >> beam.ParDo(WriteGalleryChunk(ws.url, source, model_version, run)))
+    errors, decoded = [], 0
+    for number, _ in chunks:
+        report = ws.read_json(f"{run}/{number:06d}.read.json")
+        errors += [tuple(e) for e in report["errors"]]
+        decoded += report["decoded"]
+    return decoded, errors
+
+
+def utc_stamp() -> str:
+    from lida_core.workspace import utc_now
+
+    return utc_now().strftime("%Y%m%dT%H%M%SZ")
+
+
+def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress, runner: str = "local",
+                runner_options: Sequence[str] = ()) -> dict:
+    import hashlib
+
+    from lida_core.inputs import list_inputs, read_input
+    from lida_core.workspace import WorkspaceError
+
+    lifecycle.check_source_name(source)
+    uris = list_inputs(paths)
+    if not uris:
+        raise WorkspaceError("no images found in the given paths")
+    version = ws.require_model_version()
+    existing = lifecycle.gallery_table(ws, version)
+    known = set(zip(existing["image_id"].to_pylist(), existing["source"].to_pylist(), strict=True))
+    # Content already registered for this source (or twice in this add) is not embedded again.
+    todo, seen, already, unreadable = [], set(), 0, []
+    for n, uri in enumerate(uris, 1):
+        try:
+            digest = hashlib.sha256(read_input(uri)).hexdigest()
+        except OSError as exc:
+            unreadable.append((uri, f"unreadable: {exc}"))
+            continue
+        if (digest, source) in known or digest in seen:
+            already += 1
+        else:
+            seen.add(digest)
+            todo.append(uri)
+        progress("hash", {"done": n, "total": len(uris)})
+    added, errors = embed_into_gallery(ws, source, todo, version, runner, runner_options) if todo else (0, [])
+    errors = unreadable + errors
+    if not added and not already:
+        raise WorkspaceError(f"none of the {len(uris)} files could be decoded (first: {errors[0][1]})")
+    result = {"source": source, "added": added, "already_registered": already, "errors": errors, "model_version": version}
     config = ws.config()
     current = gallery_index.open_index(ws)
     if current is None or current.model_version != result["model_version"]:
