@@ -24,14 +24,14 @@ def reindex(ws: Workspace) -> dict:
 
 
 def add(ws: Workspace, source: str, paths: Sequence[str], progress=lifecycle._quiet, runner: str = "local",
-        runner_options: Sequence[str] = ()) -> dict:
+        runner_options: Sequence[str] = (), beam_args: Sequence[str] | None = None) -> dict:
     """`lida gallery add`: register, embed through the scan's embed job, extend the index without a full rebuild.
 
     One lock covers both, so two adds at once cannot each extend the same old index.
     """
     ws.require()
     with ws.lock("gallery add"):
-        return _add_locked(ws, source, paths, progress, runner, runner_options)
+        return _add_locked(ws, source, paths, progress, runner, runner_options, beam_args)
 
 
 CHUNK = 32
@@ -101,11 +101,14 @@ class WriteGalleryChunk(beam.DoFn):
 
 
 def embed_into_gallery(ws: Workspace, source: str, uris: Sequence[str], model_version: str, runner: str = "local",
-                       runner_options: Sequence[str] = ()) -> tuple[int, list[tuple[str, str]]]:
+                       runner_options: Sequence[str] = (), beam_args: Sequence[str] | None = None
+                       ) -> tuple[int, list[tuple[str, str]]]:
     """The Beam job: read + decode in chunks, embed with the scan's RunInference handler, write gallery rows."""
+    import contextlib
     import uuid
 
     from apache_beam.ml.inference.base import RunInference
+    from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.runners import pipeline_options
     from pipelines.scan import EmbedderHandler
@@ -113,7 +116,9 @@ def embed_into_gallery(ws: Workspace, source: str, uris: Sequence[str], model_ve
     run = f"runs/gallery-add/{utc_stamp()}-{uuid.uuid4().hex[:6]}"
     chunks = [(n, list(uris[i : i + CHUNK])) for n, i in enumerate(range(0, len(uris), CHUNK))]
     handler = EmbedderHandler(ws.url, model_version).with_no_batching()
-    with pipeline_options(runner, runner_options, files=len(uris)) as options, beam.Pipeline(options=options) as pipeline:
+    chosen = (contextlib.nullcontext(PipelineOptions(list(beam_args))) if beam_args is not None
+              else pipeline_options(runner, runner_options, files=len(uris)))
+    with chosen as options, beam.Pipeline(options=options) as pipeline:
         _ = (pipeline
              | "Chunks" >> beam.Create(chunks)
              | "Spread" >> beam.Reshuffle()
@@ -135,7 +140,7 @@ def utc_stamp() -> str:
 
 
 def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress, runner: str = "local",
-                runner_options: Sequence[str] = ()) -> dict:
+                runner_options: Sequence[str] = (), beam_args: Sequence[str] | None = None) -> dict:
     import hashlib
 
     from lida_core.inputs import list_inputs, read_input
@@ -162,7 +167,7 @@ def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress, runn
             seen.add(digest)
             todo.append(uri)
         progress("hash", {"done": n, "total": len(uris)})
-    added, errors = embed_into_gallery(ws, source, todo, version, runner, runner_options) if todo else (0, [])
+    added, errors = embed_into_gallery(ws, source, todo, version, runner, runner_options, beam_args) if todo else (0, [])
     errors = unreadable + errors
     if not added and not already:
         raise WorkspaceError(f"none of the {len(uris)} files could be decoded (first: {errors[0][1]})")
@@ -223,3 +228,34 @@ def adapt_and_reindex(ws: Workspace, epochs: int | None = None, lr: float | None
         if result["promoted"]:
             result["index"] = reindex(ws)
     return result
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """The gallery-add job as a Beam program: `python -m pipelines.gallery --workspace WS --source NAME --input PATH [beam flags]`.
+
+    Registers, embeds and extends the index like `lida gallery add`; with `--reindex` it only
+    rebuilds the index. Flags lida does not know go to Beam unchanged.
+    """
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.gallery", description=run.__doc__.splitlines()[0])
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--source")
+    parser.add_argument("--input", action="append", default=[])
+    parser.add_argument("--reindex", action="store_true")
+    known, beam_args = parser.parse_known_args(argv)
+    ws = Workspace(known.workspace).require()
+    if known.reindex:
+        with ws.lock("reindex"):
+            result = reindex(ws)
+    else:
+        if not known.source or not known.input:
+            parser.error("--source and at least one --input are required (or --reindex)")
+        result = add(ws, known.source, known.input, beam_args=beam_args if any(a.startswith("--runner") for a in beam_args) else None)
+    print(json.dumps(result, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    run()

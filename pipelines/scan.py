@@ -388,8 +388,17 @@ def run_scan(
     runner_options: Sequence[str] = (),
     device: str = "cpu",
     progress=None,
+    beam_args: Sequence[str] | None = None,
 ) -> dict:
-    """`lida scan`: the whole job, resumable under the same scan id."""
+    """`lida scan`: the whole job, resumable under the same scan id.
+
+    `beam_args`, when given, are Beam's own pipeline flags (`--runner=DataflowRunner ...`) and
+    replace `runner` / `runner_options` (see `run`).
+    """
+    import contextlib
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     from pipelines.runners import pipeline_options
 
     say = progress or (lambda _msg: None)
@@ -409,7 +418,9 @@ def run_scan(
         threads = max(1, (os.cpu_count() or 1) // workers) if runner in ("local", "dask") else max(1, os.cpu_count() or 1)
         # One pipeline, so worker start-up is paid once: shards, then (after all of them are
         # committed) the images table, then embedding and attribution of what is not done.
-        with pipeline_options(runner, runner_options, files=files) as options, beam.Pipeline(options=options) as pipeline:
+        chosen = (contextlib.nullcontext(PipelineOptions(list(beam_args))) if beam_args is not None
+                  else pipeline_options(runner, runner_options, files=files))
+        with chosen as options, beam.Pipeline(options=options) as pipeline:
             written = pipeline | "Shard" >> Shard(ws.url, scan_id, todo)
             work = (
                 written
@@ -442,3 +453,31 @@ def scan_ids(ws: Workspace) -> dict[str, bool]:
 
 def planned_uris(ws: Workspace, scan_id: str) -> list[str]:
     return [u for shard in ws.read_json(f"{_scan_dir(scan_id)}/plan.json")["shards"] for u in shard]
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """The scan job as a Beam program: `python -m pipelines.scan --workspace WS --input PATH [--scan-id ID] [beam flags]`.
+
+    Flags lida does not know go to Beam unchanged, as for any Beam pipeline (for example
+    `--runner=FlinkRunner --flink_master=host:8081`). Without `--runner`, the local runner.
+    """
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.scan", description=run.__doc__.splitlines()[0])
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--input", action="append", required=True, help="file, folder or fsspec URL (repeatable)")
+    parser.add_argument("--scan-id")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    known, beam_args = parser.parse_known_args(argv)
+    if not any(a.startswith("--runner") for a in beam_args):
+        beam_args = None  # lida's local runner choice
+    result = run_scan(Workspace(known.workspace), known.input, known.scan_id, device=known.device,
+                      progress=lambda m: print(m, file=sys.stderr), beam_args=beam_args)
+    print(json.dumps(result, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    run()

@@ -207,3 +207,21 @@ def test_attribute_answers_per_file_in_order(workspace, sample_dirs, tmp_path):
     assert first["topk_sources"][0] == "vae_ldm" and first["top1_similarity"] == pytest.approx(1.0, abs=1e-4)
     assert first["predicted_source"] in {"real", "unknown", "vae_ldm", "tconv_gan"} and first["model_version"].startswith("v")
     assert "not an image" in answers[1]["error"]
+
+
+def test_jobs_run_as_beam_programs_with_beam_flags(workspace, sample_dirs):
+    """`python -m pipelines.scan|gallery` take Beam's own flags, as Flink, Spark or Dataflow launches need."""
+    import sys
+
+    flags = ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+    scan = subprocess.run([sys.executable, "-m", "pipelines.scan", "--workspace", str(workspace), "--input",
+                           str(sample_dirs / "labelled" / "shuffle_sr"), "--scan-id", "from_argv", *flags],
+                          capture_output=True, text=True, timeout=600)
+    assert scan.returncode == 0, scan.stderr[-2000:]
+    assert json.loads(scan.stdout.strip().splitlines()[-1])["status"] == {"ok": 6}
+    assert q(workspace, "select count(*) from {attributions} where scan_id = 'from_argv'") == [(6,)]
+    reindexed = subprocess.run([sys.executable, "-m", "pipelines.gallery", "--workspace", str(workspace), "--reindex"],
+                               capture_output=True, text=True, timeout=600)
+    assert reindexed.returncode == 0, reindexed.stderr[-2000:]
+    assert json.loads(reindexed.stdout.strip().splitlines()[-1])["index_version"] == \
+        Workspace(str(workspace)).read_bytes("indexes/CURRENT").decode().strip()
