@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-epochs", type=int, default=15)
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--inputs", nargs="+", default=["fingerprint", "rgb"])
+    parser.add_argument("--profile", default="small", help="model profile for `lida init` (small, phase, paper)")
     parser.add_argument("--write", help="write the Markdown table to this file")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="lida-eval-"))
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, timing = [], {}
     for kind in args.inputs:
         ws = work / f"ws-{kind}"
-        lida(ws, "init", "--profile", "small")
+        lida(ws, "init", "--profile", args.profile)
         pre = lida(ws, "pretrain", str(work / "pretrain"), "--input", kind, "--epochs", str(args.pretrain_epochs))
         timing[kind] = {"pretrain": pre["_seconds"]}
         for k in args.shots:

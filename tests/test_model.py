@@ -181,3 +181,40 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a lida checkpoint"):
         load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def test_phase_stem_sees_low_bits_as_angles_and_wrapped_differences():
+    import math
+
+    import numpy as np
+
+    from lida_core.fingerprint import fingerprint_bits, to_model_input
+    from lida_core.model import PhaseStem
+
+    settings = FingerprintSettings(bits=3, mode="scale", fit="crop", size=16)
+    stem = PhaseStem(settings)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)  # room for +1 everywhere
+    x = to_model_input(fingerprint_bits(pixels, settings)[None])
+    out = stem(x)
+    assert out.shape == (1, 12, 16, 16)
+    v = torch.from_numpy((pixels & 7).astype(np.float32)).permute(2, 0, 1)
+    right = (torch.roll(v, -1, dims=2) - v) % 8
+    assert torch.allclose(out[0, 0:3], torch.cos(2 * math.pi * right / 8), atol=1e-5)  # wrapped difference to the right
+    # Adding one grey level to the whole image wraps 7 -> 0 but leaves every difference channel unchanged.
+    out2 = stem(to_model_input(fingerprint_bits(pixels + 1, settings)[None]))
+    assert torch.allclose(out, out2, atol=1e-5)  # wrapped differences do not see the offset
+    assert not torch.equal(x, to_model_input(fingerprint_bits(pixels + 1, settings)[None]))  # the fingerprint did change
+    with pytest.raises(ValueError, match="scaled low bits"):
+        PhaseStem(FingerprintSettings(mode="binary"))
+
+
+def test_phase_profile_builds_embeds_and_round_trips(tmp_path):
+    model = build_model("phase")
+    assert model.backbone.conv1.in_channels == 12 and model.tiles == 4
+    x = torch.rand(2, 3, 128, 128)
+    assert model(x).shape == (2, 256) and model.features(torch.rand(1, 3, 64, 64)).shape == (1, 256)
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(model, path)
+    loaded, _ = load_checkpoint(path, profile="phase", fingerprint=model.fingerprint)
+    assert torch.allclose(loaded.eval()(x), model.eval()(x))
