@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = {verb: sub.add_parser(verb, help=text, description=text) for verb, (text, _) in VERBS.items()}
 
     p = verbs["init"]
-    p.add_argument("--profile", choices=("small", "phase", "paper"), help="default: paper with CUDA, else small")
+    p.add_argument("--profile", choices=("small", "phase", "paper"), help="default: paper with CUDA, else phase (small network + phase stem); small is the plain CPU network")
     p.add_argument("--checkpoint", help="a lida checkpoint, or (profile paper) the authors' ResNet-50 .pth")
 
     p = verbs["pretrain"]
