@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="lida-demo", help="the demo folder, deleted and remade each run (default ./lida-demo)")
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--adapt-epochs", type=int, default=40)
+    p.add_argument("--pretrain-images", type=int, default=48, help="real images written for pre-training")
 
     p = verbs["flow"]
     p.add_argument("name", choices=("nightly", "reindex", "adapt"))
@@ -309,7 +310,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     r = run_demo(args.dir, say, args.pretrain_epochs, args.adapt_epochs, runner=args.runner,
-                 runner_options=args.runner_option)
+                 runner_options=args.runner_option, pretrain_images=args.pretrain_images)
     status = ", ".join(f"{k} {v}" for k, v in sorted(r["scan"]["status"].items()))
     return _emit(args, r, "\n".join([
         f"demo done in {r['seconds']:.0f} s: model {r['adapted_model']} ({'promoted' if r['promoted'] else 'not promoted'}), "

@@ -21,7 +21,8 @@ SHOTS = 5
 
 
 def run_demo(directory: str, say: Callable[[str], None], pretrain_epochs: int = 3, adapt_epochs: int = 40,
-             scan_per_source: int = 8, runner: str = "local", runner_options: list[str] | None = None) -> dict:
+             scan_per_source: int = 8, runner: str = "local", runner_options: list[str] | None = None,
+             pretrain_images: int = 48) -> dict:
     from lida_core.report import write_report
     from pipelines.gallery import adapt_and_reindex, add
     from pipelines.scan import run_scan
@@ -43,7 +44,7 @@ def run_demo(directory: str, say: Callable[[str], None], pretrain_epochs: int = 
 
     step("samples", "writing the bundled samples (real photo crops + 6 synthetic generators)")
     data = os.path.join(root, "samples")
-    samples.write_samples(os.path.join(data, "pretrain"), 48, sources=[samples.REAL], start=10000)
+    samples.write_samples(os.path.join(data, "pretrain"), pretrain_images, sources=[samples.REAL], start=10000)
     samples.write_samples(os.path.join(data, "labelled"), SHOTS)
     samples.write_samples(os.path.join(data, "inbox"), scan_per_source, start=1000)
     ws_url = os.path.join(root, "workspace")
@@ -51,7 +52,7 @@ def run_demo(directory: str, say: Callable[[str], None], pretrain_epochs: int = 
 
     step("init", "init: phase profile (the CPU network), model v0000")
     lifecycle.init_workspace(ws_url, "phase")
-    step("pretrain", f"pretrain: {pretrain_epochs} epochs on 48 real images (no labels, no generator images)")
+    step("pretrain", f"pretrain: {pretrain_epochs} epochs on {pretrain_images} real images (no labels, no generator images)")
     pre = lifecycle.pretrain_version(ws, [os.path.join(data, "pretrain")], epochs=pretrain_epochs)
     step("gallery", f"gallery add: {SHOTS} images for each of {len(samples.sample_sources())} sources")
     for source in samples.sample_sources():
