@@ -83,15 +83,9 @@ def content_hashes(ws: Workspace, uris: Iterable[str], progress: Callable[[int, 
 
 def table_image_ids(ws: Workspace, table: str, partitions: Iterable[str] | None = None) -> set[str]:
     """image_id values of a workspace table, from all partitions or the named `key=value` ones."""
-    root = ws.path(TABLES, table)
-    if not ws.fs.exists(root):
-        return set()
-    folders = [ws.path(TABLES, table, p) for p in partitions] if partitions is not None else [root]
     ids: set[str] = set()
-    for folder in folders:
-        if not ws.fs.exists(folder):
-            continue
-        for path in sorted(p for p in ws.fs.find(folder) if p.endswith(".parquet")):
-            with ws.fs.open(path, "rb") as handle:
-                ids.update(pq.read_table(handle, columns=["image_id"])["image_id"].to_pylist())
+    for partition in partitions if partitions is not None else [""]:
+        found = ws.read_parquet(TABLES, table, partition, columns=["image_id"])
+        if found is not None:
+            ids.update(found["image_id"].to_pylist())
     return ids

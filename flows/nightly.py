@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -69,26 +68,22 @@ def unknown_clusters(workspace: str, scan_id: str, min_size: int = 2) -> list[di
     from pipelines.index import query_decider
 
     ws = Workspace(workspace)
-    folder = ws.path(TABLES, "attributions", f"scan_id={scan_id}")
-    if not ws.fs.exists(folder):
+    table = ws.read_parquet(TABLES, "attributions", f"scan_id={scan_id}",
+                            columns=["uri", "image_id", "predicted_source", "model_version"])
+    if table is None:
         return []
     unknown: dict[str, str] = {}
-    model_version = None
-    for path in sorted(p for p in ws.fs.find(folder) if p.endswith(".parquet")):
-        with ws.fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["uri", "image_id", "predicted_source", "model_version"])
-        for uri, image_id, source, version in zip(*(table[c].to_pylist() for c in table.column_names), strict=True):
-            model_version = version
-            if source == "unknown":
-                unknown.setdefault(image_id, uri)
+    for uri, image_id, source in zip(*(table[c].to_pylist() for c in ("uri", "image_id", "predicted_source")), strict=True):
+        if source == "unknown":
+            unknown.setdefault(image_id, uri)
     if len(unknown) < min_size:
         return []
+    model_version = table["model_version"][len(table) - 1].as_py()
+    emb = ws.read_parquet(TABLES, "embeddings", f"model_version={model_version}", columns=["image_id", "embedding"],
+                          name_prefix=f"scan-{scan_id}-")
     vectors: dict[str, np.ndarray] = {}
-    emb_folder = ws.path(TABLES, "embeddings", f"model_version={model_version}")
-    for path in sorted(p for p in ws.fs.find(emb_folder) if p.rsplit("/", 1)[-1].startswith(f"scan-{scan_id}-")):
-        with ws.fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["image_id", "embedding"])
-        for image_id, vector in zip(table["image_id"].to_pylist(), table["embedding"].to_numpy(zero_copy_only=False), strict=True):
+    if emb is not None:
+        for image_id, vector in zip(emb["image_id"].to_pylist(), emb["embedding"].to_numpy(zero_copy_only=False), strict=True):
             if image_id in unknown:
                 vectors[image_id] = np.asarray(vector, np.float32)
     ids = sorted(vectors)

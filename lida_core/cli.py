@@ -355,12 +355,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from lida_core.workspace import Workspace, set_config_value
 
     ws = Workspace(args.workspace)
     if args.key and args.values:
         set_config_value(ws, args.key, args.values)
-    config = __import__("dataclasses").asdict(ws.config())
+    config = asdict(ws.config())
     if args.key:
         head, _, tail = args.key.partition(".")
         if head not in config or (tail and tail not in (config[head] or {})):

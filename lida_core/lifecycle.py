@@ -303,17 +303,10 @@ def pretrain_version(
 
 
 def gallery_table(ws: Workspace, version: str) -> pa.Table:
-    folder = ws.path(TABLES, "gallery", f"model_version={version}")
-    if not ws.fs.exists(folder):
+    table = ws.read_parquet(TABLES, "gallery", f"model_version={version}")
+    if table is None:
         return schemas.schema("gallery", 1).empty_table().drop(["embedding"])
-    files = sorted(p for p in ws.fs.find(folder) if p.endswith(".parquet") and "/." not in p)
-    tables = []
-    for path in files:
-        with ws.fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
-    if not tables:
-        return schemas.schema("gallery", 1).empty_table().drop(["embedding"])
-    table = pa.concat_tables(tables).append_column("model_version", pa.array([version] * sum(len(t) for t in tables)))
+    table = table.append_column("model_version", pa.array([version] * len(table)))
     # One row per (image, source): a re-added image keeps its first registration.
     seen, keep = set(), []
     for i, (image_id, source) in enumerate(zip(table["image_id"].to_pylist(), table["source"].to_pylist(), strict=True)):

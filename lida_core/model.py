@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import fsspec
 import torch
@@ -250,16 +250,11 @@ register_profile(
     )
 )
 register_profile(
-    Profile(
+    replace(
+        PROFILES["small"],
         name="phase",
-        input_size=128,
-        embedding_dim=256,
-        fingerprint=FingerprintSettings(bits=3, mode="scale", region="full", fit="crop", size=128),
-        mean=(0.5, 0.5, 0.5),
-        std=(0.3, 0.3, 0.3),
         builder=lambda: SmallBackbone(in_channels=PhaseStem.channels),
-        description="the small CPU network behind a phase stem (low bits and their wrapped differences as angles)",
-        tiles=4,
+        description="the small CPU network behind a phase stem (wrapped low-bit neighbour differences as angles)",
         stem="phase",
     )
 )

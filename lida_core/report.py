@@ -12,8 +12,6 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, utc_now
 
@@ -142,17 +140,6 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- data
 
 
-def _read_folder(ws: Workspace, folder: str, columns: list[str] | None = None, name_prefix: str = "") -> pa.Table | None:
-    if not ws.fs.exists(folder):
-        return None
-    tables = []
-    for path in sorted(p for p in ws.fs.find(folder) if p.endswith(".parquet") and "/." not in p
-                       and p.rsplit("/", 1)[-1].startswith(name_prefix)):
-        with ws.fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=columns))
-    return pa.concat_tables(tables) if tables else None
-
-
 def latest_scan(ws: Workspace) -> str:
     from pipelines.scan import scan_ids
 
@@ -185,8 +172,8 @@ def build_report(ws: Workspace, scan_id: str | None = None) -> tuple[str, dict]:
     scan_id = scan_id or latest_scan(ws)
     if not ws.exists(SHARDS, scan_id, "done.json"):
         raise WorkspaceError(f"scan {scan_id!r} is not finished (or does not exist) in {ws.url}")
-    images = _read_folder(ws, ws.path(TABLES, "images", f"scan_id={scan_id}"), ["uri", "status", "error"])
-    attributions = _read_folder(ws, ws.path(TABLES, "attributions", f"scan_id={scan_id}"))
+    images = ws.read_parquet(TABLES, "images", f"scan_id={scan_id}", columns=["uri", "status", "error"])
+    attributions = ws.read_parquet(TABLES, "attributions", f"scan_id={scan_id}")
     if images is None or attributions is None:
         raise WorkspaceError(f"scan {scan_id!r} has no tables in {ws.url}")
     status = {}
@@ -200,9 +187,9 @@ def build_report(ws: Workspace, scan_id: str | None = None) -> tuple[str, dict]:
     model_version = versions[-1] if versions else ws.require_model_version()
     limits = thresholds(ws, model_version)
 
-    gallery = _read_folder(ws, ws.path(TABLES, "gallery", f"model_version={model_version}"), ["image_id", "source", "embedding"])
-    scan_emb = _read_folder(ws, ws.path(TABLES, "embeddings", f"model_version={model_version}"), ["image_id", "embedding"],
-                            name_prefix=f"scan-{scan_id}-")
+    gallery = ws.read_parquet(TABLES, "gallery", f"model_version={model_version}", columns=["image_id", "source", "embedding"])
+    scan_emb = ws.read_parquet(TABLES, "embeddings", f"model_version={model_version}", columns=["image_id", "embedding"],
+                               name_prefix=f"scan-{scan_id}-")
     sources = sorted(set(predicted) | set(gallery["source"].to_pylist() if gallery is not None else []))
     palette = colours(sources)
 

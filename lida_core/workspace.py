@@ -144,6 +144,25 @@ class Workspace:
     def write_json(self, rel: str, data: dict) -> None:
         self.write_bytes(rel, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
 
+    def read_parquet(self, *parts: str, columns: list[str] | None = None, name_prefix: str = ""):
+        """All Parquet files under a folder (recursively, in name order) as one Arrow table.
+
+        Files whose name starts with `name_prefix` only; temporary files (dot names) never.
+        None when the folder does not exist or holds no such file.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        folder = self.path(*parts)
+        if not self.fs.exists(folder):
+            return None
+        tables = []
+        for path in sorted(p for p in self.fs.find(folder) if p.endswith(".parquet") and "/." not in p
+                           and p.rsplit("/", 1)[-1].startswith(name_prefix)):
+            with self.fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle, columns=columns))
+        return pa.concat_tables(tables) if tables else None
+
     # ------------------------------------------------------------ config
 
     def is_initialised(self) -> bool:

@@ -35,14 +35,12 @@ def run_demo(directory: str, say: Callable[[str], None], pretrain_epochs: int = 
     os.makedirs(root)
     with open(os.path.join(root, MARKER), "w") as handle:
         handle.write("made by 'lida demo'; deleted and remade by the next one\n")
-    timings: dict[str, float] = {}
     started = time.monotonic()
 
-    def step(name: str, message: str):
+    def step(message: str):
         say(f"[{time.monotonic() - started:5.0f}s] {message}")
-        timings[name] = time.monotonic()
 
-    step("samples", "writing the bundled samples (real photo crops + 6 synthetic generators)")
+    step("writing the bundled samples (real photo crops + 6 synthetic generators)")
     data = os.path.join(root, "samples")
     samples.write_samples(os.path.join(data, "pretrain"), pretrain_images, sources=[samples.REAL], start=10000)
     samples.write_samples(os.path.join(data, "labelled"), SHOTS)
@@ -50,21 +48,20 @@ def run_demo(directory: str, say: Callable[[str], None], pretrain_epochs: int = 
     ws_url = os.path.join(root, "workspace")
     ws = Workspace(ws_url)
 
-    step("init", "init: phase profile (the CPU network), model v0000")
+    step("init: phase profile (the CPU network), model v0000")
     lifecycle.init_workspace(ws_url, "phase")
-    step("pretrain", f"pretrain: {pretrain_epochs} epochs on {pretrain_images} real images (no labels, no generator images)")
+    step(f"pretrain: {pretrain_epochs} epochs on {pretrain_images} real images (no labels, no generator images)")
     pre = lifecycle.pretrain_version(ws, [os.path.join(data, "pretrain")], epochs=pretrain_epochs)
-    step("gallery", f"gallery add: {SHOTS} images for each of {len(samples.sample_sources())} sources")
+    step(f"gallery add: {SHOTS} images for each of {len(samples.sample_sources())} sources")
     for source in samples.sample_sources():
-        add(ws, source, [os.path.join(data, "labelled", source)])
-    step("adapt", f"adapt: {adapt_epochs} epochs of few-shot adaptation, promotion gate, reindex")
+        add(ws, source, [os.path.join(data, "labelled", source)], runner=runner, runner_options=list(runner_options or []))
+    step(f"adapt: {adapt_epochs} epochs of few-shot adaptation, promotion gate, reindex")
     adapted = adapt_and_reindex(ws, adapt_epochs)
-    step("scan", f"scan: {scan_per_source * len(samples.sample_sources())} unseen images through the Beam pipeline")
+    step(f"scan: {scan_per_source * len(samples.sample_sources())} unseen images through the Beam pipeline")
     scan = run_scan(ws, [os.path.join(data, "inbox")], "demo", runner, list(runner_options or []), "cpu",
                     progress=lambda m: say("    " + m))
-    step("report", "report: one self-contained HTML file")
+    step("report: one self-contained HTML file")
     report = write_report(ws, "demo")
-    ws.config()  # the workspace is readable end to end
     correct = _scan_accuracy(ws)
     return {
         "workspace": ws_url, "report": report["report"], "tables": ws.uri("tables"),

@@ -47,25 +47,12 @@ class ReadGalleryChunk(beam.DoFn):
         self.ws = Workspace(self.workspace)
 
     def process(self, element):
-        from lida_core.decode import DecodeError, decode_image
-        from lida_core.inputs import read_input
-
         number, uris = element
-        stubs, pixels, errors = [], [], []
-        for uri in uris:
-            try:
-                data = read_input(uri)
-                pixels.append(decode_image(data, uri).pixels)
-            except DecodeError as exc:
-                errors.append((uri, exc.reason))
-                continue
-            except OSError as exc:
-                errors.append((uri, f"unreadable: {exc}"))
-                continue
-            stubs.append({"image_id": self.ws.put_blob(data), "uri": uri})
-        self.ws.write_json(f"{self.run}/{number:06d}.read.json", {"errors": errors, "decoded": len(stubs)})
+        decoded = lifecycle.decode_inputs(uris, keep_bytes=True)
+        stubs = tuple({"image_id": self.ws.put_blob(raw), "uri": uri} for uri, raw in zip(decoded.uris, decoded.raw, strict=True))
+        self.ws.write_json(f"{self.run}/{number:06d}.read.json", {"errors": decoded.errors, "decoded": len(stubs)})
         if stubs:
-            yield (number, tuple(stubs)), pixels
+            yield (number, stubs), decoded.pixels
 
 
 class WriteGalleryChunk(beam.DoFn):
@@ -104,11 +91,9 @@ def embed_into_gallery(ws: Workspace, source: str, uris: Sequence[str], model_ve
                        runner_options: Sequence[str] = (), beam_args: Sequence[str] | None = None
                        ) -> tuple[int, list[tuple[str, str]]]:
     """The Beam job: read + decode in chunks, embed with the scan's RunInference handler, write gallery rows."""
-    import contextlib
     import uuid
 
     from apache_beam.ml.inference.base import RunInference
-    from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.runners import pipeline_options
     from pipelines.scan import EmbedderHandler
@@ -116,9 +101,8 @@ def embed_into_gallery(ws: Workspace, source: str, uris: Sequence[str], model_ve
     run = f"runs/gallery-add/{utc_stamp()}-{uuid.uuid4().hex[:6]}"
     chunks = [(n, list(uris[i : i + CHUNK])) for n, i in enumerate(range(0, len(uris), CHUNK))]
     handler = EmbedderHandler(ws.url, model_version).with_no_batching()
-    chosen = (contextlib.nullcontext(PipelineOptions(list(beam_args))) if beam_args is not None
-              else pipeline_options(runner, runner_options, files=len(uris)))
-    with chosen as options, beam.Pipeline(options=options) as pipeline:
+    with (pipeline_options(runner, runner_options, files=len(uris), beam_args=beam_args) as options,
+          beam.Pipeline(options=options) as pipeline):
         _ = (pipeline
              | "Chunks" >> beam.Create(chunks)
              | "Spread" >> beam.Reshuffle()

@@ -60,8 +60,8 @@ class GalleryIndex:
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        flat = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap2) else None
-        if self.exact_device and isinstance(flat, faiss.IndexFlat):
+        flat = faiss.downcast_index(self.index.index) if self.exact_device and isinstance(self.index, faiss.IndexIDMap2) else None
+        if isinstance(flat, faiss.IndexFlat):
             import torch
 
             from lida_core.accel import exact_topk

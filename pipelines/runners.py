@@ -45,11 +45,15 @@ def parse_runner_options(items: Sequence[str]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def pipeline_options(runner: str = "local", runner_options: Sequence[str] = (), workers: int | None = None,
-                     files: int | None = None) -> Iterator[PipelineOptions]:
+                     files: int | None = None, beam_args: Sequence[str] | None = None) -> Iterator[PipelineOptions]:
     """PipelineOptions for `runner`; a local Dask cluster lives as long as the context.
 
     `files`, when known, picks the local mode: threads for a small job on a few cores.
+    `beam_args` (Beam's own flags, from a job's `run(argv)`) replace all of that when given.
     """
+    if beam_args is not None:
+        yield PipelineOptions(list(beam_args))
+        return
     if runner not in RUNNERS:
         raise RunnerError(f"unknown runner {runner!r}; choose from {', '.join(RUNNERS)}")
     extra = parse_runner_options(runner_options)

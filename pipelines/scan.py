@@ -369,12 +369,9 @@ def summary(images: pa.Table, ws: Workspace, scan_id: str) -> dict:
     for s in images["status"].to_pylist():
         statuses[s] = statuses.get(s, 0) + 1
     predicted: dict[str, int] = {}
-    folder = ws.path(TABLES, "attributions", f"scan_id={scan_id}")
-    if ws.fs.exists(folder):
-        for path in sorted(p for p in ws.fs.find(folder) if p.endswith(".parquet")):
-            with ws.fs.open(path, "rb") as handle:
-                for s in pq.read_table(handle, columns=["predicted_source"])["predicted_source"].to_pylist():
-                    predicted[s] = predicted.get(s, 0) + 1
+    attributions = ws.read_parquet(TABLES, "attributions", f"scan_id={scan_id}", columns=["predicted_source"])
+    for s in attributions["predicted_source"].to_pylist() if attributions is not None else []:
+        predicted[s] = predicted.get(s, 0) + 1
     errors = [(r["uri"], r["error"]) for r in images.filter(pa.compute.equal(images["status"], "error")).to_pylist()]
     return {"scan_id": scan_id, "images": len(images), "status": statuses, "predicted": dict(sorted(predicted.items())),
             "errors": errors}
@@ -395,10 +392,6 @@ def run_scan(
     `beam_args`, when given, are Beam's own pipeline flags (`--runner=DataflowRunner ...`) and
     replace `runner` / `runner_options` (see `run`).
     """
-    import contextlib
-
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     from pipelines.runners import pipeline_options
 
     say = progress or (lambda _msg: None)
@@ -418,9 +411,8 @@ def run_scan(
         threads = max(1, (os.cpu_count() or 1) // workers) if runner in ("local", "dask") else max(1, os.cpu_count() or 1)
         # One pipeline, so worker start-up is paid once: shards, then (after all of them are
         # committed) the images table, then embedding and attribution of what is not done.
-        chosen = (contextlib.nullcontext(PipelineOptions(list(beam_args))) if beam_args is not None
-                  else pipeline_options(runner, runner_options, files=files))
-        with chosen as options, beam.Pipeline(options=options) as pipeline:
+        with (pipeline_options(runner, runner_options, files=files, beam_args=beam_args) as options,
+              beam.Pipeline(options=options) as pipeline):
             written = pipeline | "Shard" >> Shard(ws.url, scan_id, todo)
             work = (
                 written

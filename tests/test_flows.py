@@ -1,5 +1,6 @@
 """Every flow through Prefect (one session-wide test harness) on real data, Beam scans included."""
 
+import json
 import os
 import shutil
 import signal
@@ -188,7 +189,7 @@ def _report(flow_ws, sample_dirs, tmp_path):
     run_lida(ws, "eval", str(sample_dirs / "labelled"), "--shots", "2", "--no-adapt")
     out = tmp_path / "report.html"
     info = run_lida(ws, "report", "--output", str(out))
-    return ws, out, __import__("json").loads(info.stdout)
+    return ws, out, json.loads(info.stdout)
 
 
 def test_report_is_one_self_contained_file(flow_ws, sample_dirs, tmp_path):
@@ -202,7 +203,7 @@ def test_report_is_one_self_contained_file(flow_ws, sample_dirs, tmp_path):
     for external in ("http://", "https://", "<script", "<link", "src="):
         assert external not in page
     by_id = run_lida(ws, "report", "--scan-id", info["scan_id"])
-    assert __import__("json").loads(by_id.stdout)["report"].endswith(f"reports/{info['scan_id']}.html")
+    assert json.loads(by_id.stdout)["report"].endswith(f"reports/{info['scan_id']}.html")
     missing = run_lida(ws, "report", "--scan-id", "no-such-scan", check=False)
     assert missing.returncode == 2 and "not finished (or does not exist)" in missing.stderr
 
@@ -233,5 +234,5 @@ def test_report_renders_in_headless_chromium(flow_ws, sample_dirs, tmp_path):
 def test_flow_verb_runs_a_flow_from_the_command_line(prefect_api, flow_ws):
     ws, _, _ = flow_ws
     result = run_lida(ws, "flow", "reindex", env={"PREFECT_API_URL": prefect_api})
-    out = __import__("json").loads(result.stdout)
+    out = json.loads(result.stdout)
     assert out["index_version"] == Workspace(str(ws)).read_bytes("indexes/CURRENT").decode().strip()
