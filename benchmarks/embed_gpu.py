@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         # a crop-fit profile embeds several tiles of a 512 px image: the ceiling counts images, not views
         views = len(accel.tile_views(np.zeros((512, 512, 3), np.uint8), model.input_size, embedder.tiles))
         rates["encoder"] = encoder_ceiling(embedder, 10.0) / views
-        say(f"bare encoder (batch {embedder.batch_size}{', bf16, channels_last' if embedder.cuda else ''}"
+        say(f"bare encoder (batch {embedder.batch_size}{', bf16' if embedder.cuda else ''}, channels_last"
             f"{', compiled' if args.compile else ''}, {views} view(s) per image): {rates['encoder']:8.1f} img/s")
         rates["decode"] = decode_ceiling(paths, str(model.fingerprint), model.input_size, embedder.tiles, args.workers)
         say(f"decode + low bits alone, {args.workers} processes: {rates['decode']:8.1f} img/s")

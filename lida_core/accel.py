@@ -5,7 +5,7 @@ Split of the fingerprint (bit-identical to `fingerprint.fingerprint_bits`, teste
   (patch selection needs the full pixel values) -> `x & mask` as uint8, centre-cropped when the
   fit is a crop (indexing only, so less to transfer).
 - device (`finish`): binarise or scale, Pillow-exact bilinear resize for resize fits, then
-  float, channels_last and the model under bf16 autocast (CUDA), optionally compiled.
+  float, channels_last (every device) and the model under bf16 autocast (CUDA), optionally compiled.
 
 `DeviceEmbedder` overlaps the two: a thread prepares the next batch into pinned memory while the
 device computes the current one. On a CPU-only machine the same code runs with device "cpu"
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -29,6 +30,29 @@ import torch.nn.functional as F
 from lida_core.fingerprint import FingerprintSettings, fit_to_size, load_tile_bits, tile_views
 from lida_core.fingerprint import prepare_low_bits as prepare
 from lida_core.model import Embedder
+
+
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
+    """Let glibc reuse freed blocks up to `limit` bytes instead of returning them to the kernel.
+
+    CPU forward passes allocate and free activation buffers of tens of MB per batch; by default
+    glibc maps and unmaps each one, and the kernel zeroes every page again. On this 2-core
+    machine a 600-image scan took 1.5-2 M page faults and ~4 s of system time that way, and
+    ~0.5 M and ~2 s with this (about 1 s less wall time, measured four times each way).
+    Process-wide and idempotent; `LIDA_MALLOC_TUNE=0` turns it off. False where it does not apply.
+    """
+    if os.environ.get("LIDA_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
 
 
 def finish(kept: torch.Tensor, settings: FingerprintSettings) -> torch.Tensor:
@@ -67,9 +91,10 @@ class DeviceEmbedder:
         self.settings = model.fingerprint
         self.tiles = model.tiles if self.settings.fit == "crop" else 1
         self.autocast = self.cuda if autocast is None else autocast
-        self.channels_last = self.cuda
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # channels_last on every device: on CPU too, the convolutions run ~25% faster with it
+        # (measured on this 2-core machine, small profile: 2.8 s against 3.7 s for 300 images)
+        self.channels_last = True
+        self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model, dynamic=False) if compile else self.model
         self.batch_size = batch_size or pick_batch_size(self.device, model.input_size)
 
