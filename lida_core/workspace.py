@@ -116,6 +116,11 @@ class Workspace:
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
+    def ls(self, *parts: str) -> list[str]:
+        """Paths of what a folder holds; [] when it does not exist."""
+        folder = self.path(*parts)
+        return self.fs.ls(folder, detail=False) if self.fs.exists(folder) else []
+
     def read_bytes(self, *parts: str) -> bytes:
         with self.fs.open(self.path(*parts), "rb") as handle:
             return handle.read()

@@ -19,7 +19,7 @@ import io
 import os
 import tarfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -73,11 +73,44 @@ def shard_name(index: int) -> str:
     return f"{index:06d}"
 
 
-# ---------------------------------------------------------------- job 1: shard
+# ---------------------------------------------------------------- the scan's stages
+
+CHUNK = 32  # most images per embedding call
+CHUNK_OUT, COMMITTED_OUT = "chunk", "committed"
 
 
-class WriteShard(beam.DoFn):
-    """(shard index, URIs) -> a tar of the decodable images + the shard's rows (written last)."""
+@dataclass(frozen=True)
+class Item:
+    shard: str
+    key: str
+    image_id: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class ShardFinal:
+    """The images table's verdict for one shard: the keys whose status is `ok` (cross-shard repeats are not)."""
+
+    ok_keys: frozenset[str]
+
+
+def chunk_sizes(count: int, most: int = CHUNK) -> int:
+    """An even chunk size for `count` images: 75 -> 25 (3 chunks), not 32 + 32 + 11."""
+    chunks = max(1, -(-count // most))
+    return max(1, -(-count // chunks))
+
+
+class ShardAndDecode(beam.DoFn):
+    """(shard index, URIs) -> ("chunk", decoded images to embed)..., then ("committed", shard index).
+
+    One output stream split by kind afterwards: Beam's DaskRunner mixed up tagged outputs.
+    A shard not committed yet is read, hashed and decoded once: its images go on to the
+    embedding as they are decoded, and its tar (temporary name, then renamed) and its rows file
+    (the commit marker, written last) follow. A shard committed by an earlier run whose
+    attributions are missing is decoded again from its own tar (ranged reads of its members).
+    A shard with attributions is done and only reported as committed. Either way no more than
+    a chunk of decoded images is held at once, so memory stays bounded whatever the scan's size.
+    """
 
     def __init__(self, workspace: str, scan_id: str):
         self.workspace = workspace
@@ -86,44 +119,77 @@ class WriteShard(beam.DoFn):
     def setup(self) -> None:
         self.ws = Workspace(self.workspace)
 
-    def process(self, element: tuple[int, list[str]]) -> Iterable[int]:
+    def process(self, element: tuple[int, list[str]]):
         index, uris = element
-        base = f"{_scan_dir(self.scan_id)}/{shard_name(index)}"
-        if self.ws.exists(f"{base}.rows.parquet"):
-            return  # committed by an earlier run
+        name = shard_name(index)
+        if not self.ws.exists(f"{TABLES}/attributions/scan_id={self.scan_id}/part-{name}.parquet"):
+            if self.ws.exists(f"{_scan_dir(self.scan_id)}/{name}.rows.parquet"):
+                yield from self._from_tar(name)
+            else:
+                yield from self._write(index, uris)
+        yield COMMITTED_OUT, index
+
+    def _write(self, index: int, uris: list[str]):
+        name = shard_name(index)
+        base = f"{_scan_dir(self.scan_id)}/{name}"
         rows, members = [], []
         seen: set[str] = set()
+        size = chunk_sizes(len(uris))
+        chunk: tuple[list[Item], list[np.ndarray]] = ([], [])
         now = utc_now()
         for position, uri in enumerate(uris):
-            key = f"{shard_name(index)}_{position:05d}"  # no dots: WebDataset splits extensions at dots
+            key = f"{name}_{position:05d}"  # no dots: WebDataset splits extensions at dots
             row = {"scan_id": self.scan_id, "uri": uri, "image_id": "", "status": "ok", "error": None, "format": None,
-                   "width": None, "height": None, "bytes": 0, "shard": shard_name(index), "key": key, "scanned_at": now}
+                   "width": None, "height": None, "bytes": 0, "shard": name, "key": key, "scanned_at": now}
+            rows.append(row)
             try:
                 data = read_input(uri)
             except OSError as exc:
                 row.update(status="error", error=f"unreadable: {exc}", image_id=hashlib.sha256(uri.encode()).hexdigest())
-                rows.append(row)
                 continue
             row.update(image_id=hashlib.sha256(data).hexdigest(), bytes=len(data))
+            if row["image_id"] in seen:  # the same bytes decode the same way: a duplicate
+                first = next(r for r in rows if r["image_id"] == row["image_id"])
+                row.update(status="duplicate" if first["status"] == "ok" else first["status"], error=first["error"],
+                           format=first["format"], width=first["width"], height=first["height"])
+                continue
+            seen.add(row["image_id"])
             try:
                 decoded = decode_image(data, uri)
             except DecodeError as exc:
                 row.update(status="error", error=exc.reason)
-            else:
-                row.update(format=decoded.format, width=decoded.width, height=decoded.height)
-                if row["image_id"] in seen:
-                    row.update(status="duplicate")
-                else:
-                    seen.add(row["image_id"])
-                    members.append((key, _EXT.get(decoded.format, "img"), data))
-            rows.append(row)
+                continue
+            row.update(format=decoded.format, width=decoded.width, height=decoded.height)
+            members.append((key, _EXT.get(decoded.format, "img"), data))
+            chunk[0].append(Item(name, key, row["image_id"], uri))
+            chunk[1].append(decoded.pixels)
+            if len(chunk[0]) >= size:
+                yield CHUNK_OUT, chunk
+                chunk = ([], [])
+        if chunk[0]:
+            yield CHUNK_OUT, chunk
         offsets = self._write_tar(f"{base}.tar", members)
         self.ws.write_json(f"{base}.members.json", offsets)
         table = schemas.validate(pa.Table.from_pylist(rows), "images")
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         self.ws.write_bytes(f"{base}.rows.parquet", buffer.getvalue())  # the commit marker, last
-        yield index
+
+    def _from_tar(self, name: str):
+        base = f"{_scan_dir(self.scan_id)}/{name}"
+        rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{base}.rows.parquet")), columns=["uri", "image_id", "status", "key"])
+        rows = [r for r in rows.to_pylist() if r["status"] == "ok"]
+        offsets = self.ws.read_json(f"{base}.members.json")
+        size = chunk_sizes(len(rows))
+        with self.ws.fs.open(self.ws.path(f"{base}.tar"), "rb") as handle:
+            for start in range(0, len(rows), size):
+                items, pixels = [], []
+                for r in rows[start : start + size]:
+                    offset, length = offsets[r["key"]]
+                    handle.seek(offset)
+                    pixels.append(decode_image(handle.read(length), r["uri"]).pixels)
+                    items.append(Item(name, r["key"], r["image_id"], r["uri"]))
+                yield CHUNK_OUT, (items, pixels)
 
     def _write_tar(self, rel: str, members: list[tuple[str, str, bytes]]) -> dict[str, list[int]]:
         """Write the tar (temporary name, then rename); returns key -> [data offset, size]."""
@@ -141,19 +207,22 @@ class WriteShard(beam.DoFn):
 
 
 class Shard(beam.PTransform):
-    """Write every planned shard that is not committed yet."""
+    """Every planned shard without attributions -> (committed shard indexes, chunks of decoded images)."""
 
     def __init__(self, workspace: str, scan_id: str, shards: list[tuple[int, list[str]]]):
         super().__init__()
         self.workspace, self.scan_id, self.shards = workspace, scan_id, shards
 
     def expand(self, pbegin):
-        return (
+        out = (
             pbegin
             | "PlannedShards" >> beam.Create(self.shards)
             | "Spread" >> beam.Reshuffle()
-            | "WriteShard" >> beam.ParDo(WriteShard(self.workspace, self.scan_id))
+            | "ShardAndDecode" >> beam.ParDo(ShardAndDecode(self.workspace, self.scan_id))
         )
+        committed = out | "Committed" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == COMMITTED_OUT else [])
+        chunks = out | "Chunks" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == CHUNK_OUT else [])
+        return committed, chunks
 
 
 def finalize_images(ws: Workspace, scan_id: str, shard_count: int) -> pa.Table:
@@ -182,41 +251,21 @@ def finalize_images(ws: Workspace, scan_id: str, shard_count: int) -> pa.Table:
     return table
 
 
-# ---------------------------------------------------------------- job 2: embed + attribute
+class ImagesTable(beam.DoFn):
+    """After every shard is committed: write the scan's images table; emit each unfinished shard's verdict."""
 
+    def __init__(self, workspace: str, scan_id: str, shard_count: int):
+        self.workspace, self.scan_id, self.shard_count = workspace, scan_id, shard_count
 
-@dataclass(frozen=True)
-class Item:
-    shard: str
-    key: str
-    image_id: str
-    uri: str
-    offset: int = 0  # where the member's bytes start in the shard's tar
-    size: int = 0
-
-
-class ReadChunk(beam.DoFn):
-    """(shard, up to `chunk` items) -> (items, decoded pixels), reading only those members' bytes.
-
-    Work is spread over the workers as these small descriptors; image bytes are read (ranged
-    reads into the tar) and decoded where they are embedded, so no stage ever holds more than
-    a chunk of images: memory stays bounded whatever the size of the scan.
-    """
-
-    def __init__(self, workspace: str, scan_id: str):
-        self.workspace, self.scan_id = workspace, scan_id
-
-    def setup(self) -> None:
-        self.ws = Workspace(self.workspace)
-
-    def process(self, element: tuple[str, tuple[Item, ...]]):
-        shard, items = element
-        pixels = []
-        with self.ws.fs.open(self.ws.path(_scan_dir(self.scan_id), f"{shard}.tar"), "rb") as handle:
-            for item in items:
-                handle.seek(item.offset)
-                pixels.append(decode_image(handle.read(item.size), item.uri).pixels)
-        yield items, pixels
+    def process(self, committed: list[int]):
+        ws = Workspace(self.workspace)
+        images = finalize_images(ws, self.scan_id, self.shard_count)
+        ok: dict[str, set[str]] = {shard_name(i): set() for i in committed}
+        for row in images.filter(pa.compute.equal(images["status"], "ok")).select(["shard", "key"]).to_pylist():
+            ok.setdefault(row["shard"], set()).add(row["key"])
+        for shard in sorted(ok):
+            if not ws.exists(f"{TABLES}/attributions/scan_id={self.scan_id}/part-{shard}.parquet"):
+                yield shard, ShardFinal(frozenset(ok[shard]))
 
 
 class EmbedderHandler(ModelHandler):
@@ -229,10 +278,11 @@ class EmbedderHandler(ModelHandler):
     def load_model(self):
         import torch
 
-        from lida_core.accel import DeviceEmbedder
+        from lida_core.accel import DeviceEmbedder, keep_freed_memory
         from lida_core.lifecycle import load_model
 
         torch.set_num_threads(self.threads)
+        keep_freed_memory()
         loaded = load_model(Workspace(self.workspace), self.model_version)
         if loaded.input_kind != "fingerprint":  # the RGB ablation keeps the plain path
             return loaded
@@ -243,8 +293,8 @@ class EmbedderHandler(ModelHandler):
         """Used without Beam's batching: `batch` is one chunk (items, decoded images) -> [(items, embeddings)].
 
         Beam's BatchElements holds its last elements until finish_bundle, and Beam's
-        DaskRunner lost them (3 in, 2 out in a minimal pipeline); chunks made by ReadShard
-        keep the batch size explicit without it.
+        DaskRunner lost them (3 in, 2 out in a minimal pipeline); chunks made by the shard
+        stage keep the batch size explicit without it.
         """
         from lida_core import training
         from lida_core.accel import DeviceEmbedder
@@ -260,7 +310,7 @@ class EmbedderHandler(ModelHandler):
 
 
 class Attribute(beam.DoFn):
-    """(shard, [(Item, embedding)]) -> embeddings + attributions rows of the shard, written out."""
+    """(shard, [ShardFinal, (Item, embedding)...]) -> the shard's embeddings and attributions rows, written out."""
 
     def __init__(self, workspace: str, scan_id: str, model_version: str, device: str = "cpu"):
         self.workspace, self.scan_id, self.model_version, self.device = workspace, scan_id, model_version, device
@@ -277,11 +327,18 @@ class Attribute(beam.DoFn):
         self.index_version = self.index.version if self.index else "none"
 
     def process(self, element):
-        shard, pairs = element
-        pairs = sorted(pairs, key=lambda p: p[0].key)
+        shard, values = element
+        finals = [v for v in values if isinstance(v, ShardFinal)]
+        if len(finals) != 1:
+            raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(finals)} images-table verdicts, expected 1")
+        ok = finals[0].ok_keys
+        # A shard's images that the images table made duplicates of another shard's are not attributed.
+        pairs = sorted((v for v in values if not isinstance(v, ShardFinal) and v[0].key in ok), key=lambda p: p[0].key)
         items = [p[0] for p in pairs]
         emb = np.asarray([p[1] for p in pairs], dtype=np.float32)
-        if self.index is not None and self.index.index.ntotal:
+        if len(items) != len(ok):
+            raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(items)} embeddings for {len(ok)} images")
+        if items and self.index is not None and self.index.index.ntotal:
             k = min(self.index.index.ntotal, max(self.decider.k, self.decider.top_k) * 8)
             sims, ids = self.index.search(emb, k, self.model_version)
         else:
@@ -296,10 +353,10 @@ class Attribute(beam.DoFn):
                                  "fingerprint": self.fingerprint, "scanned_at": now})
             embeddings.append({"image_id": item.image_id, "model_version": self.model_version,
                                "fingerprint": self.fingerprint, "embedding": emb[row].tolist()})
-        dim = emb.shape[1] if len(emb) else 1
-        self._write("embeddings", f"model_version={self.model_version}/scan-{self.scan_id}-{shard}.parquet",
-                    embeddings, dim, drop="model_version")
-        # Attributions last: their presence marks the shard done.
+        if embeddings:  # a shard of errors and repeats only has no embeddings file
+            self._write("embeddings", f"model_version={self.model_version}/scan-{self.scan_id}-{shard}.parquet",
+                        embeddings, emb.shape[1], drop="model_version")
+        # Attributions last, even when empty: their presence marks the shard done.
         self._write("attributions", f"scan_id={self.scan_id}/part-{shard}.parquet", attributions, None, drop="scan_id")
         yield shard, len(items)
 
@@ -312,7 +369,11 @@ class Attribute(beam.DoFn):
 
 
 class EmbedAndAttribute(beam.PTransform):
-    """(shard, [Item]) work -> embeddings and attributions tables, per shard."""
+    """(chunks of decoded images, the images table's per-shard verdicts) -> embeddings and attributions, per shard.
+
+    The embedding runs where the shard was decoded (fused, no hand-off of pixels); the verdicts
+    join the embeddings in one group per shard, so attribution waits for the images table.
+    """
 
     def __init__(self, workspace: str, scan_id: str, model_version: str, batch_size: int = 32, threads: int = 1,
                  device: str = "cpu"):
@@ -320,44 +381,20 @@ class EmbedAndAttribute(beam.PTransform):
         self.workspace, self.scan_id, self.model_version = workspace, scan_id, model_version
         self.batch_size, self.threads, self.device = batch_size, threads, device
 
-    def expand(self, work):
+    def expand(self, inputs):
+        chunks, verdicts = inputs
         handler = EmbedderHandler(self.workspace, self.model_version, self.batch_size, self.threads, self.device).with_no_batching()
-        return (
-            work
-            | "Spread" >> beam.Reshuffle()
-            | "ReadChunk" >> beam.ParDo(ReadChunk(self.workspace, self.scan_id))
+        embedded = (
+            chunks
             | "Embed" >> RunInference(handler)
             | "PerImage" >> beam.FlatMap(lambda kv: [(item.shard, (item, vector)) for item, vector in zip(kv[0], kv[1], strict=True)])
+        )
+        return (
+            (embedded, verdicts)
+            | "WithVerdicts" >> beam.Flatten()
             | "GroupShard" >> beam.GroupByKey()
             | "Attribute" >> beam.ParDo(Attribute(self.workspace, self.scan_id, self.model_version, self.device))
         )
-
-
-class ImagesTable(beam.DoFn):
-    """After every shard is committed: write the scan's images table, emit the shards to embed."""
-
-    def __init__(self, workspace: str, scan_id: str, shard_count: int):
-        self.workspace, self.scan_id, self.shard_count = workspace, scan_id, shard_count
-
-    def process(self, _written: list[int]):
-        ws = Workspace(self.workspace)
-        images = finalize_images(ws, self.scan_id, self.shard_count)
-        yield from embed_work(ws, self.scan_id, images)
-
-
-def embed_work(ws: Workspace, scan_id: str, images: pa.Table, chunk: int = 32) -> list[tuple[str, tuple[Item, ...]]]:
-    """Chunks of `ok` images of the shards whose attributions are missing, with tar offsets."""
-    by_shard: dict[str, list[dict]] = {}
-    for row in images.filter(pa.compute.equal(images["status"], "ok")).to_pylist():
-        by_shard.setdefault(row["shard"], []).append(row)
-    work = []
-    for shard, rows in sorted(by_shard.items()):
-        if ws.exists(f"{TABLES}/attributions/scan_id={scan_id}/part-{shard}.parquet"):
-            continue
-        offsets = ws.read_json(_scan_dir(scan_id), f"{shard}.members.json")
-        items = [Item(shard, r["key"], r["image_id"], r["uri"], *offsets[r["key"]]) for r in rows]
-        work += [(shard, tuple(items[i : i + chunk])) for i in range(0, len(items), chunk)]
-    return work
 
 
 def new_scan_id() -> str:
@@ -403,23 +440,26 @@ def run_scan(
         model_version = ws.require_model_version()
         plan = plan_scan(ws, scan_id, paths)
         shards = list(enumerate(plan["shards"]))
-        todo = [(i, uris) for i, uris in shards if not ws.exists(f"{_scan_dir(scan_id)}/{shard_name(i)}.rows.parquet")]
+        attributed = {p.rsplit("/", 1)[-1] for p in ws.ls(TABLES, "attributions", f"scan_id={scan_id}")}
+        todo = [(i, uris) for i, uris in shards if f"part-{shard_name(i)}.parquet" not in attributed]
         files = sum(len(u) for _, u in shards)
-        say(f"scan {scan_id}: {files} files in {len(shards)} shards; {len(todo)} shards to write")
+        say(f"scan {scan_id}: {files} files in {len(shards)} shards; {len(todo)} shards to do")
         # torch threads per worker: the cores shared out among the workers running side by side
         workers = next((int(o.split("=", 1)[1]) for o in runner_options if o.startswith("workers=")), os.cpu_count() or 1)
         threads = max(1, (os.cpu_count() or 1) // workers) if runner in ("local", "dask") else max(1, os.cpu_count() or 1)
-        # One pipeline, so worker start-up is paid once: shards, then (after all of them are
-        # committed) the images table, then embedding and attribution of what is not done.
+        # One pipeline, so worker start-up is paid once. Each shard is written and its images
+        # embedded in one pass (decoded once); the images table, written when every shard is
+        # committed, then joins the embeddings per shard for attribution.
         with (pipeline_options(runner, runner_options, files=files, beam_args=beam_args) as options,
               beam.Pipeline(options=options) as pipeline):
-            written = pipeline | "Shard" >> Shard(ws.url, scan_id, todo)
-            work = (
-                written
+            committed, chunks = pipeline | "Shard" >> Shard(ws.url, scan_id, todo)
+            verdicts = (
+                committed
                 | "AllShardsCommitted" >> beam.combiners.ToList()
                 | "ImagesTable" >> beam.ParDo(ImagesTable(ws.url, scan_id, len(shards)))
             )
-            _ = work | "EmbedAttribute" >> EmbedAndAttribute(ws.url, scan_id, model_version, threads=threads, device=device)
+            _ = (chunks, verdicts) | "EmbedAttribute" >> EmbedAndAttribute(ws.url, scan_id, model_version, threads=threads,
+                                                                            device=device)
         images = pq.read_table(io.BytesIO(ws.read_bytes(TABLES, "images", f"scan_id={scan_id}", "part-00000.parquet")))
         images = images.append_column("scan_id", pa.array([scan_id] * len(images)))
         say(f"scan {scan_id}: done")
@@ -432,11 +472,8 @@ def run_scan(
 
 def scan_ids(ws: Workspace) -> dict[str, bool]:
     """Every scan id with a plan, and whether it finished (images, embeddings and attributions written)."""
-    root = ws.path(SHARDS)
-    if not ws.fs.exists(root):
-        return {}
     found = {}
-    for path in sorted(ws.fs.ls(root, detail=False)):
+    for path in sorted(ws.ls(SHARDS)):
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if ws.exists(f"{SHARDS}/{name}/plan.json"):
             found[name] = ws.exists(f"{SHARDS}/{name}/done.json")

@@ -104,6 +104,26 @@ def test_rerunning_a_scan_adds_nothing(workspace, hostile_dir):
     assert q(workspace, "select count(*), count(distinct uri) from {images} where scan_id = 'again'") == [(13, 13)]
 
 
+def test_repeats_across_shards_are_duplicates_and_attributed_once(workspace, hostile_dir, tmp_path):
+    """Shards of 2: repeats land in other shards than their first copy, errors and all."""
+    inbox = tmp_path / "repeats"
+    inbox.mkdir()
+    for name in ("good 0 é.png", "good 1 é.png", "page.jpg", "one.png"):
+        for copy in range(3):
+            shutil.copy(hostile_dir / name, inbox / f"{copy}_{name}")
+    r = json_out(run_lida(workspace, "scan", str(inbox), "--scan-id", "repeats", env={"LIDA_SHARD_SIZE": "2"}))
+    assert r["status"] == {"ok": 3, "duplicate": 6, "error": 3}
+    assert len(list((Path(workspace) / "shards" / "repeats").glob("*.rows.parquet"))) == 6
+    rows = q(workspace, "select uri, status from {images} where scan_id = 'repeats'")
+    ok = sorted(u for u, s in rows if s == "ok")
+    assert [Path(u).name for u in ok] == ["0_good 0 é.png", "0_good 1 é.png", "0_one.png"]  # the first URI keeps it
+    attributed = q(workspace, "select uri, count(*) from {attributions} where scan_id = 'repeats' group by uri order by uri")
+    assert attributed == [(u, 1) for u in ok]
+    embedded = q(workspace, "select count(*), count(distinct image_id) from {embeddings} e "
+                            "join (select image_id from {images} where scan_id = 'repeats' and status = 'ok') using (image_id)")
+    assert embedded[0][1] == 3
+
+
 @pytest.mark.slow
 def test_kill_during_a_scan_then_rerun_is_exactly_once(workspace, sample_dirs, tmp_path):
     inbox = tmp_path / "inbox"
