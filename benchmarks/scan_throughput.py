@@ -125,7 +125,7 @@ def measure(args: argparse.Namespace, work: Path) -> int:
 
     # The bare forward pass of the same model on the same inputs (tiles and all), batch 32, with
     # the scan's allocator setting (it only makes the baseline faster: a conservative ratio).
-    from lida_core.accel import keep_freed_memory
+    from lida_core.allocator import keep_freed_memory
 
     keep_freed_memory()
     loaded = load_model(Workspace(str(ws)))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -30,29 +29,6 @@ import torch.nn.functional as F
 from lida_core.fingerprint import FingerprintSettings, fit_to_size, load_tile_bits, tile_views
 from lida_core.fingerprint import prepare_low_bits as prepare
 from lida_core.model import Embedder
-
-
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
-    """Let glibc reuse freed blocks up to `limit` bytes instead of returning them to the kernel.
-
-    CPU forward passes allocate and free activation buffers of tens of MB per batch; by default
-    glibc maps and unmaps each one, and the kernel zeroes every page again. On this 2-core
-    machine a 600-image scan took 1.5-2 M page faults and ~4 s of system time that way, and
-    ~0.5 M and ~2 s with this (about 1 s less wall time, measured four times each way).
-    Process-wide and idempotent; `LIDA_MALLOC_TUNE=0` turns it off. False where it does not apply.
-    """
-    if os.environ.get("LIDA_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
 
 
 def finish(kept: torch.Tensor, settings: FingerprintSettings) -> torch.Tensor:

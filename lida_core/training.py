@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lida_core.allocator import keep_freed_memory
 from lida_core.fingerprint import FingerprintSettings, fingerprint_bits, fit_to_size, tile_views, to_model_input
 from lida_core.losses import LidaLoss
 from lida_core.model import Embedder
@@ -147,6 +148,7 @@ def pretrain(
     """
     if len(images) < 2:
         raise ValueError("pre-training needs at least two images")
+    keep_freed_memory()
     model.train().to(device)
     size = model.input_size if config.labels else (config.view_size or model.input_size // 2)
     view_settings = model.fingerprint.with_size(size)
@@ -415,6 +417,7 @@ def adapt(
         raise ValueError("adaptation needs at least two sources in the gallery")
     if REAL not in sources:
         raise ValueError("adaptation needs real images in the gallery (source 'real')")
+    keep_freed_memory()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     train_idx, held_idx = split_holdout(labels, config.holdout, config.seed)

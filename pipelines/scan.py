@@ -278,7 +278,8 @@ class EmbedderHandler(ModelHandler):
     def load_model(self):
         import torch
 
-        from lida_core.accel import DeviceEmbedder, keep_freed_memory
+        from lida_core.accel import DeviceEmbedder
+        from lida_core.allocator import keep_freed_memory
         from lida_core.lifecycle import load_model
 
         torch.set_num_threads(self.threads)

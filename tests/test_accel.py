@@ -1,6 +1,10 @@
 """The accelerated embed path on CPU tensors: the CPU/device fingerprint split is bit-identical,
 DeviceEmbedder matches training.embed, and exact_topk finds FAISS's neighbours."""
 
+import os
+import subprocess
+import sys
+
 import faiss
 import numpy as np
 import pytest
@@ -103,3 +107,31 @@ def test_embed_files_decodes_in_worker_processes(tmp_path):
     assert list(errors) == [1] and "bad.png" in errors[1]
     np.testing.assert_allclose(emb[[0, 2, 3]], training.embed(model, images), atol=2e-5)
     assert not emb[1].any()
+
+
+ALLOCATION_LOOP = """
+import resource, sys
+import numpy as np
+from lida_core.allocator import keep_freed_memory
+applied = keep_freed_memory()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    buffer = np.ones(64 * 2**20, dtype=np.uint8)  # a 64 MB activation-sized buffer (small pages), touched, then freed
+    del buffer
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_remapping_large_buffers():
+    """Freed 64 MB buffers are reused instead of unmapped and faulted in again; LIDA_MALLOC_TUNE=0 turns it off."""
+    def faults(tune: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP], env=dict(os.environ, LIDA_MALLOC_TUNE=tune, NUMPY_MADVISE_HUGEPAGE="0"),
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    (on, with_tune), (off, without) = faults("1"), faults("0")
+    assert (on, off) == ("True", "False")
+    pages = 64 * 2**20 // 4096
+    assert without >= 15 * pages  # every round maps and touches fresh pages
+    assert with_tune <= 3 * pages  # the first round only
