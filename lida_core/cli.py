@@ -34,8 +34,36 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 epochs or a negative batch would silently do nothing or the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments give one error line (with where to find the usage), not a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lida",
         description="Tell where AI-generated images came from: low-bit fingerprints, retrieval, few-shot adaptation.",
     )
@@ -57,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs["pretrain"]
     p.add_argument("paths", nargs="+", metavar="PATH", help="real images: files, folders, fsspec URLs")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--labels", choices=("folders",), help="classification pretext: one sub-folder per class")
     p.add_argument("--input", choices=("fingerprint", "rgb"), default="fingerprint", help="rgb: the paper's ablation")
     p.add_argument("--seed", type=int, default=0)
@@ -74,16 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     verbs["reindex"].set_defaults()
 
     p = verbs["adapt"]
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--seed", type=int, default=0)
 
     p = verbs["eval"]
     p.add_argument("directory", metavar="DIR", help="one sub-folder per source, 'real' among them")
-    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--shots", type=positive_int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-adapt", action="store_true", help="evaluate the current model as it is")
-    p.add_argument("--epochs", type=int, help="adaptation epochs on the K-shot gallery")
+    p.add_argument("--epochs", type=positive_int, help="adaptation epochs on the K-shot gallery")
     p.add_argument("--input", choices=("fingerprint", "rgb"), help="check the model takes this input")
 
     p = verbs["scan"]
@@ -101,13 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs["demo"]
     p.add_argument("--dir", default="lida-demo", help="the demo folder, deleted and remade each run (default ./lida-demo)")
-    p.add_argument("--pretrain-epochs", type=int, default=3)
-    p.add_argument("--adapt-epochs", type=int, default=40)
-    p.add_argument("--pretrain-images", type=int, default=48, help="real images written for pre-training")
+    p.add_argument("--pretrain-epochs", type=positive_int, default=3)
+    p.add_argument("--adapt-epochs", type=positive_int, default=40)
+    p.add_argument("--pretrain-images", type=positive_int, default=48, help="real images written for pre-training")
 
     p = verbs["flow"]
     p.add_argument("name", choices=("nightly", "reindex", "adapt"))
-    p.add_argument("--epochs", type=int, help="adapt: adaptation epochs")
+    p.add_argument("--epochs", type=positive_int, help="adapt: adaptation epochs")
     p.add_argument("--force", action="store_true", help="adapt: run on any new labelled image")
 
     p = verbs["config"]

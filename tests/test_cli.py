@@ -20,6 +20,20 @@ def test_help_lists_every_contract_verb():
         assert verb in result.stdout
 
 
+def test_bad_arguments_give_one_line_and_touch_nothing(tmp_path):
+    """0 epochs used to fall back to the default silently, and a negative count to train nothing."""
+    ws = str(tmp_path / "ws")
+    for args, expected in ((("pretrain", str(tmp_path), "--epochs", "0"), "--epochs: must be at least 1, got 0"),
+                           (("pretrain", str(tmp_path), "--batch-size", "-4"), "--batch-size: must be at least 1"),
+                           (("adapt", "--lr", "nan"), "--lr: must be a positive number"),
+                           (("eval", str(tmp_path), "--shots", "five"), "--shots: expected a whole number"),
+                           (("nosuchverb",), "invalid choice")):
+        result = run("--workspace", ws, *args)
+        assert result.returncode == 2, args
+        assert result.stderr.count("\n") == 1 and expected in result.stderr and "--help" in result.stderr, result.stderr
+    assert not Path(ws).exists()
+
+
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     result = run("demo", "--dir", str(tmp_path))
