@@ -166,7 +166,7 @@ def pretrain(
     if optimizer_state:
         optimiser.load_state_dict(optimizer_state)
     steps_per_epoch = max(1, len(images) // config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = max(1, config.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, (step + start_epoch * steps_per_epoch) / total_steps)))
     )
