@@ -358,6 +358,7 @@ class AdaptConfig:
     min_epochs: int = 30  # no early stop before this many (capped at half the epochs)
     holdout: float = 0.2
     views_per_image: int = 4  # augmented views of each gallery image per epoch
+    view_size: int = 0  # side of the training views; 0 = the model input (global pooling takes any size)
     seed: int = 0
     input_kind: str = "fingerprint"
 
@@ -435,7 +436,7 @@ def adapt(
     best = holdout_accuracy(model, images, labels, train_idx, held_idx, config.input_kind, device)
     result.best_holdout_accuracy = best
     stale = 0
-    size = model.input_size
+    size = config.view_size or model.input_size
     for epoch in range(config.epochs):
         started = time.perf_counter()
         model.eval()
