@@ -86,9 +86,7 @@ def authors_path(model, paths: list[str], device: torch.device, seconds: float) 
 
 def encoder_ceiling(embedder: accel.DeviceEmbedder, seconds: float) -> float:
     size, batch = embedder.model.input_size, embedder.batch_size
-    x = torch.rand(batch, 3, size, size, device=embedder.device)
-    if embedder.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.rand(batch, 3, size, size, device=embedder.device).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast(embedder.device.type, dtype=torch.bfloat16, enabled=embedder.autocast):
         for _ in range(3):
             embedder.forward(x)

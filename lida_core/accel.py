@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lida_core.fingerprint import FingerprintSettings, fit_to_size, load_tile_bits, tile_views
+from lida_core.fingerprint import FingerprintSettings, fit_to_size, load_tile_bits, tile_views, to_model_input
 from lida_core.fingerprint import prepare_low_bits as prepare
 from lida_core.model import Embedder
 
@@ -40,11 +40,6 @@ def finish(kept: torch.Tensor, settings: FingerprintSettings) -> torch.Tensor:
     if settings.fit == "crop" and region.shape[1] == region.shape[2] == settings.size:
         return region
     return fit_to_size(region, settings)
-
-
-def model_batch(fingerprints: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    x = fingerprints.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
 def pick_batch_size(device: torch.device, input_size: int) -> int:
@@ -69,7 +64,6 @@ class DeviceEmbedder:
         self.autocast = self.cuda if autocast is None else autocast
         # channels_last on every device: on CPU too, the convolutions run ~25% faster with it
         # (measured on this 2-core machine, small profile: 2.8 s against 3.7 s for 300 images)
-        self.channels_last = True
         self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model, dynamic=False) if compile else self.model
         self.batch_size = batch_size or pick_batch_size(self.device, model.input_size)
@@ -119,7 +113,7 @@ class DeviceEmbedder:
                 raise item
             owners, kept = item
             kept = kept.to(self.device, non_blocking=True)
-            x = model_batch(finish(kept, self.settings), self.channels_last)
+            x = to_model_input(finish(kept, self.settings)).contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 feats = F.normalize(self.forward(x).float(), dim=1).cpu().numpy()
             np.add.at(out, np.asarray(owners, dtype=np.int64), feats)

@@ -53,6 +53,13 @@ ADAPT_DEFAULTS = {"small": {"epochs": 60, "lr": 1e-3, "view_size": 64, "views_pe
                   "paper": {"epochs": 100, "lr": 1e-4, "view_size": 0, "views_per_image": 4}}
 
 
+def adapt_config(profile: str, epochs: int | None, lr: float | None, seed: int, input_kind: str) -> training.AdaptConfig:
+    """The profile's adaptation defaults, with the user's epochs and learning rate where given."""
+    defaults = ADAPT_DEFAULTS.get(profile, ADAPT_DEFAULTS["small"])
+    return training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"], seed=seed, input_kind=input_kind,
+                                view_size=defaults["view_size"], views_per_image=defaults["views_per_image"])
+
+
 def _quiet(_: str, __: dict) -> None:
     return None
 
@@ -379,14 +386,12 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
     """
     ws.require()
     config = ws.config()
-    defaults = ADAPT_DEFAULTS.get(config.profile, ADAPT_DEFAULTS["small"])
     with ws.lock("adapt") if lock else contextlib.nullcontext():
         current = load_model(ws)
         images, sources, ids = gallery_images(ws, current.version)
         if training.REAL not in sources or len(set(sources)) < 2:
             raise WorkspaceError("adaptation needs real images and at least one generator in the gallery ('lida gallery add')")
-        cfg = training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"], seed=seed, input_kind=current.input_kind,
-                                   view_size=defaults["view_size"], views_per_image=defaults["views_per_image"])
+        cfg = adapt_config(config.profile, epochs, lr, seed, current.input_kind)
         candidate = LoadedModel("candidate", copy.deepcopy(current.model), {**current.meta})
         train_idx, held_idx = training.split_holdout(sources, cfg.holdout, seed)
         before = training.holdout_accuracy(current.model, images, sources, train_idx, held_idx, current.input_kind)
@@ -464,9 +469,7 @@ def evaluate(
     model = LoadedModel(current.version, copy.deepcopy(current.model), current.meta)
     adapt_info = None
     if adapt:
-        defaults = ADAPT_DEFAULTS.get(config.profile, ADAPT_DEFAULTS["small"])
-        cfg = training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=defaults["lr"], seed=seed, input_kind=model.input_kind,
-                                   view_size=defaults["view_size"], views_per_image=defaults["views_per_image"])
+        cfg = adapt_config(config.profile, epochs, None, seed, model.input_kind)
         result = training.adapt(model.model, gallery.pixels, g_src, cfg, progress=lambda e: progress("epoch", e))
         adapt_info = {"best_epoch": result.best_epoch, "holdout_accuracy": result.best_holdout_accuracy}
     g_emb = model.embed(gallery.pixels)

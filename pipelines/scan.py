@@ -73,6 +73,11 @@ def shard_name(index: int) -> str:
     return f"{index:06d}"
 
 
+def attributions_part(scan_id: str, shard: str) -> str:
+    """A shard's attributions file under the attributions table; its presence marks the shard done."""
+    return f"scan_id={scan_id}/part-{shard}.parquet"
+
+
 # ---------------------------------------------------------------- the scan's stages
 
 CHUNK = 32  # most images per embedding call
@@ -94,7 +99,7 @@ class ShardFinal:
     ok_keys: frozenset[str]
 
 
-def chunk_sizes(count: int, most: int = CHUNK) -> int:
+def chunk_size(count: int, most: int = CHUNK) -> int:
     """An even chunk size for `count` images: 75 -> 25 (3 chunks), not 32 + 32 + 11."""
     chunks = max(1, -(-count // most))
     return max(1, -(-count // chunks))
@@ -108,7 +113,7 @@ class ShardAndDecode(beam.DoFn):
     embedding as they are decoded, and its tar (temporary name, then renamed) and its rows file
     (the commit marker, written last) follow. A shard committed by an earlier run whose
     attributions are missing is decoded again from its own tar (ranged reads of its members).
-    A shard with attributions is done and only reported as committed. Either way no more than
+    (Shards with attributions are done and never reach this stage.) Either way no more than
     a chunk of decoded images is held at once, so memory stays bounded whatever the scan's size.
     """
 
@@ -122,19 +127,18 @@ class ShardAndDecode(beam.DoFn):
     def process(self, element: tuple[int, list[str]]):
         index, uris = element
         name = shard_name(index)
-        if not self.ws.exists(f"{TABLES}/attributions/scan_id={self.scan_id}/part-{name}.parquet"):
-            if self.ws.exists(f"{_scan_dir(self.scan_id)}/{name}.rows.parquet"):
-                yield from self._from_tar(name)
-            else:
-                yield from self._write(index, uris)
+        if self.ws.exists(f"{_scan_dir(self.scan_id)}/{name}.rows.parquet"):
+            yield from self._from_tar(name)
+        else:
+            yield from self._write(index, uris)
         yield COMMITTED_OUT, index
 
     def _write(self, index: int, uris: list[str]):
         name = shard_name(index)
         base = f"{_scan_dir(self.scan_id)}/{name}"
         rows, members = [], []
-        seen: set[str] = set()
-        size = chunk_sizes(len(uris))
+        first: dict[str, dict] = {}  # image_id -> the row of its first copy in this shard
+        size = chunk_size(len(uris))
         chunk: tuple[list[Item], list[np.ndarray]] = ([], [])
         now = utc_now()
         for position, uri in enumerate(uris):
@@ -148,12 +152,11 @@ class ShardAndDecode(beam.DoFn):
                 row.update(status="error", error=f"unreadable: {exc}", image_id=hashlib.sha256(uri.encode()).hexdigest())
                 continue
             row.update(image_id=hashlib.sha256(data).hexdigest(), bytes=len(data))
-            if row["image_id"] in seen:  # the same bytes decode the same way: a duplicate
-                first = next(r for r in rows if r["image_id"] == row["image_id"])
-                row.update(status="duplicate" if first["status"] == "ok" else first["status"], error=first["error"],
-                           format=first["format"], width=first["width"], height=first["height"])
+            original = first.setdefault(row["image_id"], row)
+            if original is not row:  # the same bytes decode the same way: a duplicate
+                row.update(status="duplicate" if original["status"] == "ok" else original["status"], error=original["error"],
+                           format=original["format"], width=original["width"], height=original["height"])
                 continue
-            seen.add(row["image_id"])
             try:
                 decoded = decode_image(data, uri)
             except DecodeError as exc:
@@ -180,7 +183,7 @@ class ShardAndDecode(beam.DoFn):
         rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{base}.rows.parquet")), columns=["uri", "image_id", "status", "key"])
         rows = [r for r in rows.to_pylist() if r["status"] == "ok"]
         offsets = self.ws.read_json(f"{base}.members.json")
-        size = chunk_sizes(len(rows))
+        size = chunk_size(len(rows))
         with self.ws.fs.open(self.ws.path(f"{base}.tar"), "rb") as handle:
             for start in range(0, len(rows), size):
                 items, pixels = [], []
@@ -252,7 +255,10 @@ def finalize_images(ws: Workspace, scan_id: str, shard_count: int) -> pa.Table:
 
 
 class ImagesTable(beam.DoFn):
-    """After every shard is committed: write the scan's images table; emit each unfinished shard's verdict."""
+    """After every shard is committed: write the scan's images table; emit each shard's verdict.
+
+    The shards of this run are exactly those without attributions (see `run_scan`).
+    """
 
     def __init__(self, workspace: str, scan_id: str, shard_count: int):
         self.workspace, self.scan_id, self.shard_count = workspace, scan_id, shard_count
@@ -262,10 +268,10 @@ class ImagesTable(beam.DoFn):
         images = finalize_images(ws, self.scan_id, self.shard_count)
         ok: dict[str, set[str]] = {shard_name(i): set() for i in committed}
         for row in images.filter(pa.compute.equal(images["status"], "ok")).select(["shard", "key"]).to_pylist():
-            ok.setdefault(row["shard"], set()).add(row["key"])
+            if row["shard"] in ok:
+                ok[row["shard"]].add(row["key"])
         for shard in sorted(ok):
-            if not ws.exists(f"{TABLES}/attributions/scan_id={self.scan_id}/part-{shard}.parquet"):
-                yield shard, ShardFinal(frozenset(ok[shard]))
+            yield shard, ShardFinal(frozenset(ok[shard]))
 
 
 class EmbedderHandler(ModelHandler):
@@ -358,7 +364,7 @@ class Attribute(beam.DoFn):
             self._write("embeddings", f"model_version={self.model_version}/scan-{self.scan_id}-{shard}.parquet",
                         embeddings, emb.shape[1], drop="model_version")
         # Attributions last, even when empty: their presence marks the shard done.
-        self._write("attributions", f"scan_id={self.scan_id}/part-{shard}.parquet", attributions, None, drop="scan_id")
+        self._write("attributions", attributions_part(self.scan_id, shard), attributions, None, drop="scan_id")
         yield shard, len(items)
 
     def _write(self, table_name: str, rel: str, rows: list[dict], dim: int | None, drop: str) -> None:
@@ -442,7 +448,7 @@ def run_scan(
         plan = plan_scan(ws, scan_id, paths)
         shards = list(enumerate(plan["shards"]))
         attributed = {p.rsplit("/", 1)[-1] for p in ws.ls(TABLES, "attributions", f"scan_id={scan_id}")}
-        todo = [(i, uris) for i, uris in shards if f"part-{shard_name(i)}.parquet" not in attributed]
+        todo = [(i, uris) for i, uris in shards if attributions_part(scan_id, shard_name(i)).rsplit("/", 1)[-1] not in attributed]
         files = sum(len(u) for _, u in shards)
         say(f"scan {scan_id}: {files} files in {len(shards)} shards; {len(todo)} shards to do")
         # torch threads per worker: the cores shared out among the workers running side by side
