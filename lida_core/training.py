@@ -223,13 +223,20 @@ def real_prototype(real_embeddings: np.ndarray) -> np.ndarray:
 
 
 def calibrate_real_threshold(real_scores: np.ndarray, target_fpr: float = 0.05) -> float:
-    """Similarity below which an image is called generated: `target_fpr` of real images fall below."""
+    """Score below which an image is called generated: at most `target_fpr` of new real images fall below.
+
+    The conformal (split) quantile: with n held-out real scores, the k-th smallest for
+    k = floor(target_fpr * (n + 1)). A new real image is exchangeable with them, so it falls
+    below that threshold with probability k / (n + 1) <= target_fpr. The plain empirical
+    quantile (the (floor(target_fpr * n) + 1)-th smallest) lets (floor(target_fpr * n) + 1) / (n + 1)
+    through: 7.4% instead of 5% with 26 calibration images. With fewer than 1 / target_fpr - 1
+    images the smallest score is the threshold (1 / (n + 1): nothing better can be promised).
+    """
     scores = np.sort(np.asarray(real_scores, dtype=np.float64))
     if scores.size == 0:
         raise ValueError("calibration needs held-out real images")
-    # The largest threshold with at most target_fpr of real scores strictly below it.
-    allowed = int(math.floor(target_fpr * scores.size))
-    return float(scores[allowed]) if allowed < scores.size else float(scores[-1])
+    k = int(math.floor(target_fpr * (scores.size + 1)))
+    return float(scores[max(k, 1) - 1])
 
 
 def leave_one_out_similarities(embeddings: np.ndarray, labels: Sequence[str]) -> np.ndarray:

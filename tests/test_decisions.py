@@ -29,6 +29,15 @@ def test_real_threshold_holds_the_target_false_positive_rate(rng):
         calibrate_real_threshold(np.array([]), 0.05)
 
 
+def test_real_threshold_from_few_images_keeps_new_real_images_under_the_target(rng):
+    """26 calibration images (pre-training's 10% of 256): the rate on new real images stays at 5%."""
+    rates = []
+    for _ in range(4000):
+        threshold = calibrate_real_threshold(rng.normal(0.0, 1.0, 26), 0.05)
+        rates.append(float(np.mean(rng.normal(0.0, 1.0, 200) < threshold)))
+    assert np.mean(rates) <= 0.05  # expected k / (n + 1) = 1/27 here; the plain empirical quantile gave 2/27
+
+
 def test_unknown_threshold_keeps_most_known_images():
     gallery = unit([1, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [0.1, 0.99, 0], [0, 0, 1])
     labels = ["g1", "g1", "g2", "g2", "real"]
