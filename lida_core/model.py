@@ -11,6 +11,10 @@ settings. `build_model(name)` returns an `Embedder`: float N x 3 x S x S in [0, 
 - `small`: a CPU profile: full-resolution residual stages before any down-sampling, so
   the network sees the fingerprint's pixel-level pattern, then four stride-2 stages;
   128 x 128 input, 256-d feature. Numbers: benchmarks/model_speed.py, docs/results.md.
+- `phase`: `small` behind a phase stem (wrapped low-bit neighbour differences as angles).
+- `stats`: fixed low-bit co-occurrence statistics (`StatsStem`) under a learned residual
+  head that starts as the identity: training-free retrieval from the first use, adapted on
+  the gallery. Cheap enough for any CPU.
 
 Checkpoints are plain dicts of tensors and strings, read with `torch.load(weights_only=True)`,
 and carry the profile and fingerprint settings they were trained with.
@@ -183,6 +187,80 @@ class PhaseStem(nn.Module):
         return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
+def _wrapped_histograms(d: torch.Tensor, bins: int) -> torch.Tensor:
+    """N x ... integer codes in [0, bins) -> N x bins relative frequencies (one bincount for the batch)."""
+    n = d.shape[0]
+    codes = d.reshape(n, -1) + torch.arange(n, device=d.device).view(n, 1) * bins
+    counts = torch.bincount(codes.reshape(-1), minlength=n * bins).view(n, bins).float()
+    return counts / counts.sum(1, keepdim=True).clamp_min(1.0)
+
+
+class StatsStem(nn.Module):
+    """Co-occurrence statistics of the kept low bits: a fixed descriptor from the forensics literature.
+
+    With v the low-bit value (0..2^b-1) and d the wrapped difference to the next pixel
+    (`(v[i+1] - v[i]) mod 2^b`), per direction (right, down) and colour channel:
+    - the histogram of d, and of consecutive pairs (d[i], d[i+1]): SPAM (Pevny et al. 2010);
+    - the joint histogram of d in two channels at one pixel, for the three channel pairs:
+      colour co-occurrences (Goljan et al. 2014), where demosaicing and a decoder's colour
+      mixing differ;
+    - |histogram of d at even positions - at odd positions|: period-2 structure, the trace
+      of x2 up-sampling (Popescu and Farid 2005), invariant to where a crop starts.
+    Each histogram is normalised, square-rooted (Hellinger) and the whole L2-normalised, so
+    cosine retrieval on the raw descriptor already works. Directional on purpose: up-sampling
+    kernels are not symmetric, so training views of this stem are not turned or flipped.
+    2 x (3 x 8 + 3 x 64 + 3 x 64 + 3 x 8) = 864 values for 3 bits.
+    """
+
+    def __init__(self, settings: FingerprintSettings):
+        super().__init__()
+        if settings.mode != "scale":
+            raise ValueError("the statistics stem needs scaled low bits (mode 'scale'), not binary ones")
+        self.levels = 2**settings.bits
+        self.step = settings.scale_factor / 255.0
+        self.dim = StatsStem.size(settings.bits)
+
+    @staticmethod
+    def size(bits: int = 3) -> int:
+        levels = 2**bits
+        return 2 * 3 * (2 * levels + 2 * levels * levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = self.levels
+        v = torch.round(x.float() / self.step).long().clamp_(0, levels - 1)
+        parts = []
+        for axis in (3, 2):
+            length = v.shape[axis]
+            d = (v.narrow(axis, 1, length - 1) - v.narrow(axis, 0, length - 1)) % levels
+            for c in range(3):
+                a = d[:, c]
+                along = axis - 1
+                n = a.shape[along]
+                pairs = a.narrow(along, 0, n - 1) * levels + a.narrow(along, 1, n - 1)
+                even = a.narrow(along, 0, n // 2 * 2).unflatten(along, (-1, 2))
+                parity = (_wrapped_histograms(even.select(along + 1, 0), levels)
+                          - _wrapped_histograms(even.select(along + 1, 1), levels)).abs()
+                parts += [_wrapped_histograms(a, levels), _wrapped_histograms(pairs, levels * levels), parity]
+            for c1, c2 in ((0, 1), (1, 2), (0, 2)):
+                parts.append(_wrapped_histograms(d[:, c1] * levels + d[:, c2], levels * levels))
+        f = torch.cat(parts, 1).sqrt()
+        return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class StatsHead(nn.Module):
+    """x + W2 relu(W1 x) with W2 = 0 at first: the untrained embedding is the descriptor itself."""
+
+    def __init__(self, dim: int = StatsStem.size(), hidden: int = 512):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
 def _init_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -206,7 +284,9 @@ class Profile:
     builder: Callable[[], nn.Module]
     description: str
     tiles: int = 1  # an image's embedding averages up to this many input-size tiles (crop fit only)
-    stem: str = "none"  # "phase": PhaseStem before the backbone, instead of mean/std normalisation
+    stem: str = "none"  # "phase" / "stats": PhaseStem / StatsStem before the backbone, instead of mean/std normalisation
+    turns: bool = True  # training views may be turned and flipped (False: the features are directional)
+    detection: str = "prototype"  # default real/generated rule (training.DETECTIONS); a workspace's config may override
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -258,6 +338,18 @@ register_profile(
         stem="phase",
     )
 )
+register_profile(
+    replace(
+        PROFILES["small"],
+        name="stats",
+        embedding_dim=StatsStem.size(),
+        builder=StatsHead,
+        description="fixed low-bit co-occurrence statistics under a learned residual head (identity at first)",
+        stem="stats",
+        turns=False,
+        detection="contrast",
+    )
+)
 
 
 class Embedder(nn.Module):
@@ -271,7 +363,8 @@ class Embedder(nn.Module):
         self.fingerprint = (fingerprint or profile.fingerprint).with_size(profile.input_size)
         self.tiles = profile.tiles
         self.backbone = profile.builder()
-        self.stem = PhaseStem(self.fingerprint) if profile.stem == "phase" else None
+        self.turns = profile.turns
+        self.stem = {"phase": PhaseStem, "stats": StatsStem}[profile.stem](self.fingerprint) if profile.stem != "none" else None
         # Not persistent: part of the profile, not of the weights (and absent upstream).
         self.register_buffer("input_mean", torch.tensor(profile.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(profile.std).view(1, 3, 1, 1), persistent=False)

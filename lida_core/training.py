@@ -38,8 +38,8 @@ Progress = Callable[[dict], None]
 # ---------------------------------------------------------------- inputs
 
 
-def random_view(pixels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random crop (size x size when the image allows), flip and quarter turn; no resampling."""
+def random_view(pixels: np.ndarray, size: int, rng: np.random.Generator, turns: bool = True) -> np.ndarray:
+    """A random crop (size x size when the image allows), then (with `turns`) a flip and quarter turn; no resampling."""
     height, width = pixels.shape[:2]
     if height > size:
         top = int(rng.integers(0, height - size + 1))
@@ -47,6 +47,8 @@ def random_view(pixels: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     if width > size:
         left = int(rng.integers(0, width - size + 1))
         pixels = pixels[:, left : left + size]
+    if not turns:
+        return np.ascontiguousarray(pixels)
     pixels = np.rot90(pixels, int(rng.integers(4)))
     if rng.integers(2):
         pixels = pixels[:, ::-1]
@@ -182,14 +184,14 @@ def pretrain(
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             if len(idx) < 2:
                 continue
-            views_a = [random_view(images[i], size, rng) for i in idx]
+            views_a = [random_view(images[i], size, rng, model.turns) for i in idx]
             xa = model_inputs(views_a, view_settings, config.input_kind).to(device)
             if config.labels:
                 y = torch.tensor([labels[i] for i in idx], device=device)
                 loss = F.cross_entropy(head(model.features(xa)), y)
             else:
                 # Two places of one image share its noise process but not its content.
-                views_b = [random_view(images[i], size, rng) for i in idx]
+                views_b = [random_view(images[i], size, rng, model.turns) for i in idx]
                 xb = model_inputs(views_b, view_settings, config.input_kind).to(device)
                 feats = model.features(torch.cat([xa, xb]))
                 proj = head(feats)
@@ -457,7 +459,7 @@ def adapt(
             idx = order[s : s + config.batch_size]
             if len(idx) < 2:
                 continue
-            x = model_inputs([random_view(images[i], size, rng) for i in idx], model.fingerprint, config.input_kind).to(device)
+            x = model_inputs([random_view(images[i], size, rng, model.turns) for i in idx], model.fingerprint, config.input_kind).to(device)
             y = y_all[idx].to(device)
             feats = F.normalize(model(x), dim=1)
             loss, parts = criterion(feats, y, (y == real_class).long(), prototype)

@@ -218,3 +218,107 @@ def test_phase_profile_builds_embeds_and_round_trips(tmp_path):
     save_checkpoint(model, path)
     loaded, _ = load_checkpoint(path, profile="phase", fingerprint=model.fingerprint)
     assert torch.allclose(loaded.eval()(x), model.eval()(x))
+
+
+def _stats_reference(pixels, bits=3):
+    """StatsStem's descriptor stated again in numpy, in its order (see the class docstring)."""
+    import numpy as np
+
+    levels = 2**bits
+    v = (pixels & (levels - 1)).astype(np.int64)
+
+    def hist(a, n):
+        counts = np.bincount(a.ravel(), minlength=n).astype(np.float64)
+        return counts / max(counts.sum(), 1.0)
+
+    parts = []
+    for axis in (1, 0):
+        d = np.diff(v, axis=axis) % levels
+        for c in range(3):
+            a = d[..., c] if axis == 1 else d[..., c].T  # consecutive values along the last axis
+            even = a[:, : a.shape[1] // 2 * 2]
+            parts += [hist(a, levels), hist(a[:, :-1] * levels + a[:, 1:], levels * levels),
+                      np.abs(hist(even[:, 0::2], levels) - hist(even[:, 1::2], levels))]
+        for c1, c2 in ((0, 1), (1, 2), (0, 2)):
+            parts.append(hist(d[..., c1] * levels + d[..., c2], levels * levels))
+    f = np.sqrt(np.concatenate(parts))
+    return f / np.linalg.norm(f)
+
+
+def _stats_input(pixels):
+    import numpy as np
+
+    from lida_core.fingerprint import to_model_input
+
+    return to_model_input(torch.from_numpy(((pixels & 7) * 36).astype(np.uint8))[None])
+
+
+def test_stats_stem_is_the_low_bit_co_occurrence_descriptor():
+    import numpy as np
+
+    from lida_core.model import StatsStem
+
+    stem = StatsStem(FingerprintSettings(bits=3, mode="scale", fit="crop", size=128))
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 255, (37, 50, 3), dtype=np.uint8)  # odd sizes, room for +1 everywhere
+    out = stem(_stats_input(pixels))[0]
+    assert out.shape == (864,) and stem.dim == 864
+    assert np.allclose(out.numpy(), _stats_reference(pixels), atol=1e-6)
+    # Wrapped differences: one grey level more everywhere (7 -> 0 wraps) changes nothing.
+    assert torch.allclose(stem(_stats_input(pixels + 1))[0], out, atol=1e-6)
+    # Directional: a transposed image swaps the right and down halves, and is another descriptor.
+    turned = stem(_stats_input(np.ascontiguousarray(pixels.transpose(1, 0, 2))))[0]
+    assert torch.allclose(turned[:432], out[432:], atol=1e-6) and torch.allclose(turned[432:], out[:432], atol=1e-6)
+    assert not torch.allclose(turned, out, atol=1e-3)
+    with pytest.raises(ValueError, match="scaled low bits"):
+        StatsStem(FingerprintSettings(mode="binary"))
+
+
+def test_stats_stem_parity_block_sees_period_two_structure():
+    import numpy as np
+
+    from lida_core.model import StatsStem
+
+    stem = StatsStem(FingerprintSettings(bits=3, mode="scale", fit="crop", size=128))
+    flat = np.full((32, 32, 3), 8, dtype=np.uint8)
+    columns = flat.copy()
+    columns[:, 1::2] += 3  # low bits 0, 3, 0, 3 ... along each row: differences 3, 5, 3, 5
+    parity_right = slice(72, 80)  # right-direction block, channel 0: 8 single, 64 pairs, then 8 parity bins
+    assert float(stem(_stats_input(flat))[0, parity_right].abs().sum()) == 0.0
+    assert float(stem(_stats_input(columns))[0, parity_right].sum()) > 0.1
+
+
+def test_stats_profile_starts_as_the_descriptor_and_round_trips(tmp_path):
+    import numpy as np
+
+    model = build_model("stats").eval()
+    assert model.tiles == 4 and model.turns is False and model.embedding_dim == 864
+    assert build_model("small").turns is True
+    pixels = np.random.default_rng(4).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    with torch.no_grad():
+        assert np.allclose(model(_stats_input(pixels))[0].numpy(), _stats_reference(pixels), atol=1e-6)  # identity head at first
+        assert model.features(_stats_input(pixels[:64, :64])).shape == (1, 864)  # any view size
+    torch.nn.init.normal_(model.backbone.fc2.weight)  # a trained head moves away from the descriptor...
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(model, path)
+    loaded, _ = load_checkpoint(path, profile="stats", fingerprint=model.fingerprint)
+    x = _stats_input(pixels)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), model(x))  # ...and its weights come back
+        assert not np.allclose(model(x)[0].numpy(), _stats_reference(pixels), atol=1e-3)
+
+
+def test_training_views_keep_their_orientation_when_the_profile_says_so():
+    import numpy as np
+
+    from lida_core.training import random_view
+
+    pixels = np.random.default_rng(5).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        view = random_view(pixels, 16, rng, turns=False)
+        found = [(y, x) for y in range(25) for x in range(45) if np.array_equal(pixels[y : y + 16, x : x + 16], view)]
+        assert len(found) == 1  # a plain crop, never turned or flipped
+    turned = [random_view(pixels, 16, rng) for _ in range(20)]  # the default turns and flips
+    plain = [any(np.array_equal(pixels[y : y + 16, x : x + 16], v) for y in range(25) for x in range(45)) for v in turned]
+    assert not all(plain)
