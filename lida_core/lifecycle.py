@@ -57,7 +57,13 @@ def adapt_config(profile: str, epochs: int | None, lr: float | None, seed: int, 
     """The profile's adaptation defaults, with the user's epochs and learning rate where given."""
     defaults = ADAPT_DEFAULTS.get(profile, ADAPT_DEFAULTS["small"])
     return training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"], seed=seed, input_kind=input_kind,
-                                view_size=defaults["view_size"], views_per_image=defaults["views_per_image"])
+                                view_size=defaults["view_size"], views_per_image=defaults["views_per_image"],
+                                **{k: defaults[k] for k in ("lam", "beta") if k in defaults})
+
+
+def detection_method(config: WorkspaceConfig) -> str:
+    """The workspace's detection rule: its config's, else its profile's."""
+    return config.detection or get_profile(config.profile).detection
 
 
 def _quiet(_: str, __: dict) -> None:
@@ -363,19 +369,28 @@ def gallery_images(ws: Workspace, version: str) -> tuple[list[np.ndarray], list[
 
 
 def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: WorkspaceConfig) -> training.Decider:
-    """Prototype from the real gallery images; threshold from the held-out calibration images."""
+    """Prototype from the real gallery images; threshold from the held-out calibration images.
+
+    With contrast detection the generator prototypes come from the same gallery images, and
+    the threshold is calibrated on the calibration images' contrast scores.
+    """
     emb = model.embed(images)
     real = emb[np.asarray(sources) == training.REAL]
     prototype = training.real_prototype(real)
+    generators = None
+    if detection_method(config) == "contrast":
+        found = training.generator_prototypes(emb, sources)
+        generators = np.stack(list(found.values())) if found else None
     calibration = model.meta.get("calibration") or []
     if calibration:
         cal = model.embed([decode_image(ws.get_blob(i), i).pixels for i in calibration])
-        scores = cal @ prototype
+        scores = training.detection_scores(cal, prototype, generators)
     else:
         scores = training.leave_one_out_similarities(real, [training.REAL] * len(real))
         scores = scores[np.isfinite(scores)]
+        generators = None  # no held-out real images to calibrate a contrast on
     threshold = training.calibrate_real_threshold(scores, config.target_fpr) if len(scores) else -1.0
-    return training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k)
+    return training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k, generators)
 
 
 def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
@@ -476,7 +491,8 @@ def evaluate(
     q_emb = model.embed(queries.pixels)
     decider = _decider_for(model, ws, gallery.pixels, g_src, config) if adapt or current.decider is None else current.decider
     decider = training.Decider(decider.prototype, decider.real_threshold,
-                               training.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept), config.decision, config.k, config.top_k)
+                               training.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept), config.decision, config.k, config.top_k,
+                               decider.generators)
     retrieval = retrieval_metrics(q_emb @ g_emb.T, q_src, g_src)
     decisions = decider.decide(q_emb, g_emb, g_src)
     predicted = [d["predicted_source"] for d in decisions]
@@ -499,6 +515,7 @@ def evaluate(
         "attribution_accuracy": float(np.mean([p == t for p, t in zip(predicted, q_src, strict=True)])),
         "balanced_accuracy": balanced_accuracy(truth_generated, [d["is_generated"] for d in decisions]),
         "auroc": auroc(-real_scores, truth_generated),
+        "detection": "contrast" if decider.generators is not None else "prototype",
         "real_threshold": decider.real_threshold,
         "unknown_threshold": decider.unknown_threshold,
         "per_source": per_source_table(q_src, predicted),
@@ -513,7 +530,7 @@ def evaluation_markdown(result: dict) -> str:
         f"- gallery {result['gallery_images']} images, queries {result['query_images']}, errors {len(result['errors'])}",
         f"- Rank-1 **{result['rank1']:.3f}**, mAP **{result['mAP']:.3f}**, attribution accuracy {result['attribution_accuracy']:.3f}",
         f"- real vs generated: balanced accuracy **{result['balanced_accuracy']:.3f}**, AUROC {result['auroc']:.3f} "
-        f"(threshold {result['real_threshold']:.3f})",
+        f"({result.get('detection', 'prototype')} rule, threshold {result['real_threshold']:.3f})",
         "",
         "| source | queries | correct | recall | precision |",
         "|---|---|---|---|---|",

@@ -267,9 +267,32 @@ def calibrate_unknown_threshold(embeddings: np.ndarray, labels: Sequence[str], a
     return float(np.quantile(best, 1.0 - accept))
 
 
+DETECTIONS = ("prototype", "contrast")
+
+
+def generator_prototypes(embeddings: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
+    """{generator source: its normalised mean embedding} (real left out)."""
+    labels = np.asarray(labels)
+    return {str(s): real_prototype(embeddings[labels == s]) for s in sorted(set(labels.tolist()) - {REAL})}
+
+
+def detection_scores(embeddings: np.ndarray, prototype: np.ndarray, generators: np.ndarray | None = None) -> np.ndarray:
+    """How real each embedding looks: similarity to the real prototype, minus (contrast) that to the nearest generator's."""
+    scores = np.asarray(embeddings, dtype=np.float32) @ prototype
+    if generators is not None and len(generators):
+        scores = scores - (np.asarray(embeddings, dtype=np.float32) @ np.asarray(generators, dtype=np.float32).T).max(1)
+    return scores
+
+
 @dataclass
 class Decider:
-    """The calibrated decisions applied to query embeddings."""
+    """The calibrated decisions applied to query embeddings.
+
+    Detection compares `detection_scores` with `real_threshold`: the similarity to the real
+    prototype (the paper), or with `generators` (one prototype per registered generator) that
+    similarity minus the one to the nearest generator prototype ("contrast"). Either way the
+    threshold is calibrated on held-out real images to the target false-positive rate.
+    """
 
     prototype: np.ndarray
     real_threshold: float
@@ -277,6 +300,7 @@ class Decider:
     method: str = "knn"  # knn | centroid
     k: int = 5
     top_k: int = 5
+    generators: np.ndarray | None = None
 
     def decide(self, queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str]) -> list[dict]:
         """Decisions against a whole gallery (exact search)."""
@@ -292,7 +316,7 @@ class Decider:
         """One decision from the query's neighbours, most similar first (as an index returns them)."""
         sims = np.asarray(similarities, dtype=np.float64)
         labels = list(labels)
-        real_score = float(np.dot(query, self.prototype))
+        real_score = float(detection_scores(np.asarray(query)[None], self.prototype, self.generators)[0])
         generated = bool(real_score < self.real_threshold)
         scores = self._source_scores(sims, labels)
         candidates = {s: v for s, v in scores.items() if s != REAL}
@@ -336,6 +360,7 @@ class Decider:
             "method": self.method,
             "k": self.k,
             "top_k": self.top_k,
+            "generators": None if self.generators is None else np.asarray(self.generators).tolist(),
         }
 
     @classmethod
@@ -347,6 +372,7 @@ class Decider:
             method=data.get("method", "knn"),
             k=int(data.get("k", 5)),
             top_k=int(data.get("top_k", 5)),
+            generators=None if data.get("generators") is None else np.asarray(data["generators"], dtype=np.float32),
         )
 
 

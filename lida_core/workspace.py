@@ -62,6 +62,7 @@ class WorkspaceConfig:
     target_fpr: float = 0.05  # false-positive rate on real images for the detection threshold
     unknown_accept: float = 0.95  # share of known-generator images kept above the open-set threshold
     decision: str = "knn"  # knn | centroid
+    detection: str | None = None  # prototype | contrast; None: the profile's default
     k: int = 5
     top_k: int = 5
     inboxes: list[str] = field(default_factory=list)
@@ -93,6 +94,8 @@ class WorkspaceConfig:
             raise WorkspaceError("config.json: schedules maps scan, reindex and adapt to cron strings")
         if config.decision not in ("knn", "centroid"):
             raise WorkspaceError("config.json: decision must be 'knn' or 'centroid'")
+        if config.detection not in (None, "prototype", "contrast"):
+            raise WorkspaceError("config.json: detection must be 'prototype', 'contrast' or null (the profile's)")
         return config
 
 
@@ -361,7 +364,7 @@ def set_config_value(ws: Workspace, key: str, values: list[str]) -> WorkspaceCon
             data[head] = [] if values == ["none"] else list(values)
         elif len(values) != 1:
             raise WorkspaceError(f"{key} takes one value")
-        elif head == "labelled_inbox":
+        elif head in ("labelled_inbox", "detection"):  # optional settings: "none" clears them
             data[head] = None if values[0] == "none" else values[0]
         else:
             kind = type(current)

@@ -196,4 +196,4 @@ def query_decider(ws: Workspace, model_version: str, meta: dict, config: Workspa
         raise WorkspaceError("the current model has no real prototype yet: run 'lida pretrain' or 'lida adapt' first")
     base = Decider.from_dict(meta["decider"])
     unknown = index.manifest.get("unknown_threshold") if index else None
-    return Decider(base.prototype, base.real_threshold, unknown, config.decision, config.k, config.top_k), index
+    return Decider(base.prototype, base.real_threshold, unknown, config.decision, config.k, config.top_k, base.generators), index

@@ -60,6 +60,12 @@ def test_config_shows_sets_and_checks(tmp_path):
         result = run("--workspace", ws, "config", *bad)
         assert result.returncode == 2 and reason in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert json.loads(run("--workspace", ws, "--json", "config", "target_fpr").stdout) == {"target_fpr": 0.05}
+    assert run("--workspace", ws, "config", "detection", "contrast").returncode == 0  # optional: none = the profile's rule
+    assert json.loads(run("--workspace", ws, "--json", "config", "detection").stdout) == {"detection": "contrast"}
+    assert run("--workspace", ws, "config", "detection", "none").returncode == 0
+    assert json.loads(run("--workspace", ws, "--json", "config", "detection").stdout) == {"detection": None}
+    bad = run("--workspace", ws, "config", "detection", "vibes")
+    assert bad.returncode == 2 and "detection must be" in bad.stderr
 
 
 def test_module_entry_point_and_workspace_env():

@@ -7,6 +7,8 @@ from lida_core.training import (
     Decider,
     calibrate_real_threshold,
     calibrate_unknown_threshold,
+    detection_scores,
+    generator_prototypes,
     leave_one_out_similarities,
     real_prototype,
     split_holdout,
@@ -63,6 +65,30 @@ def test_decider_says_real_generated_or_unknown():
     assert [o["predicted_source"] for o in centroid][:3] == ["real", "g1", "g2"]
     round_trip = Decider.from_dict(decider.to_dict())
     assert round_trip.real_threshold == 0.9 and np.allclose(round_trip.prototype, proto)
+
+
+def test_contrast_detection_catches_what_the_real_prototype_alone_lets_through(rng):
+    """Generated images that sit near the real prototype, but nearer still to a generator's."""
+    real = unit(*(np.array([1.0, 0.0, 0.0, 0.0]) + rng.normal(0, 0.05, (40, 4))))
+    generated = unit(*(np.array([1.0, 0.2, 0.0, 0.0]) + rng.normal(0, 0.03, (20, 4))))
+    other = unit(*(np.array([0.0, 0.0, 1.0, 0.0]) + rng.normal(0, 0.05, (5, 4))))
+    gallery = np.concatenate([real[:5], generated[:5], other])
+    labels = ["real"] * 5 + ["gan"] * 5 + ["vae"] * 5
+    prototype = real_prototype(real[:5])
+    found = generator_prototypes(gallery, labels)
+    assert list(found) == ["gan", "vae"] and np.allclose(np.linalg.norm(np.stack(list(found.values())), axis=1), 1)
+    generators = np.stack(list(found.values()))
+    calibration, queries = real[5:25], np.concatenate([real[25:], generated[5:]])
+    truth = np.array([False] * 15 + [True] * 15)
+    accuracy = {}
+    for name, gens in (("prototype", None), ("contrast", generators)):
+        threshold = calibrate_real_threshold(detection_scores(calibration, prototype, gens), 0.1)
+        decider = Decider(prototype, threshold, None, generators=gens)
+        called = np.array([d["is_generated"] for d in decider.decide(queries, gallery, labels)])
+        accuracy[name] = (np.mean(called[truth]) + np.mean(~called[~truth])) / 2
+    assert accuracy["contrast"] >= 0.95 > accuracy["prototype"]
+    restored = Decider.from_dict(Decider(prototype, 0.1, None, generators=generators).to_dict())
+    assert np.allclose(restored.generators, generators) and Decider.from_dict(Decider(prototype, 0.1, None).to_dict()).generators is None
 
 
 def test_holdout_split_keeps_every_source_in_training():
