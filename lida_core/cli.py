@@ -45,6 +45,12 @@ def positive_int(text: str) -> int:
     return value
 
 
+def whole_number(text: str) -> int:
+    """argparse type: a whole number >= 0 (pre-training epochs: 0 keeps the weights and only calibrates)."""
+    value = positive_int(text) if text.strip() not in ("0", "+0", "-0") else 0
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -80,12 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = {verb: sub.add_parser(verb, help=text, description=text) for verb, (text, _) in VERBS.items()}
 
     p = verbs["init"]
-    p.add_argument("--profile", choices=("small", "phase", "paper"), help="default: paper with CUDA, else phase (small network + phase stem); small is the plain CPU network")
+    p.add_argument("--profile", choices=("small", "phase", "stats", "paper"), help="default: paper with CUDA, else stats (low-bit co-occurrence statistics + a learned head); "
+                   "small and phase are CPU networks")
     p.add_argument("--checkpoint", help="a lida checkpoint, or (profile paper) the authors' ResNet-50 .pth")
 
     p = verbs["pretrain"]
     p.add_argument("paths", nargs="+", metavar="PATH", help="real images: files, folders, fsspec URLs")
-    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--epochs", type=whole_number, help="0: keep the weights, only compute the real prototype and calibrate")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--labels", choices=("folders",), help="classification pretext: one sub-folder per class")

@@ -50,7 +50,11 @@ PRETRAIN_DEFAULTS = {"small": {"epochs": 15, "batch_size": 64, "lr": 1e-3}, "pap
 # CPU profiles adapt on 16 views of 64 px per gallery image instead of 4 of 128 px (the same
 # pixels per epoch): more distinct samples from 5 images. 3-seed 5-shot means in docs/results.md.
 ADAPT_DEFAULTS = {"small": {"epochs": 60, "lr": 1e-3, "view_size": 64, "views_per_image": 16},
-                  "paper": {"epochs": 100, "lr": 1e-4, "view_size": 0, "views_per_image": 4}}
+                  "paper": {"epochs": 100, "lr": 1e-4, "view_size": 0, "views_per_image": 4},
+                  # The statistics profile adapts with the centre loss alone: the real-prototype and
+                  # softmax terms lowered 5-shot Rank-1 to 0.65 (3 seeds; docs/results.md), and
+                  # detection uses the contrast rule instead of the prototype similarity.
+                  "stats": {"epochs": 100, "lr": 1e-3, "view_size": 0, "views_per_image": 4, "lam": 0.0, "beta": 0.0}}
 
 
 def adapt_config(profile: str, epochs: int | None, lr: float | None, seed: int, input_kind: str) -> training.AdaptConfig:
@@ -125,9 +129,10 @@ class LoadedModel:
 
 
 def default_profile() -> str:
-    # On CPUs, the small network behind the phase stem: on the samples it beat the plain small
-    # network by +29 points 5-shot Rank-1 and +31 balanced accuracy (docs/results.md).
-    return "paper" if torch.cuda.is_available() else "phase"
+    # On CPUs, the statistics profile: on the samples (3 seeds, docs/results.md) 5-shot Rank-1
+    # 0.92 and balanced accuracy 1.00, against 0.60 and 0.82 for the phase network, and it
+    # trains in seconds instead of minutes.
+    return "paper" if torch.cuda.is_available() else "stats"
 
 
 def load_model(ws: Workspace, version: str | None = None) -> LoadedModel:
@@ -226,7 +231,7 @@ def pretrain_version(
         raise WorkspaceError(f"the {config.profile} profile reads low-bit fingerprints; "
                              "make the RGB ablation in a workspace made with 'lida init --profile small'")
     cfg = training.PretrainConfig(
-        epochs=epochs or defaults["epochs"],
+        epochs=defaults["epochs"] if epochs is None else epochs,
         batch_size=batch_size or defaults["batch_size"],
         lr=lr or defaults["lr"],
         seed=seed,
@@ -310,7 +315,8 @@ def pretrain_version(
             "decider": decider.to_dict(),
         }
         version = publish(ws, model, meta, make_current=True)
-        ws.fs.rm(ws.path(ws.run_path(f"pretrain-{key}")), recursive=True)
+        if ws.exists(ws.run_path(f"pretrain-{key}")):  # no epoch ran (0 epochs): no run state was written
+            ws.fs.rm(ws.path(ws.run_path(f"pretrain-{key}")), recursive=True)
     return {"model_version": version, "parent": parent, "images": len(train_idx), "calibration": len(cal_idx),
             "errors": decoded.errors, "threshold": threshold, "epochs": cfg.epochs}
 

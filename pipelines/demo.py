@@ -1,7 +1,7 @@
 """`lida demo`: the main job on the bundled samples in a fresh workspace, in a few minutes on a laptop CPU.
 
 Steps: write samples (real crops of the photos bundled with scikit-image + six seeded synthetic
-decoders), init (phase profile), pretrain on real images only, gallery add (5 per source),
+decoders), init (stats profile), pretrain on real images only, gallery add (5 per source),
 adapt (with the promotion gate), scan an inbox of unseen images through Beam, and write the
 HTML report. The demo folder holds a marker file; an existing folder without it is refused.
 """
@@ -48,8 +48,8 @@ def run_demo(directory: str, say: Callable[[str], None], pretrain_epochs: int = 
     ws_url = os.path.join(root, "workspace")
     ws = Workspace(ws_url)
 
-    step("init: phase profile (the CPU network), model v0000")
-    lifecycle.init_workspace(ws_url, "phase")
+    step("init: stats profile (the CPU model), model v0000")
+    lifecycle.init_workspace(ws_url, "stats")
     step(f"pretrain: {pretrain_epochs} epochs on {pretrain_images} real images (no labels, no generator images)")
     pre = lifecycle.pretrain_version(ws, [os.path.join(data, "pretrain")], epochs=pretrain_epochs)
     step(f"gallery add: {SHOTS} images for each of {len(samples.sample_sources())} sources")
