@@ -47,7 +47,12 @@ def positive_int(text: str) -> int:
 
 def whole_number(text: str) -> int:
     """argparse type: a whole number >= 0 (pre-training epochs: 0 keeps the weights and only calibrates)."""
-    value = positive_int(text) if text.strip() not in ("0", "+0", "-0") else 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 

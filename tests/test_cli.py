@@ -21,9 +21,12 @@ def test_help_lists_every_contract_verb():
 
 
 def test_bad_arguments_give_one_line_and_touch_nothing(tmp_path):
-    """0 epochs used to fall back to the default silently, and a negative count to train nothing."""
+    """0 epochs used to fall back to the default silently, and a negative count to train nothing.
+
+    (Pre-training takes 0 epochs on purpose: it then only calibrates.)"""
     ws = str(tmp_path / "ws")
-    for args, expected in ((("pretrain", str(tmp_path), "--epochs", "0"), "--epochs: must be at least 1, got 0"),
+    for args, expected in ((("adapt", "--epochs", "0"), "--epochs: must be at least 1, got 0"),
+                           (("pretrain", str(tmp_path), "--epochs", "-1"), "--epochs: must be 0 or more, got -1"),
                            (("pretrain", str(tmp_path), "--batch-size", "-4"), "--batch-size: must be at least 1"),
                            (("adapt", "--lr", "nan"), "--lr: must be a positive number"),
                            (("eval", str(tmp_path), "--shots", "five"), "--shots: expected a whole number"),
