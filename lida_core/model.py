@@ -229,17 +229,14 @@ class StatsStem(nn.Module):
         levels = self.levels
         v = torch.round(x.float() / self.step).long().clamp_(0, levels - 1)
         parts = []
-        for axis in (3, 2):
-            length = v.shape[axis]
-            d = (v.narrow(axis, 1, length - 1) - v.narrow(axis, 0, length - 1)) % levels
+        for axis in (3, 2):  # right, then down
+            w = v.movedim(axis, -1)  # neighbours along the last dimension
+            d = (w[..., 1:] - w[..., :-1]) % levels
             for c in range(3):
                 a = d[:, c]
-                along = axis - 1
-                n = a.shape[along]
-                pairs = a.narrow(along, 0, n - 1) * levels + a.narrow(along, 1, n - 1)
-                even = a.narrow(along, 0, n // 2 * 2).unflatten(along, (-1, 2))
-                parity = (_wrapped_histograms(even.select(along + 1, 0), levels)
-                          - _wrapped_histograms(even.select(along + 1, 1), levels)).abs()
+                pairs = a[..., :-1] * levels + a[..., 1:]
+                even = a[..., : a.shape[-1] // 2 * 2]
+                parity = (_wrapped_histograms(even[..., 0::2], levels) - _wrapped_histograms(even[..., 1::2], levels)).abs()
                 parts += [_wrapped_histograms(a, levels), _wrapped_histograms(pairs, levels * levels), parity]
             for c1, c2 in ((0, 1), (1, 2), (0, 2)):
                 parts.append(_wrapped_histograms(d[:, c1] * levels + d[:, c2], levels * levels))
