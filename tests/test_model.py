@@ -211,7 +211,7 @@ def test_phase_stem_sees_low_bits_as_angles_and_wrapped_differences():
 
 def test_phase_profile_builds_embeds_and_round_trips(tmp_path):
     model = build_model("phase")
-    assert model.backbone.conv1.in_channels == 12 and model.tiles == 4
+    assert model.backbone.conv1.in_channels == 12 and model.tiles == 4 and model.turns is False  # crops only
     x = torch.rand(2, 3, 128, 128)
     assert model(x).shape == (2, 256) and model.features(torch.rand(1, 3, 64, 64)).shape == (1, 256)
     path = str(tmp_path / "m.pt")
