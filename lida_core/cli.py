@@ -34,26 +34,24 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (0 epochs or a negative batch would silently do nothing or the default)."""
+def _whole(text: str, least: int, bound: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 epochs or a negative batch would silently do nothing or the default)."""
+    return _whole(text, 1, "at least 1")
 
 
 def whole_number(text: str) -> int:
     """argparse type: a whole number >= 0 (pre-training epochs: 0 keeps the weights and only calibrates)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _whole(text, 0, "0 or more")
 
 
 def positive_float(text: str) -> float:

@@ -384,17 +384,16 @@ def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Wor
     real = emb[np.asarray(sources) == training.REAL]
     prototype = training.real_prototype(real)
     generators = None
-    if detection_method(config) == "contrast":
-        found = training.generator_prototypes(emb, sources)
-        generators = np.stack(list(found.values())) if found else None
     calibration = model.meta.get("calibration") or []
     if calibration:
+        if detection_method(config) == "contrast":
+            found = training.generator_prototypes(emb, sources)
+            generators = np.stack(list(found.values())) if found else None
         cal = model.embed([decode_image(ws.get_blob(i), i).pixels for i in calibration])
         scores = training.detection_scores(cal, prototype, generators)
-    else:
+    else:  # no held-out real images: the prototype rule, with leave-one-out gallery scores
         scores = training.leave_one_out_similarities(real, [training.REAL] * len(real))
         scores = scores[np.isfinite(scores)]
-        generators = None  # no held-out real images to calibrate a contrast on
     threshold = training.calibrate_real_threshold(scores, config.target_fpr) if len(scores) else -1.0
     return training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k, generators)
 

@@ -155,7 +155,20 @@ class SmallBackbone(nn.Module):
         return self.head(pooled)
 
 
-class PhaseStem(nn.Module):
+class _LowBitStem(nn.Module):
+    """A weightless stem that reads the low-bit values back from a scaled fingerprint."""
+
+    kind = "low-bit"
+
+    def __init__(self, settings: FingerprintSettings):
+        super().__init__()
+        if settings.mode != "scale":
+            raise ValueError(f"the {self.kind} stem needs scaled low bits (mode 'scale'), not binary ones")
+        self.levels = 2**settings.bits
+        self.step = settings.scale_factor / 255.0
+
+
+class PhaseStem(_LowBitStem):
     """Kept low bits as wrapped differences on a circle: the wrap-around of `x mod 2^bits` made visible.
 
     A low-bit value v (0..2^b-1) is the signal modulo 2^b. Two neighbours 7 and 0 are one grey
@@ -171,13 +184,7 @@ class PhaseStem(nn.Module):
     """
 
     channels = 12
-
-    def __init__(self, settings: FingerprintSettings):
-        super().__init__()
-        if settings.mode != "scale":
-            raise ValueError("the phase stem needs scaled low bits (mode 'scale'), not binary ones")
-        self.levels = 2**settings.bits
-        self.step = settings.scale_factor / 255.0
+    kind = "phase"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = torch.round(x / self.step)
@@ -195,7 +202,7 @@ def _wrapped_histograms(d: torch.Tensor, bins: int) -> torch.Tensor:
     return counts / counts.sum(1, keepdim=True).clamp_min(1.0)
 
 
-class StatsStem(nn.Module):
+class StatsStem(_LowBitStem):
     """Co-occurrence statistics of the kept low bits: a fixed descriptor from the forensics literature.
 
     With v the low-bit value (0..2^b-1) and d the wrapped difference to the next pixel
@@ -212,12 +219,10 @@ class StatsStem(nn.Module):
     2 x (3 x 8 + 3 x 64 + 3 x 64 + 3 x 8) = 864 values for 3 bits.
     """
 
+    kind = "statistics"
+
     def __init__(self, settings: FingerprintSettings):
-        super().__init__()
-        if settings.mode != "scale":
-            raise ValueError("the statistics stem needs scaled low bits (mode 'scale'), not binary ones")
-        self.levels = 2**settings.bits
-        self.step = settings.scale_factor / 255.0
+        super().__init__(settings)
         self.dim = StatsStem.size(settings.bits)
 
     @staticmethod
@@ -283,7 +288,7 @@ class Profile:
     tiles: int = 1  # an image's embedding averages up to this many input-size tiles (crop fit only)
     stem: str = "none"  # "phase" / "stats": PhaseStem / StatsStem before the backbone, instead of mean/std normalisation
     turns: bool = True  # training views may be turned and flipped (False: the features are directional)
-    detection: str = "prototype"  # default real/generated rule (training.DETECTIONS); a workspace's config may override
+    detection: str = "prototype"  # default real/generated rule (workspace.DETECTIONS); a workspace's config may override
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)

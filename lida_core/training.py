@@ -267,9 +267,6 @@ def calibrate_unknown_threshold(embeddings: np.ndarray, labels: Sequence[str], a
     return float(np.quantile(best, 1.0 - accept))
 
 
-DETECTIONS = ("prototype", "contrast")
-
-
 def generator_prototypes(embeddings: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
     """{generator source: its normalised mean embedding} (real left out)."""
     labels = np.asarray(labels)

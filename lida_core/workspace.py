@@ -55,6 +55,9 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+DETECTIONS = ("prototype", "contrast")  # real/generated rules (training.detection_scores)
+
+
 @dataclass
 class WorkspaceConfig:
     profile: str
@@ -94,7 +97,7 @@ class WorkspaceConfig:
             raise WorkspaceError("config.json: schedules maps scan, reindex and adapt to cron strings")
         if config.decision not in ("knn", "centroid"):
             raise WorkspaceError("config.json: decision must be 'knn' or 'centroid'")
-        if config.detection not in (None, "prototype", "contrast"):
+        if config.detection is not None and config.detection not in DETECTIONS:
             raise WorkspaceError("config.json: detection must be 'prototype', 'contrast' or null (the profile's)")
         return config
 
