@@ -263,6 +263,96 @@ class StatsHead(nn.Module):
         return x + self.fc2(torch.relu(self.fc1(x)))
 
 
+SRM_KERNELS = ("d1h", "d1v", "d2h", "d2v", "d3h", "d3v", "kb")
+
+
+def _srm_residuals(v: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Integer high-pass residuals of N x 3 x H x W low-bit values, with the axis each one runs along."""
+    right = lambda a, b: v[..., a : v.shape[-1] - b]  # noqa: E731 - column slices
+    down = lambda a, b: v[..., a : v.shape[-2] - b, :]  # noqa: E731 - row slices
+    c = v[..., 1:-1, 1:-1]
+    kb = (-v[..., :-2, :-2] + 2 * v[..., :-2, 1:-1] - v[..., :-2, 2:] + 2 * v[..., 1:-1, :-2] - 4 * c
+          + 2 * v[..., 1:-1, 2:] - v[..., 2:, :-2] + 2 * v[..., 2:, 1:-1] - v[..., 2:, 2:])
+    return [
+        (right(1, 0) - right(0, 1), 3),
+        (down(1, 0) - down(0, 1), 2),
+        (right(0, 2) - 2 * right(1, 1) + right(2, 0), 3),
+        (down(0, 2) - 2 * down(1, 1) + down(2, 0), 2),
+        (-right(0, 3) + 3 * right(1, 2) - 3 * right(2, 1) + right(3, 0), 3),
+        (-down(0, 3) + 3 * down(1, 2) - 3 * down(2, 1) + down(3, 0), 2),
+        (kb, 3),
+    ]
+
+
+class SrmStem(_LowBitStem):
+    """Co-occurrences of SRM-style residuals of the kept low bits (Fridrich and Kodovsky 2012), modulo 2^bits.
+
+    An integer high-pass residual of the pixels (a difference of neighbours, a second or third
+    difference, the 3 x 3 "KB" kernel) taken modulo 2^b depends only on the low b bits, so it
+    is computable from the fingerprint. Wrapped to [-2^(b-1), 2^(b-1)) it equals the true
+    residual wherever that is small, which is where generator noise lives; large (edge)
+    residuals wrap and land anywhere. Each residual is truncated to [-T, T] (T = 2) and
+    summarised, as in rich models, by three histograms over the whole view, channels pooled:
+    pairs of neighbours along the kernel's direction, pairs across it, and the triple of the
+    three colour channels at one pixel. 7 kernels x (25 + 25 + 125) = 1225 values, each
+    histogram normalised and square-rooted. No weights; directional, so training views are
+    never turned or flipped.
+    """
+
+    kind = "SRM"
+    truncation = 2
+
+    def __init__(self, settings: FingerprintSettings):
+        super().__init__(settings)
+        self.dim = SrmStem.size()
+
+    @staticmethod
+    def size(truncation: int = 2) -> int:
+        levels = 2 * truncation + 1
+        return len(SRM_KERNELS) * (2 * levels**2 + levels**3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels, t = self.levels, self.truncation
+        width = 2 * t + 1
+        v = torch.round(x.float() / self.step).long().clamp_(0, levels - 1)
+        parts = []
+        for residual, axis in _srm_residuals(v):
+            q = (((residual + levels // 2) % levels) - levels // 2).clamp_(-t, t) + t
+            for along in (axis, 5 - axis):  # along the kernel, then across it (dims 3 and 2)
+                w = q.movedim(along, -1)
+                parts.append(_wrapped_histograms(w[..., :-1] * width + w[..., 1:], width * width))
+            parts.append(_wrapped_histograms((q[:, 0] * width + q[:, 1]) * width + q[:, 2], width**3))
+        return torch.cat(parts, 1).sqrt()
+
+
+class StatisticalHead(nn.Module):
+    """(x - mean) @ weight: a linear map fitted in closed form (`lida_core.statistical`), not by SGD.
+
+    Until it is fitted it is a fixed random orthonormal projection (a Johnson-Lindenstrauss
+    map, so cosine retrieval on the raw descriptor roughly survives). `reference` keeps the
+    descriptors of the real images the fit used (pre-training's, with their JPEG copies), so
+    that adaptation can refit with the gallery without the original images; its row count
+    varies, and loading takes the saved one.
+    """
+
+    def __init__(self, dim: int = SrmStem.size(), out: int = 128):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(dim, out, generator=generator))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("weight", q.contiguous())
+        self.register_buffer("reference", torch.zeros(0, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.weight
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "reference")
+        if isinstance(saved, torch.Tensor) and saved.ndim == 2 and saved.shape[1] == self.reference.shape[1]:
+            self.reference = torch.zeros_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def _init_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -289,6 +379,8 @@ class Profile:
     stem: str = "none"  # "phase" / "stats": PhaseStem / StatsStem before the backbone, instead of mean/std normalisation
     turns: bool = True  # training views may be turned and flipped (False: the features are directional)
     detection: str = "prototype"  # default real/generated rule (workspace.DETECTIONS); a workspace's config may override
+    fit: str = "sgd"  # "closed-form": the head is fitted by `lida_core.statistical`, not trained by gradient descent
+    calibration_share: float = 0.1  # share of pre-training's real images held out to calibrate the real threshold
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -357,6 +449,26 @@ register_profile(
 )
 
 
+register_profile(
+    replace(
+        PROFILES["small"],
+        name="srm",
+        input_size=256,
+        embedding_dim=128,
+        fingerprint=FingerprintSettings(bits=3, mode="scale", region="full", fit="crop", size=256),
+        builder=StatisticalHead,
+        description="co-occurrences of SRM residuals of the low bits under a closed-form whitening head (the CPU default)",
+        tiles=4,
+        stem="srm",
+        turns=False,
+        detection="quadratic",
+        fit="closed-form",
+        # More held-out real images: the quadratic rule's threshold is a low quantile of their scores.
+        calibration_share=0.3,
+    )
+)
+
+
 class Embedder(nn.Module):
     """Input normalisation + backbone; carries the profile it was built from."""
 
@@ -369,7 +481,8 @@ class Embedder(nn.Module):
         self.tiles = profile.tiles
         self.backbone = profile.builder()
         self.turns = profile.turns
-        self.stem = {"phase": PhaseStem, "stats": StatsStem}[profile.stem](self.fingerprint) if profile.stem != "none" else None
+        self.fit = profile.fit
+        self.stem = {"phase": PhaseStem, "stats": StatsStem, "srm": SrmStem}[profile.stem](self.fingerprint) if profile.stem != "none" else None
         # Not persistent: part of the profile, not of the weights (and absent upstream).
         self.register_buffer("input_mean", torch.tensor(profile.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(profile.std).view(1, 3, 1, 1), persistent=False)

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -298,6 +299,23 @@ class Decider:
     k: int = 5
     top_k: int = 5
     generators: np.ndarray | None = None
+    quadratic: dict | None = None  # QuadraticDetector.to_dict(): the "quadratic" rule, which replaces the two above
+
+    @property
+    def rule(self) -> str:
+        return "quadratic" if self.quadratic is not None else "contrast" if self.generators is not None else "prototype"
+
+    def scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """How real each embedding looks under this decider's rule (compared with `real_threshold`)."""
+        if self.quadratic is not None:
+            return self._quadratic_detector.scores(embeddings)
+        return detection_scores(embeddings, self.prototype, self.generators)
+
+    @cached_property
+    def _quadratic_detector(self):
+        from lida_core.statistical import QuadraticDetector
+
+        return QuadraticDetector.from_dict(self.quadratic)
 
     def decide(self, queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str]) -> list[dict]:
         """Decisions against a whole gallery (exact search)."""
@@ -313,7 +331,7 @@ class Decider:
         """One decision from the query's neighbours, most similar first (as an index returns them)."""
         sims = np.asarray(similarities, dtype=np.float64)
         labels = list(labels)
-        real_score = float(detection_scores(np.asarray(query)[None], self.prototype, self.generators)[0])
+        real_score = float(self.scores(np.asarray(query)[None])[0])
         generated = bool(real_score < self.real_threshold)
         scores = self._source_scores(sims, labels)
         candidates = {s: v for s, v in scores.items() if s != REAL}
@@ -358,6 +376,7 @@ class Decider:
             "k": self.k,
             "top_k": self.top_k,
             "generators": None if self.generators is None else np.asarray(self.generators).tolist(),
+            "quadratic": self.quadratic,
         }
 
     @classmethod
@@ -370,6 +389,7 @@ class Decider:
             k=int(data.get("k", 5)),
             top_k=int(data.get("top_k", 5)),
             generators=None if data.get("generators") is None else np.asarray(data["generators"], dtype=np.float32),
+            quadratic=data.get("quadratic"),
         )
 
 

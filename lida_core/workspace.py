@@ -55,7 +55,7 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-DETECTIONS = ("prototype", "contrast")  # real/generated rules (training.detection_scores)
+DETECTIONS = ("prototype", "contrast", "quadratic")  # real/generated rules (training.detection_scores)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class WorkspaceConfig:
     target_fpr: float = 0.05  # false-positive rate on real images for the detection threshold
     unknown_accept: float = 0.95  # share of known-generator images kept above the open-set threshold
     decision: str = "knn"  # knn | centroid
-    detection: str | None = None  # prototype | contrast; None: the profile's default
+    detection: str | None = None  # prototype | contrast | quadratic; None: the profile's default
     k: int = 5
     top_k: int = 5
     inboxes: list[str] = field(default_factory=list)
@@ -98,7 +98,7 @@ class WorkspaceConfig:
         if config.decision not in ("knn", "centroid"):
             raise WorkspaceError("config.json: decision must be 'knn' or 'centroid'")
         if config.detection is not None and config.detection not in DETECTIONS:
-            raise WorkspaceError("config.json: detection must be 'prototype', 'contrast' or null (the profile's)")
+            raise WorkspaceError("config.json: detection must be 'prototype', 'contrast', 'quadratic' or null (the profile's)")
         return config
 
 

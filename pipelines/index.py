@@ -18,7 +18,7 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import faiss
 import numpy as np
@@ -196,4 +196,4 @@ def query_decider(ws: Workspace, model_version: str, meta: dict, config: Workspa
         raise WorkspaceError("the current model has no real prototype yet: run 'lida pretrain' or 'lida adapt' first")
     base = Decider.from_dict(meta["decider"])
     unknown = index.manifest.get("unknown_threshold") if index else None
-    return Decider(base.prototype, base.real_threshold, unknown, config.decision, config.k, config.top_k, base.generators), index
+    return replace(base, unknown_threshold=unknown, method=config.decision, k=config.k, top_k=config.top_k), index

@@ -1,0 +1,196 @@
+"""Closed-form fitting for fixed-descriptor profiles (`srm`): a whitened space and a quadratic detector.
+
+With a handful of images per generator, a network trained by gradient descent has little
+to learn from; the classical few-shot answer is a linear discriminant with a shrunk
+covariance. A profile with `fit == "closed-form"` keeps its stem fixed and fits its head
+here, in seconds:
+
+- `fit_head`: centre on the real images, whiten with the pooled within-class covariance
+  (real images, and each gallery generator around its own mean) shrunk towards a multiple
+  of the identity (Ledoit-Wolf style, fixed weight `HEAD_SHRINK`), then keep the `rank`
+  directions along which the reference data vary most. Cosine retrieval in that space is
+  a shrinkage-LDA nearest-neighbour rule.
+- `QuadraticDetector`: real photographs are spread widely, each generator sits in a tight
+  cluster. Real vs generated is the difference of two Mahalanobis distances on the
+  normalised embeddings: to the nearest generator mean under the generators' pooled
+  covariance, minus to the real mean under the real covariance (both shrunk by
+  `DETECTOR_SHRINK`). Its threshold is calibrated like every rule's, on held-out real images.
+- `with_jpeg_copies`: scraped images are mostly JPEG, and a JPEG's low bits differ from the
+  PNG it came from. Every reference image (real or gallery) therefore also counts as a
+  re-encoded copy at a quality drawn from `JPEG_QUALITIES`, so both fits and the real
+  threshold cover JPEG inputs. The draw is seeded: a fit is a pure function of its inputs.
+
+Measured on `../shared/devset` (`benchmarks/eval_devset.py`, docs/results.md).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lida_core.fingerprint import tile_views
+from lida_core.model import Embedder
+
+REAL = "real"
+HEAD_SHRINK = 0.5
+DETECTOR_SHRINK = 0.8
+JPEG_QUALITIES = (70, 95)  # inclusive range of re-encoding qualities
+MAX_REFERENCE = 1000  # real descriptors kept in a model (pre-training images and their JPEG copies)
+
+
+def jpeg_copy(pixels: np.ndarray, quality: int) -> np.ndarray:
+    """The image as Pillow writes and reads it back at this JPEG quality (the one decoder, both ways)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0) -> list[np.ndarray]:
+    """The images followed by one re-encoded copy of each, qualities drawn from JPEG_QUALITIES."""
+    rng = np.random.default_rng([seed, 7919])
+    low, high = JPEG_QUALITIES
+    return list(images) + [jpeg_copy(image, int(rng.integers(low, high + 1))) for image in images]
+
+
+@torch.no_grad()
+def descriptors(model: Embedder, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    """The fixed stem's output (N x D float64) for decoded images, averaged over the embedder's tiles."""
+    from lida_core.training import model_inputs
+
+    if model.stem is None:
+        raise ValueError(f"the {model.profile} profile has no fixed stem to fit a closed-form head on")
+    views, owner = [], []
+    for i, image in enumerate(images):
+        parts = tile_views(image, model.input_size, model.tiles)
+        views += parts
+        owner += [i] * len(parts)
+    dim = model.backbone.mean.shape[0]
+    feats = np.zeros((len(views), dim), dtype=np.float64)
+    for start in range(0, len(views), batch_size):
+        x = model_inputs(views[start : start + batch_size], model.fingerprint)
+        feats[start : start + len(x)] = model.stem(x).double().numpy()
+    out = np.zeros((len(images), dim), dtype=np.float64)
+    np.add.at(out, np.asarray(owner, dtype=np.int64), feats)
+    counts = np.bincount(np.asarray(owner, dtype=np.int64), minlength=len(images))[:, None]
+    return out / np.maximum(counts, 1)
+
+
+def shrunk_inverse_sqrt(scatter: np.ndarray, shrink: float) -> np.ndarray:
+    """C^(-1/2) of C = (1 - shrink) S + shrink (tr S / d) I: a covariance estimate that stays invertible."""
+    d = scatter.shape[0]
+    level = max(float(np.trace(scatter)) / d, 1e-12)
+    c = (1 - shrink) * scatter + shrink * level * np.eye(d)
+    w, v = np.linalg.eigh(c)
+    return (v / np.sqrt(np.maximum(w, 1e-12 * level))) @ v.T
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def fit_head(real: np.ndarray, generated: np.ndarray, labels: Sequence[str], rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, weight D x rank) of the whitened space: centred on `real`, whitened within classes, top `rank` directions."""
+    if len(real) < 2:
+        raise ValueError("the closed-form fit needs at least two real images")
+    labels = np.asarray(labels)
+    mean = real.mean(0)
+    within = [real - mean] + [generated[labels == s] - generated[labels == s].mean(0) for s in sorted(set(labels.tolist()))]
+    residuals = np.vstack(within)
+    whiten = shrunk_inverse_sqrt(residuals.T @ residuals / len(residuals), HEAD_SHRINK)
+    spread = (np.vstack([real, generated]) - mean) @ whiten
+    w, v = np.linalg.eigh(spread.T @ spread)
+    top = v[:, np.argsort(-w, kind="stable")[:rank]]
+    return mean, whiten @ top
+
+
+def set_head(model: Embedder, mean: np.ndarray, weight: np.ndarray, reference: np.ndarray | None = None) -> None:
+    head = model.backbone
+    head.mean = torch.as_tensor(mean, dtype=torch.float32).clone()
+    head.weight = torch.as_tensor(weight, dtype=torch.float32).contiguous().clone()
+    if reference is not None:
+        head.reference = torch.as_tensor(reference, dtype=torch.float32).contiguous().clone()
+
+
+def reference_descriptors(model: Embedder) -> np.ndarray:
+    return model.backbone.reference.double().numpy()
+
+
+def embeddings_from_descriptors(model: Embedder, feats: np.ndarray) -> np.ndarray:
+    """What `training.embed` returns for these descriptors (single-tile images): normalised head outputs."""
+    head = model.backbone
+    return _normalise((feats - head.mean.double().numpy()) @ head.weight.double().numpy()).astype(np.float32)
+
+
+def fit_pretrain(model: Embedder, real_images: Sequence[np.ndarray], seed: int = 0) -> np.ndarray:
+    """Pre-training for a closed-form profile: keep the real descriptors, fit the head on them alone."""
+    feats = descriptors(model, with_jpeg_copies(real_images, seed))
+    if len(feats) > MAX_REFERENCE:
+        keep = np.random.default_rng(seed).choice(len(feats), MAX_REFERENCE, replace=False)
+        feats = feats[np.sort(keep)]
+    mean, weight = fit_head(feats, feats[:0], [], model.embedding_dim)
+    set_head(model, mean, weight, feats)
+    return feats
+
+
+def fit_gallery(model: Embedder, images: Sequence[np.ndarray], sources: Sequence[str], seed: int = 0) -> dict:
+    """Adaptation for a closed-form profile: refit the head on the kept real descriptors and the gallery.
+
+    Returns the fitted descriptors by role, for the detector: {"real": ..., "generated": ..., "labels": ...}.
+    """
+    sources = np.asarray([str(s) for s in sources])
+    copies = with_jpeg_copies(images, seed)
+    feats = descriptors(model, copies)
+    labels = np.concatenate([sources, sources])
+    real = np.vstack([reference_descriptors(model), feats[labels == REAL]])
+    generated, gen_labels = feats[labels != REAL], labels[labels != REAL]
+    mean, weight = fit_head(real, generated, gen_labels, model.embedding_dim)
+    set_head(model, mean, weight)
+    return {"real": real, "generated": generated, "labels": gen_labels}
+
+
+class QuadraticDetector:
+    """score(e) = min_g |(e - m_g) W_g|^2 - |(e - m_r) W_r|^2 on normalised embeddings: higher looks more real."""
+
+    def __init__(self, real_mean, real_whitener, generator_means, generator_whitener):
+        self.real_mean = np.asarray(real_mean, dtype=np.float64)
+        self.real_whitener = np.asarray(real_whitener, dtype=np.float64)
+        self.generator_means = np.asarray(generator_means, dtype=np.float64).reshape(-1, len(self.real_mean))
+        self.generator_whitener = np.asarray(generator_whitener, dtype=np.float64)
+
+    @classmethod
+    def fit(cls, real: np.ndarray, generated: np.ndarray, labels: Sequence[str]) -> QuadraticDetector:
+        """From normalised embeddings of real images and of labelled generated ones (possibly none)."""
+        labels = np.asarray(labels)
+        real_mean = real.mean(0)
+        centred = real - real_mean
+        real_whitener = shrunk_inverse_sqrt(centred.T @ centred / len(centred), DETECTOR_SHRINK)
+        sources = sorted(set(labels.tolist()))
+        means = np.stack([generated[labels == s].mean(0) for s in sources]) if sources else np.zeros((0, real.shape[1]))
+        if sources:
+            within = np.vstack([generated[labels == s] - m for s, m in zip(sources, means, strict=True)])
+            generator_whitener = shrunk_inverse_sqrt(within.T @ within / len(within), DETECTOR_SHRINK)
+        else:
+            generator_whitener = np.eye(real.shape[1])
+        return cls(real_mean, real_whitener, means, generator_whitener)
+
+    def scores(self, embeddings: np.ndarray) -> np.ndarray:
+        e = np.asarray(embeddings, dtype=np.float64)
+        to_real = (((e - self.real_mean) @ self.real_whitener) ** 2).sum(1)
+        if not len(self.generator_means):  # no generator yet: how typical of real images it is
+            return -to_real
+        to_generators = np.min([(((e - m) @ self.generator_whitener) ** 2).sum(1) for m in self.generator_means], axis=0)
+        return to_generators - to_real
+
+    def to_dict(self) -> dict:
+        return {"real_mean": self.real_mean.tolist(), "real_whitener": self.real_whitener.tolist(),
+                "generator_means": self.generator_means.tolist(), "generator_whitener": self.generator_whitener.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuadraticDetector:
+        return cls(data["real_mean"], data["real_whitener"], data["generator_means"], data["generator_whitener"])

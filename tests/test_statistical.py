@@ -1,0 +1,149 @@
+"""The srm profile: its fixed stem, its closed-form head and the quadratic detection rule."""
+
+import numpy as np
+import torch
+
+from lida_core import statistical
+from lida_core.fingerprint import to_model_input
+from lida_core.model import SrmStem, build_model, load_checkpoint, save_checkpoint
+from lida_core.training import Decider, calibrate_real_threshold
+
+# The rich-model kernels as arrays (rows x columns), each with the axis its neighbour pairs run along first.
+KERNELS = [
+    (np.array([[-1, 1]]), 1),
+    (np.array([[-1], [1]]), 0),
+    (np.array([[1, -2, 1]]), 1),
+    (np.array([[1], [-2], [1]]), 0),
+    (np.array([[-1, 3, -3, 1]]), 1),
+    (np.array([[-1], [3], [-3], [1]]), 0),
+    (np.array([[-1, 2, -1], [2, -4, 2], [-1, 2, -1]]), 1),
+]
+
+
+def _srm_reference(pixels: np.ndarray) -> np.ndarray:
+    """SrmStem's descriptor stated again: valid correlation with each kernel, mod 8, truncated, histograms."""
+    v = (pixels & 7).astype(np.int64)
+    parts = []
+
+    def hist(codes, n):
+        counts = np.bincount(codes.ravel(), minlength=n).astype(np.float64)
+        return counts / counts.sum()
+
+    for kernel, axis in KERNELS:
+        kh, kw = kernel.shape
+        h, w = v.shape[0] - kh + 1, v.shape[1] - kw + 1
+        r = sum(kernel[i, j] * v[i : i + h, j : j + w] for i in range(kh) for j in range(kw))
+        signed = np.where(r % 8 >= 4, r % 8 - 8, r % 8)  # the residual modulo 8, in [-4, 3]
+        q = np.clip(signed, -2, 2) + 2
+        for ax in (axis, 1 - axis):
+            first = q[:-1] if ax == 0 else q[:, :-1]
+            second = q[1:] if ax == 0 else q[:, 1:]
+            parts.append(hist(first * 5 + second, 25))
+        parts.append(hist(q[..., 0] * 25 + q[..., 1] * 5 + q[..., 2], 125))
+    return np.sqrt(np.concatenate(parts))
+
+
+def _input(pixels):
+    return to_model_input(torch.from_numpy(((pixels & 7) * 36).astype(np.uint8))[None])
+
+
+def test_srm_stem_is_the_rich_model_restated_in_numpy(rng):
+    model = build_model("srm")
+    smooth = np.cumsum(rng.integers(-2, 3, size=(64, 80, 3)), axis=1).clip(0, 255).astype(np.uint8)
+    for pixels in (rng.integers(0, 256, size=(64, 80, 3), dtype=np.uint8), smooth):
+        out = model.stem(_input(pixels))[0].numpy()
+        assert out.shape == (SrmStem.size(),) == (1225,)
+        assert np.allclose(out, _srm_reference(pixels), atol=1e-6)
+    # High-pass kernels sum to zero: a constant offset of the pixels changes no residual.
+    base = rng.integers(0, 255, size=(48, 48, 3), dtype=np.uint8)
+    assert torch.allclose(model.stem(_input(base + 1)), model.stem(_input(base)), atol=1e-6)
+    # Directional: the horizontal first-difference block reads columns, so a transpose moves it.
+    stripes = np.zeros((48, 48, 3), np.uint8)
+    stripes[:, ::2] = 3
+    assert not torch.allclose(model.stem(_input(stripes)), model.stem(_input(np.ascontiguousarray(stripes.transpose(1, 0, 2)))))
+
+
+def test_srm_head_round_trips_with_its_reference_rows(tmp_path, rng):
+    model = build_model("srm").eval()
+    images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    kept = statistical.fit_pretrain(model, images)
+    assert kept.shape == (12, 1225)  # every image and its JPEG copy
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(model, path)
+    loaded, _ = load_checkpoint(path, profile="srm", fingerprint=model.fingerprint)
+    assert loaded.backbone.reference.shape == (12, 1225)
+    x = _input(rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8))
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), model(x))
+        assert not torch.allclose(build_model("srm").eval()(x), model(x))  # the fitted head, not the initial one
+
+
+def test_fitted_head_finds_the_direction_a_nuisance_hides():
+    """Two generators differ along a direction of small spread; a large nuisance spread hides it from raw cosine."""
+    g = np.random.default_rng(5)
+    dim, n = 40, 60
+
+    def draw(shift, count):
+        x = g.normal(size=(count, dim)) * 0.05
+        x[:, 0] += g.normal(size=count) * 3.0  # nuisance: content-like spread, shared by all
+        x[:, 1] += shift
+        return x + 1.0
+
+    real = draw(0.0, n)
+    a, b = draw(0.4, 5), draw(-0.4, 5)
+    queries = np.vstack([draw(0.4, 30), draw(-0.4, 30)])
+    truth = np.array([0] * 30 + [1] * 30)
+
+    def nearest_centroid_accuracy(transform):
+        cents = np.stack([transform(a).mean(0), transform(b).mean(0)])
+        q = transform(queries)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        cents = cents / np.linalg.norm(cents, axis=1, keepdims=True)
+        return float(np.mean((q @ cents.T).argmax(1) == truth))
+
+    mean, weight = statistical.fit_head(real, np.vstack([a, b]), ["a"] * 5 + ["b"] * 5, rank=8)
+    assert weight.shape == (dim, 8)
+    fitted = nearest_centroid_accuracy(lambda x: (x - mean) @ weight)
+    raw = nearest_centroid_accuracy(lambda x: x)
+    assert fitted >= 0.95 and raw <= 0.75, (fitted, raw)
+
+
+def test_quadratic_rule_flags_tight_clusters_at_the_calibrated_rate():
+    g = np.random.default_rng(9)
+    dim = 16
+
+    def normed(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def reals(n):
+        return normed(g.normal(size=(n, dim)))
+
+    centres = normed(g.normal(size=(3, dim)))
+
+    def fakes(n):
+        labels = g.integers(0, 3, size=n)
+        return normed(centres[labels] + 0.15 * g.normal(size=(n, dim))), [f"g{i}" for i in labels]
+
+    gallery, labels = fakes(15)
+    detector = statistical.QuadraticDetector.fit(reals(200), gallery, labels)
+    threshold = calibrate_real_threshold(detector.scores(reals(200)), 0.05)
+    new_fakes, _ = fakes(300)
+    fpr = float(np.mean(detector.scores(reals(2000)) < threshold))
+    tpr = float(np.mean(detector.scores(new_fakes) < threshold))
+    assert fpr <= 0.08 and tpr >= 0.9, (fpr, tpr)
+    # The rule survives the model's metadata (JSON) and decides through the Decider.
+    decider = Decider.from_dict(Decider(np.zeros(dim, np.float32), threshold, None, quadratic=detector.to_dict()).to_dict())
+    assert decider.rule == "quadratic"
+    assert np.allclose(decider.scores(new_fakes[:5]), detector.scores(new_fakes[:5]))
+    decision = decider.decide(new_fakes[:1].astype(np.float32), gallery.astype(np.float32), labels)[0]
+    assert decision["is_generated"] and decision["predicted_source"] in set(labels)
+
+
+def test_jpeg_copies_are_reencoded_and_seeded(rng):
+    images = [rng.integers(0, 256, size=(32, 40, 3), dtype=np.uint8) for _ in range(3)]
+    copies = statistical.with_jpeg_copies(images, seed=1)
+    assert len(copies) == 6 and all(c.shape == (32, 40, 3) for c in copies)
+    assert all(np.array_equal(c, i) for c, i in zip(copies[:3], images, strict=True))
+    assert not any(np.array_equal(c, i) for c, i in zip(copies[3:], images, strict=True))
+    again = statistical.with_jpeg_copies(images, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(copies, again, strict=True))
