@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = {verb: sub.add_parser(verb, help=text, description=text) for verb, (text, _) in VERBS.items()}
 
     p = verbs["init"]
-    p.add_argument("--profile", choices=("small", "phase", "stats", "paper"), help="default: paper with CUDA, else stats (low-bit co-occurrence statistics + a learned head); "
-                   "small and phase are CPU networks")
+    p.add_argument("--profile", choices=("small", "phase", "stats", "srm", "paper"), help="default: paper with CUDA, else srm (co-occurrences of low-bit SRM residuals + a closed-form "
+                   "whitening head); stats, small and phase are earlier CPU profiles")
     p.add_argument("--checkpoint", help="a lida checkpoint, or (profile paper) the authors' ResNet-50 .pth")
 
     p = verbs["pretrain"]

@@ -16,7 +16,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 import schemas
-from lida_core import training
+from lida_core import statistical, training
 from lida_core.decode import DecodeError, decode_image
 from lida_core.inputs import labelled_folders, list_inputs, read_input
 from lida_core.metrics import auroc, balanced_accuracy, confusion_matrix, per_source_table, retrieval_metrics
@@ -41,7 +41,6 @@ from lida_core.workspace import TABLES, Workspace, WorkspaceConfig, WorkspaceErr
 
 Progress = Callable[[str, dict], None]
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-CALIBRATION_SHARE = 0.1
 MIN_CALIBRATION = 8
 
 # Per-profile training defaults: the paper's numbers for its ResNet-50; the CPU profile
@@ -129,10 +128,9 @@ class LoadedModel:
 
 
 def default_profile() -> str:
-    # On CPUs, the statistics profile: on the samples (3 seeds, docs/results.md) 5-shot Rank-1
-    # 0.92 and balanced accuracy 1.00, against 0.60 and 0.82 for the phase network, and it
-    # trains in seconds instead of minutes.
-    return "paper" if torch.cuda.is_available() else "stats"
+    # On CPUs, the SRM profile: on real generators (../shared/devset, 5 seeds, docs/results.md)
+    # it is the one whose decisions hold, and it fits in seconds instead of training for minutes.
+    return "paper" if torch.cuda.is_available() else "srm"
 
 
 def load_model(ws: Workspace, version: str | None = None) -> LoadedModel:
@@ -255,7 +253,7 @@ def pretrain_version(
         raise WorkspaceError(f"only {len(decoded.pixels)} of {len(uris)} images could be decoded")
     # Hold out a calibration slice of real images, chosen by content hash (stable across runs).
     order = sorted(range(len(decoded.pixels)), key=lambda i: hashlib.sha256((decoded.image_ids[i] + str(seed)).encode()).hexdigest())
-    n_cal = max(MIN_CALIBRATION, int(round(CALIBRATION_SHARE * len(order))))
+    n_cal = max(MIN_CALIBRATION, int(round(get_profile(config.profile).calibration_share * len(order))))
     cal_idx, train_idx = sorted(order[:n_cal]), sorted(order[n_cal:])
     train_images = [decoded.pixels[i] for i in train_idx]
     class_labels = [class_of[decoded.uris[i]] for i in train_idx] if cfg.labels else None
@@ -282,24 +280,38 @@ def pretrain_version(
         ws.write_bytes(state_rel, buffer.getvalue())
         progress("epoch", entry)
 
+    closed_form = model.fit == "closed-form"
     with ws.lock("pretrain"):
-        result = training.pretrain(
-            model,
-            train_images,
-            cfg,
-            labels=class_labels,
-            start_epoch=start_epoch,
-            head_state=head_state,
-            optimizer_state=opt_state,
-            on_epoch_end=save_state,
-        )
+        if closed_form:  # a fixed stem: keep the real descriptors and fit the head on them, no epochs
+            progress("fit", {"images": len(train_images)})
+            reference = statistical.fit_pretrain(model, train_images, seed)
+            result = {"history": []}
+            cfg.epochs = 0
+        else:
+            result = training.pretrain(
+                model,
+                train_images,
+                cfg,
+                labels=class_labels,
+                start_epoch=start_epoch,
+                head_state=head_state,
+                optimizer_state=opt_state,
+                on_epoch_end=save_state,
+            )
         loaded = LoadedModel("candidate", model, {"input": input_kind})
-        prototype = training.real_prototype(loaded.embed(train_images))
         cal_images = [decoded.pixels[i] for i in cal_idx]
-        cal_scores = loaded.embed(cal_images) @ prototype
+        if closed_form:
+            real = statistical.embeddings_from_descriptors(model, reference)
+            detector = statistical.QuadraticDetector.fit(real, real[:0], [])
+            prototype = training.real_prototype(real)
+            cal_scores = detector.scores(loaded.embed(statistical.with_jpeg_copies(cal_images, seed)))
+        else:
+            prototype = training.real_prototype(loaded.embed(train_images))
+            cal_scores = loaded.embed(cal_images) @ prototype
         threshold = training.calibrate_real_threshold(cal_scores, config.target_fpr)
         calibration_ids = [ws.put_blob(decoded.raw[i]) for i in cal_idx]
-        decider = training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k)
+        decider = training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k,
+                                   quadratic=detector.to_dict() if closed_form else None)
         meta = {
             "kind": "pretrain",
             "parent": parent,
@@ -310,7 +322,8 @@ def pretrain_version(
             "data": {**_data_summary([decoded.image_ids[i] for i in train_idx], [training.REAL] * len(train_idx)),
                      "errors": len(decoded.errors)},
             "calibration": calibration_ids,
-            "training": {**asdict(cfg), "objective": "classification" if cfg.labels else "contrastive", "resumed_from": start_epoch},
+            "training": {**asdict(cfg), "resumed_from": start_epoch,
+                         "objective": "closed-form" if closed_form else "classification" if cfg.labels else "contrastive"},
             "metrics": {"history": result["history"], "calibration_real_scores": {"count": len(cal_scores), "threshold": threshold}},
             "decider": decider.to_dict(),
         }
@@ -374,28 +387,54 @@ def gallery_images(ws: Workspace, version: str) -> tuple[list[np.ndarray], list[
 # ---------------------------------------------------------------- adaptation
 
 
-def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: WorkspaceConfig) -> training.Decider:
+def _calibration_images(ws: Workspace, model: LoadedModel) -> list[np.ndarray]:
+    """The held-out real images of pre-training, with JPEG copies where the profile fits in closed form."""
+    images = [decode_image(ws.get_blob(i), i).pixels for i in model.meta.get("calibration") or []]
+    return statistical.with_jpeg_copies(images) if model.model.fit == "closed-form" and images else images
+
+
+def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: WorkspaceConfig, fitted: dict | None = None) -> training.Decider:
     """Prototype from the real gallery images; threshold from the held-out calibration images.
 
     With contrast detection the generator prototypes come from the same gallery images, and
-    the threshold is calibrated on the calibration images' contrast scores.
+    the threshold is calibrated on the calibration images' contrast scores. The quadratic rule
+    (closed-form profiles) is fitted on `fitted`, the descriptors `statistical.fit_gallery` used.
     """
+    rule = detection_method(config)
+    calibration = _calibration_images(ws, model)
+    if rule == "quadratic":
+        if fitted is None or not calibration:
+            raise WorkspaceError(f"the quadratic detection rule needs a closed-form profile (srm) with 'lida pretrain' run first; "
+                                 f"this workspace's profile is {config.profile} ('lida config detection none' restores its own rule)")
+        real = statistical.embeddings_from_descriptors(model.model, fitted["real"])
+        generated = statistical.embeddings_from_descriptors(model.model, fitted["generated"])
+        detector = statistical.QuadraticDetector.fit(real, generated, fitted["labels"])
+        found = training.generator_prototypes(generated, fitted["labels"])
+        threshold = training.calibrate_real_threshold(detector.scores(model.embed(calibration)), config.target_fpr)
+        return training.Decider(training.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
+                                np.stack(list(found.values())) if found else None, quadratic=detector.to_dict())
     emb = model.embed(images)
     real = emb[np.asarray(sources) == training.REAL]
     prototype = training.real_prototype(real)
     generators = None
-    calibration = model.meta.get("calibration") or []
     if calibration:
-        if detection_method(config) == "contrast":
+        if rule == "contrast":
             found = training.generator_prototypes(emb, sources)
             generators = np.stack(list(found.values())) if found else None
-        cal = model.embed([decode_image(ws.get_blob(i), i).pixels for i in calibration])
-        scores = training.detection_scores(cal, prototype, generators)
+        scores = training.detection_scores(model.embed(calibration), prototype, generators)
     else:  # no held-out real images: the prototype rule, with leave-one-out gallery scores
         scores = training.leave_one_out_similarities(real, [training.REAL] * len(real))
         scores = scores[np.isfinite(scores)]
     threshold = training.calibrate_real_threshold(scores, config.target_fpr) if len(scores) else -1.0
     return training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k, generators)
+
+
+def _fit(model: LoadedModel, images, sources, cfg: training.AdaptConfig, progress: Progress) -> tuple[training.AdaptResult, dict | None]:
+    """Adaptation in place: gradient descent, or the closed-form fit (which also returns what the detector needs)."""
+    if model.model.fit == "closed-form":
+        progress("fit", {"images": len(images)})
+        return training.AdaptResult(), statistical.fit_gallery(model.model, images, sources, cfg.seed)
+    return training.adapt(model.model, images, sources, cfg, progress=lambda e: progress("epoch", e)), None
 
 
 def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
@@ -415,10 +454,20 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
         candidate = LoadedModel("candidate", copy.deepcopy(current.model), {**current.meta})
         train_idx, held_idx = training.split_holdout(sources, cfg.holdout, seed)
         before = training.holdout_accuracy(current.model, images, sources, train_idx, held_idx, current.input_kind)
-        result = training.adapt(candidate.model, images, sources, cfg, progress=lambda e: progress("epoch", e))
-        after = result.best_holdout_accuracy
+        if candidate.model.fit == "closed-form":
+            # The gate fits on the training split and scores the held-out images; the published
+            # head is then refitted on the whole gallery (a fit has no epochs to stop early).
+            gate = LoadedModel("gate", copy.deepcopy(current.model), current.meta)
+            _fit(gate, [images[i] for i in train_idx], [sources[i] for i in train_idx], cfg, progress)
+            after = training.holdout_accuracy(gate.model, images, sources, train_idx, held_idx, current.input_kind)
+            result, fitted = _fit(candidate, images, sources, cfg, progress)
+            result.best_holdout_accuracy = after
+            decider = _decider_for(candidate, ws, images, sources, config, fitted)
+        else:
+            result, _ = _fit(candidate, images, sources, cfg, progress)
+            after = result.best_holdout_accuracy
+            decider = _decider_for(candidate, ws, [images[i] for i in train_idx], [sources[i] for i in train_idx], config)
         promoted = bool(np.isnan(before) or (not np.isnan(after) and after >= before))
-        decider = _decider_for(candidate, ws, [images[i] for i in train_idx], [sources[i] for i in train_idx], config)
         meta = {
             **{k: v for k, v in current.meta.items() if k in ("profile", "fingerprint", "input", "tiles", "calibration")},
             "kind": "adapt",
@@ -487,17 +536,17 @@ def evaluate(
     g_src = [s for s, u in zip(gallery_src, gallery_uris, strict=True) if u in set(gallery.uris)]
     q_src = [s for s, u in zip(query_src, query_uris, strict=True) if u in set(queries.uris)]
     model = LoadedModel(current.version, copy.deepcopy(current.model), current.meta)
-    adapt_info = None
+    adapt_info, fitted = None, None
     if adapt:
         cfg = adapt_config(config.profile, epochs, None, seed, model.input_kind)
-        result = training.adapt(model.model, gallery.pixels, g_src, cfg, progress=lambda e: progress("epoch", e))
-        adapt_info = {"best_epoch": result.best_epoch, "holdout_accuracy": result.best_holdout_accuracy}
+        result, fitted = _fit(model, gallery.pixels, g_src, cfg, progress)
+        adapt_info = {"best_epoch": result.best_epoch, "holdout_accuracy": result.best_holdout_accuracy,
+                      "fit": model.model.fit}
     g_emb = model.embed(gallery.pixels)
     q_emb = model.embed(queries.pixels)
-    decider = _decider_for(model, ws, gallery.pixels, g_src, config) if adapt or current.decider is None else current.decider
-    decider = training.Decider(decider.prototype, decider.real_threshold,
-                               training.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept), config.decision, config.k, config.top_k,
-                               decider.generators)
+    decider = _decider_for(model, ws, gallery.pixels, g_src, config, fitted) if adapt or current.decider is None else current.decider
+    decider = replace(decider, unknown_threshold=training.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept),
+                      method=config.decision, k=config.k, top_k=config.top_k)
     retrieval = retrieval_metrics(q_emb @ g_emb.T, q_src, g_src)
     decisions = decider.decide(q_emb, g_emb, g_src)
     predicted = [d["predicted_source"] for d in decisions]
@@ -519,11 +568,16 @@ def evaluate(
         "mAP": retrieval["mAP"],
         "attribution_accuracy": float(np.mean([p == t for p, t in zip(predicted, q_src, strict=True)])),
         "balanced_accuracy": balanced_accuracy(truth_generated, [d["is_generated"] for d in decisions]),
+        # Real queries called generated, at the threshold calibrated on pre-training's held-out images.
+        "false_positive_rate": float(np.mean([d["is_generated"] for d, t in zip(decisions, q_src, strict=True) if t == training.REAL]))
+        if training.REAL in q_src else float("nan"),
         "auroc": auroc(-real_scores, truth_generated),
-        "detection": "contrast" if decider.generators is not None else "prototype",
+        "detection": decider.rule,
         "real_threshold": decider.real_threshold,
         "unknown_threshold": decider.unknown_threshold,
         "per_source": per_source_table(q_src, predicted),
+        "decisions": [{"uri": u, "source": t, "predicted_source": d["predicted_source"], "is_generated": d["is_generated"],
+                       "real_score": d["real_score"]} for u, t, d in zip(queries.uris, q_src, decisions, strict=True)],
         "confusion": {"labels": names, "matrix": matrix.tolist()},
     }
 
@@ -533,8 +587,10 @@ def evaluation_markdown(result: dict) -> str:
         f"# lida eval: {result['shots']}-shot, model {result['model_version']} ({result['input']}, {result['fingerprint']})",
         "",
         f"- gallery {result['gallery_images']} images, queries {result['query_images']}, errors {len(result['errors'])}",
-        f"- Rank-1 **{result['rank1']:.3f}**, mAP **{result['mAP']:.3f}**, attribution accuracy {result['attribution_accuracy']:.3f}",
-        f"- real vs generated: balanced accuracy **{result['balanced_accuracy']:.3f}**, AUROC {result['auroc']:.3f} "
+        f"- attribution accuracy **{result['attribution_accuracy']:.3f}** (the decisions the attributions table would hold: "
+        f"real, a source or unknown), Rank-1 **{result['rank1']:.3f}**, mAP {result['mAP']:.3f}",
+        f"- real vs generated: balanced accuracy **{result['balanced_accuracy']:.3f}**, AUROC {result['auroc']:.3f}, "
+        f"real images called generated {result.get('false_positive_rate', float('nan')):.3f} "
         f"({result.get('detection', 'prototype')} rule, threshold {result['real_threshold']:.3f})",
         "",
         "| source | queries | correct | recall | precision |",

@@ -79,9 +79,9 @@ def test_module_entry_point_and_workspace_env():
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
-def test_cpu_default_profile_is_stats_and_refuses_the_rgb_ablation(tmp_path, sample_dirs):
+def test_cpu_default_profile_is_srm_and_refuses_the_rgb_ablation(tmp_path, sample_dirs):
     ws = str(tmp_path / "ws")
     made = run("--workspace", ws, "--json", "init")
-    assert made.returncode == 0 and json.loads(made.stdout)["profile"] == "stats"
+    assert made.returncode == 0 and json.loads(made.stdout)["profile"] == "srm"
     rgb = run("--workspace", ws, "pretrain", str(sample_dirs / "pretrain"), "--input", "rgb", "--epochs", "1")
     assert rgb.returncode == 2 and "reads low-bit fingerprints" in rgb.stderr and rgb.stderr.count("\n") == 1

@@ -189,25 +189,26 @@ def test_concurrent_gallery_adds_never_lose_index_entries(tmp_path, sample_dirs)
     assert index.index.ntotal == listing["images"] == len(index.sources)
 
 
-def test_cpu_default_stats_profile_attributes_and_detects_end_to_end(tmp_path, sample_dirs):
-    """init (CPU default) -> calibrate only -> eval -> gallery -> adapt -> scan, on the statistics profile."""
+def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sample_dirs):
+    """init (CPU default) -> closed-form pre-training -> eval -> gallery -> adapt -> scan, on the srm profile."""
     import pyarrow.parquet as pq
 
     from lida_core import samples
 
     ws = tmp_path / "ws"
-    assert json_out(run_lida(ws, "init"))["profile"] == "stats"
-    pre = json_out(run_lida(ws, "pretrain", str(sample_dirs / "pretrain"), "--epochs", "0"))
-    assert pre["epochs"] == 0 and pre["calibration"] == 8  # no training: the real prototype and its threshold
-    r = json_out(run_lida(ws, "eval", str(sample_dirs / "labelled"), "--shots", "3", "--epochs", "5"))
+    assert json_out(run_lida(ws, "init"))["profile"] == "srm"
+    pre = json_out(run_lida(ws, "pretrain", str(sample_dirs / "pretrain")))
+    assert pre["epochs"] == 0 and pre["calibration"] == 8  # a closed-form fit: no epochs; 30% (at least 8) held out
+    r = json_out(run_lida(ws, "eval", str(sample_dirs / "labelled"), "--shots", "3"))
     # 7 sources, 3 queries each: chance is 1/7 for Rank-1 and 0.5 for balanced accuracy.
-    assert r["detection"] == "contrast" and r["rank1"] >= 0.5 and r["balanced_accuracy"] >= 0.85, r
+    assert r["detection"] == "quadratic" and r["rank1"] >= 0.5 and r["balanced_accuracy"] >= 0.85, r
+    assert r["adapted"]["fit"] == "closed-form" and len(r["decisions"]) == r["query_images"]
     for source in samples.sample_sources():
         run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
-    adapted = json_out(run_lida(ws, "adapt", "--epochs", "5"))
+    adapted = json_out(run_lida(ws, "adapt"))
     assert adapted["promoted"], adapted
     meta = load_model(Workspace(str(ws))).meta
-    assert len(meta["decider"]["generators"]) == len(samples.sample_sources()) - 1  # contrast against every generator
+    assert len(meta["decider"]["quadratic"]["generator_means"]) == len(samples.sample_sources()) - 1  # every generator
     samples.write_samples(str(tmp_path / "inbox"), 2, start=500)  # unseen images of every source
     run_lida(ws, "scan", str(tmp_path / "inbox"), "--scan-id", "s1")
     rows = pq.read_table(ws / "tables" / "attributions").to_pylist()
