@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs["pretrain"]
     p.add_argument("paths", nargs="+", metavar="PATH", help="real images: files, folders, fsspec URLs")
-    p.add_argument("--epochs", type=whole_number, help="0: keep the weights, only compute the real prototype and calibrate")
+    p.add_argument("--epochs", type=whole_number, help="0: keep the weights, only compute the real prototype and calibrate "
+                   "(the srm profile fits in closed form and has no epochs)")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--labels", choices=("folders",), help="classification pretext: one sub-folder per class")
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=positive_int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-adapt", action="store_true", help="evaluate the current model as it is")
-    p.add_argument("--epochs", type=positive_int, help="adaptation epochs on the K-shot gallery")
+    p.add_argument("--epochs", type=positive_int, help="adaptation epochs on the K-shot gallery (network profiles; srm fits in closed form)")
     p.add_argument("--input", choices=("fingerprint", "rgb"), help="check the model takes this input")
 
     p = verbs["scan"]
@@ -139,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs["demo"]
     p.add_argument("--dir", default="lida-demo", help="the demo folder, deleted and remade each run (default ./lida-demo)")
-    p.add_argument("--pretrain-epochs", type=positive_int, default=3)
-    p.add_argument("--adapt-epochs", type=positive_int, default=40)
+    p.add_argument("--pretrain-epochs", type=positive_int, default=3, help="unused by the demo's srm profile (a closed-form fit)")
+    p.add_argument("--adapt-epochs", type=positive_int, default=40, help="unused by the demo's srm profile (a closed-form fit)")
     p.add_argument("--pretrain-images", type=positive_int, default=48, help="real images written for pre-training")
 
     p = verbs["flow"]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lida_core.allocator import keep_freed_memory
 from lida_core.fingerprint import tile_views
 from lida_core.model import Embedder
 
@@ -65,6 +66,7 @@ def descriptors(model: Embedder, images: Sequence[np.ndarray], batch_size: int =
 
     if model.stem is None:
         raise ValueError(f"the {model.profile} profile has no fixed stem to fit a closed-form head on")
+    keep_freed_memory()  # the stem's large integer temporaries are reused instead of mapped and zeroed per batch
     views, owner = [], []
     for i, image in enumerate(images):
         parts = tile_views(image, model.input_size, model.tiles)

@@ -79,6 +79,7 @@ def embed(
     With `tiles` > 1 (crop-fit models), an image's embedding is the normalised mean over
     up to that many non-overlapping tiles; None takes the model profile's choice.
     """
+    keep_freed_memory()
     model.eval().to(device)
     tiles = model.tiles if tiles is None else tiles
     if model.fingerprint.fit != "crop":

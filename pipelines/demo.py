@@ -1,7 +1,7 @@
 """`lida demo`: the main job on the bundled samples in a fresh workspace, in a few minutes on a laptop CPU.
 
 Steps: write samples (real crops of the photos bundled with scikit-image + six seeded synthetic
-decoders), init (stats profile), pretrain on real images only, gallery add (5 per source),
+decoders), init (srm profile, the CPU default), pretrain on real images only, gallery add (5 per source),
 adapt (with the promotion gate), scan an inbox of unseen images through Beam, and write the
 HTML report. The demo folder holds a marker file; an existing folder without it is refused.
 """
@@ -48,14 +48,14 @@ def run_demo(directory: str, say: Callable[[str], None], pretrain_epochs: int = 
     ws_url = os.path.join(root, "workspace")
     ws = Workspace(ws_url)
 
-    step("init: stats profile (the CPU model), model v0000")
-    lifecycle.init_workspace(ws_url, "stats")
-    step(f"pretrain: {pretrain_epochs} epochs on {pretrain_images} real images (no labels, no generator images)")
+    step("init: srm profile (the CPU model), model v0000")
+    lifecycle.init_workspace(ws_url, "srm")
+    step(f"pretrain: a closed-form fit on {pretrain_images} real images (no labels, no generator images)")
     pre = lifecycle.pretrain_version(ws, [os.path.join(data, "pretrain")], epochs=pretrain_epochs)
     step(f"gallery add: {SHOTS} images for each of {len(samples.sample_sources())} sources")
     for source in samples.sample_sources():
         add(ws, source, [os.path.join(data, "labelled", source)], runner=runner, runner_options=list(runner_options or []))
-    step(f"adapt: {adapt_epochs} epochs of few-shot adaptation, promotion gate, reindex")
+    step("adapt: the closed-form few-shot fit on the gallery, promotion gate, reindex")
     adapted = adapt_and_reindex(ws, adapt_epochs)
     step(f"scan: {scan_per_source * len(samples.sample_sources())} unseen images through the Beam pipeline")
     scan = run_scan(ws, [os.path.join(data, "inbox")], "demo", runner, list(runner_options or []), "cpu",
