@@ -60,12 +60,23 @@ def bar_chart(title: str, counts: dict[str, int], palette: dict[str, str] | None
     return "".join(parts)
 
 
-def histogram(title: str, values: Sequence[float], thresholds: dict[str, float | None], lo: float = -1.0,
-              hi: float = 1.0, bins: int = 40, groups: dict[str, Sequence[float]] | None = None,
+def histogram(title: str, values: Sequence[float], thresholds: dict[str, float | None], lo: float | None = None,
+              hi: float | None = None, bins: int = 40, groups: dict[str, Sequence[float]] | None = None,
               palette: dict[str, str] | None = None) -> str:
-    """Stacked histogram of `groups` (or one series of `values`) on [lo, hi], with labelled threshold lines."""
+    """Stacked histogram of `groups` (or one series of `values`) on [lo, hi], with labelled threshold lines.
+
+    Without `lo`/`hi` the axis spans the values and thresholds (plus a margin): similarities
+    bunch within a few thousandths, and the quadratic rule's real scores are not in [-1, 1].
+    """
     width, height, pad = 560, 220, 36
     groups = groups if groups is not None else {"all": values}
+    if lo is None or hi is None:
+        seen = np.asarray([float(v) for vs in groups.values() for v in vs] + [float(t) for t in thresholds.values() if t is not None])
+        seen = seen[np.isfinite(seen)]
+        low, high = (float(seen.min()), float(seen.max())) if seen.size else (-1.0, 1.0)
+        margin = max(high - low, 1e-6) * 0.05
+        lo = low - margin if lo is None else lo
+        hi = high + margin if hi is None else hi
     edges = np.linspace(lo, hi, bins + 1)
     counts = {g: np.histogram(np.clip(np.asarray(v, float), lo, hi), edges)[0] for g, v in groups.items()}
     total = sum(counts.values()) if counts else np.zeros(bins)
@@ -84,7 +95,7 @@ def histogram(title: str, values: Sequence[float], thresholds: dict[str, float |
                              f'height="{y(base[b]) - y(base[b] + c[b]):.1f}" fill="{fill}"><title>{_esc(g)}: {c[b]}</title></rect>')
         base = base + c
     for tick in np.linspace(lo, hi, 5):
-        parts.append(f'<text x="{x(tick):.1f}" y="{height - pad + 16}" text-anchor="middle">{tick:.2f}</text>')
+        parts.append(f'<text x="{x(tick):.1f}" y="{height - pad + 16}" text-anchor="middle">{tick:.4g}</text>')
     parts.append(f'<text x="{pad - 4}" y="{pad}" text-anchor="end">{top}</text>')
     for k, (name, value) in enumerate(thresholds.items()):
         if value is None:
