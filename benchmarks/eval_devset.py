@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rgb-shots", type=int, nargs="+", default=[5])
     parser.add_argument("--rgb-seeds", type=int, nargs="*", default=[0, 1, 2], help="none: skip the RGB ablation")
     parser.add_argument("--rgb-epochs", type=int, default=0, help="adaptation epochs of the RGB network (0: its profile's default)")
+    parser.add_argument("--skip-fingerprint", action="store_true", help="only the RGB ablation")
     parser.add_argument("--write", help="also write the Markdown table to this file")
     args = parser.parse_args(argv)
     data = Path(args.data)
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[str] = []
     started = time.perf_counter()
     try:
-        timing = {args.profile: run_profile(work, data, args.profile, "fingerprint", args.parts, args.shots, args.seeds, 0, names, rows)}
+        timing = {}
+        if not args.skip_fingerprint:
+            timing[args.profile] = run_profile(work, data, args.profile, "fingerprint", args.parts, args.shots, args.seeds, 0, names, rows)
         if args.rgb_seeds:
             timing[f"{args.rgb_profile}-rgb"] = run_profile(work, data, args.rgb_profile, "rgb", ["png"], args.rgb_shots,
                                                             args.rgb_seeds, args.rgb_epochs, names, rows)
