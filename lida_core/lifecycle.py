@@ -577,7 +577,8 @@ def evaluate(
         "unknown_threshold": decider.unknown_threshold,
         "per_source": per_source_table(q_src, predicted),
         "decisions": [{"uri": u, "source": t, "predicted_source": d["predicted_source"], "is_generated": d["is_generated"],
-                       "real_score": d["real_score"]} for u, t, d in zip(queries.uris, q_src, decisions, strict=True)],
+                       "real_score": d["real_score"], "top1_similarity": d["top1_similarity"]}
+                      for u, t, d in zip(queries.uris, q_src, decisions, strict=True)],
         "confusion": {"labels": names, "matrix": matrix.tolist()},
     }
 
