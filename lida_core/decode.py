@@ -38,6 +38,9 @@ _ALPHA_DROP = {"LA": "L", "RGBA": "RGB", "RGBa": "RGB", "La": "L", "PA": "P"}
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
+JPEG_FORMATS = ("JPEG", "MPO")  # Pillow's names for JPEG files (MPO: a camera's multi-picture JPEG)
+
+
 class DecodeError(ValueError):
     """An input that cannot be decoded; `reason` is short and stable enough for a table."""
 

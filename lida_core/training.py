@@ -301,6 +301,12 @@ class Decider:
     top_k: int = 5
     generators: np.ndarray | None = None
     quadratic: dict | None = None  # QuadraticDetector.to_dict(): the "quadratic" rule, which replaces the two above
+    # JPEG inputs score lower than PNG ones under the same rule (their low bits are the codec's), so
+    # they get a threshold calibrated on JPEG images alone: each format keeps the target rate.
+    jpeg_threshold: float | None = None
+
+    def threshold(self, jpeg: bool = False) -> float:
+        return self.jpeg_threshold if jpeg and self.jpeg_threshold is not None else self.real_threshold
 
     @property
     def rule(self) -> str:
@@ -318,22 +324,24 @@ class Decider:
 
         return QuadraticDetector.from_dict(self.quadratic)
 
-    def decide(self, queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str]) -> list[dict]:
-        """Decisions against a whole gallery (exact search)."""
+    def decide(self, queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str],
+               jpeg: Sequence[bool] | None = None) -> list[dict]:
+        """Decisions against a whole gallery (exact search); `jpeg` says which queries were JPEG files."""
         labels = np.asarray(gallery_labels)
         sims = queries @ gallery.T if len(gallery) else np.zeros((len(queries), 0), np.float32)
         out = []
         for i in range(len(queries)):
             order = np.argsort(-sims[i], kind="stable")
-            out.append(self.decide_from_similarities(queries[i], sims[i][order], labels[order].tolist()))
+            out.append(self.decide_from_similarities(queries[i], sims[i][order], labels[order].tolist(), bool(jpeg and jpeg[i])))
         return out
 
-    def decide_from_similarities(self, query: np.ndarray, similarities: Sequence[float], labels: Sequence[str]) -> dict:
+    def decide_from_similarities(self, query: np.ndarray, similarities: Sequence[float], labels: Sequence[str],
+                                 jpeg: bool = False) -> dict:
         """One decision from the query's neighbours, most similar first (as an index returns them)."""
         sims = np.asarray(similarities, dtype=np.float64)
         labels = list(labels)
         real_score = float(self.scores(np.asarray(query)[None])[0])
-        generated = bool(real_score < self.real_threshold)
+        generated = bool(real_score < self.threshold(jpeg))
         scores = self._source_scores(sims, labels)
         candidates = {s: v for s, v in scores.items() if s != REAL}
         if not generated:
@@ -378,6 +386,7 @@ class Decider:
             "top_k": self.top_k,
             "generators": None if self.generators is None else np.asarray(self.generators).tolist(),
             "quadratic": self.quadratic,
+            "jpeg_threshold": self.jpeg_threshold,
         }
 
     @classmethod
@@ -391,6 +400,7 @@ class Decider:
             top_k=int(data.get("top_k", 5)),
             generators=None if data.get("generators") is None else np.asarray(data["generators"], dtype=np.float32),
             quadratic=data.get("quadratic"),
+            jpeg_threshold=None if data.get("jpeg_threshold") is None else float(data["jpeg_threshold"]),
         )
 
 

@@ -177,16 +177,18 @@ def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress, runn
 
 def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
     """`lida attribute`: decisions for a few files now, in this process (no Beam, no server)."""
-    from lida_core.decode import DecodeError, decode_image
+    from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
     from lida_core.inputs import list_inputs, read_input
 
     config = ws.config()
     loaded = lifecycle.load_model(ws)
     decider, index = gallery_index.query_decider(ws, loaded.version, loaded.meta, config)
-    results, good, pixels = [], [], []
+    results, good, pixels, jpeg = [], [], [], []
     for uri in [u for path in paths for u in list_inputs([path])]:  # in the order given
         try:
-            pixels.append(decode_image(read_input(uri), uri).pixels)
+            decoded = decode_image(read_input(uri), uri)
+            pixels.append(decoded.pixels)
+            jpeg.append(decoded.format in JPEG_FORMATS)
             good.append(len(results))
             results.append({"uri": uri})
         except (DecodeError, OSError) as exc:
@@ -197,7 +199,7 @@ def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
         sims, ids = index.search(emb, k, loaded.version) if k else (np.zeros((len(emb), 0)), np.zeros((len(emb), 0), int))
         for row, position in enumerate(good):
             labels = [index.sources[j] for j in ids[row] if j >= 0] if k else []
-            results[position].update(decider.decide_from_similarities(emb[row], sims[row][: len(labels)], labels))
+            results[position].update(decider.decide_from_similarities(emb[row], sims[row][: len(labels)], labels, jpeg[row]))
             results[position].update(model_version=loaded.version, index_version=index.version if index else "none",
                                      fingerprint=config.fingerprint)
     return results

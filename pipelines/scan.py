@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 import schemas
-from lida_core.decode import DecodeError, decode_image
+from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
 from lida_core.inputs import list_inputs, read_input
 from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, utc_now
 
@@ -90,6 +90,7 @@ class Item:
     key: str
     image_id: str
     uri: str
+    jpeg: bool = False  # a JPEG file: decided against the JPEG-calibrated real threshold
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class ShardAndDecode(beam.DoFn):
                 continue
             row.update(format=decoded.format, width=decoded.width, height=decoded.height)
             members.append((key, _EXT.get(decoded.format, "img"), data))
-            chunk[0].append(Item(name, key, row["image_id"], uri))
+            chunk[0].append(Item(name, key, row["image_id"], uri, decoded.format in JPEG_FORMATS))
             chunk[1].append(decoded.pixels)
             if len(chunk[0]) >= size:
                 yield CHUNK_OUT, chunk
@@ -190,8 +191,9 @@ class ShardAndDecode(beam.DoFn):
                 for r in rows[start : start + size]:
                     offset, length = offsets[r["key"]]
                     handle.seek(offset)
-                    pixels.append(decode_image(handle.read(length), r["uri"]).pixels)
-                    items.append(Item(name, r["key"], r["image_id"], r["uri"]))
+                    decoded = decode_image(handle.read(length), r["uri"])
+                    pixels.append(decoded.pixels)
+                    items.append(Item(name, r["key"], r["image_id"], r["uri"], decoded.format in JPEG_FORMATS))
                 yield CHUNK_OUT, (items, pixels)
 
     def _write_tar(self, rel: str, members: list[tuple[str, str, bytes]]) -> dict[str, list[int]]:
@@ -354,7 +356,7 @@ class Attribute(beam.DoFn):
         attributions, embeddings = [], []
         for row, item in enumerate(items):
             labels = [self.index.sources[j] for j in ids[row] if j >= 0] if self.index else []
-            decision = self.decider.decide_from_similarities(emb[row], sims[row][: len(labels)], labels)
+            decision = self.decider.decide_from_similarities(emb[row], sims[row][: len(labels)], labels, item.jpeg)
             attributions.append({"scan_id": self.scan_id, "uri": item.uri, "image_id": item.image_id, **decision,
                                  "model_version": self.model_version, "index_version": self.index_version,
                                  "fingerprint": self.fingerprint, "scanned_at": now})
