@@ -147,3 +147,22 @@ def test_jpeg_copies_are_reencoded_and_seeded(rng):
     assert not any(np.array_equal(c, i) for c, i in zip(copies[3:], images, strict=True))
     again = statistical.with_jpeg_copies(images, seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(copies, again, strict=True))
+
+
+def test_jpeg_inputs_are_decided_against_their_own_threshold():
+    from lida_core.lifecycle import _thresholds
+
+    g = np.random.default_rng(3)
+    png, jpeg = g.normal(10.0, 1.0, 400), g.normal(0.0, 1.0, 400)  # the codec lowers real images' scores
+    other, jpeg_threshold = _thresholds(np.concatenate([png, jpeg]), [False] * 400 + [True] * 400, 0.05)
+    new_png, new_jpeg = g.normal(10.0, 1.0, 4000), g.normal(0.0, 1.0, 4000)
+    assert np.mean(new_png < other) <= 0.07 and np.mean(new_jpeg < jpeg_threshold) <= 0.07
+    pooled = calibrate_real_threshold(np.concatenate([png, jpeg]), 0.05)
+    assert np.mean(new_jpeg < pooled) > 0.08  # one threshold for both lets JPEG's false positives through
+    assert _thresholds(png, [False] * 400, 0.05) == (calibrate_real_threshold(png, 0.05), None)
+    decider = Decider(np.ones(2, np.float32) / np.sqrt(2), 0.5, None, jpeg_threshold=-0.5)
+    low = np.array([1.0, -0.9], np.float32) / np.linalg.norm([1.0, -0.9])  # cosine to the prototype ~0.07: between the thresholds
+    assert -0.5 < float(decider.scores(low[None])[0]) < 0.5
+    assert decider.decide_from_similarities(low, [], [])["is_generated"]
+    assert not decider.decide_from_similarities(low, [], [], jpeg=True)["is_generated"]
+    assert Decider.from_dict(decider.to_dict()).jpeg_threshold == -0.5
