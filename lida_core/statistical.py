@@ -38,10 +38,9 @@ import torch
 from PIL import Image
 
 from lida_core.allocator import keep_freed_memory
-from lida_core.fingerprint import tile_views
 from lida_core.model import Embedder
+from lida_core.training import REAL, tile_sums
 
-REAL = "real"
 HEAD_SHRINK = 0.5
 DETECTOR_SHRINK = 0.8
 REAL_SHRINK = 1.0
@@ -68,25 +67,12 @@ def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0) -> list[np.nda
 @torch.no_grad()
 def descriptors(model: Embedder, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
     """The fixed stem's output (N x D float64) for decoded images, averaged over the embedder's tiles."""
-    from lida_core.training import model_inputs
-
     if model.stem is None:
         raise ValueError(f"the {model.profile} profile has no fixed stem to fit a closed-form head on")
     keep_freed_memory()  # the stem's large integer temporaries are reused instead of mapped and zeroed per batch
-    views, owner = [], []
-    for i, image in enumerate(images):
-        parts = tile_views(image, model.input_size, model.tiles)
-        views += parts
-        owner += [i] * len(parts)
-    dim = model.backbone.mean.shape[0]
-    feats = np.zeros((len(views), dim), dtype=np.float64)
-    for start in range(0, len(views), batch_size):
-        x = model_inputs(views[start : start + batch_size], model.fingerprint)
-        feats[start : start + len(x)] = model.stem(x).double().numpy()
-    out = np.zeros((len(images), dim), dtype=np.float64)
-    np.add.at(out, np.asarray(owner, dtype=np.int64), feats)
-    counts = np.bincount(np.asarray(owner, dtype=np.int64), minlength=len(images))[:, None]
-    return out / np.maximum(counts, 1)
+    sums, counts = tile_sums(model, images, lambda x: model.stem(x).double().numpy(), model.backbone.mean.shape[0],
+                             batch_size, dtype=np.float64)
+    return sums / np.maximum(counts, 1)[:, None]
 
 
 def shrunk_inverse_sqrt(scatter: np.ndarray, shrink: float) -> np.ndarray:

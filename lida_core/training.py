@@ -66,6 +66,40 @@ def model_inputs(images: Sequence[np.ndarray], settings: FingerprintSettings, in
 
 
 @torch.no_grad()
+def tile_sums(
+    model: Embedder,
+    images: Sequence[np.ndarray],
+    forward: Callable[[torch.Tensor], np.ndarray],
+    dim: int,
+    batch_size: int = 64,
+    input_kind: str = "fingerprint",
+    tiles: int | None = None,
+    dtype: type = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N x dim sums of `forward` over each image's tiles, N tile counts): the one tiling loop.
+
+    Crop-fit models read up to `tiles` non-overlapping tiles of an image (None: the profile's
+    choice); a resize fit reads the whole image once. `forward` maps a model-input batch to
+    a numpy batch (an embedding, or a fixed stem's descriptor).
+    """
+    tiles = model.tiles if tiles is None else tiles
+    if model.fingerprint.fit != "crop":
+        tiles = 1
+    views, owner = [], []
+    for i, image in enumerate(images):
+        parts = tile_views(image, model.input_size, tiles)
+        views += parts
+        owner += [i] * len(parts)
+    feats = np.zeros((len(views), dim), dtype=dtype)
+    for start in range(0, len(views), batch_size):
+        feats[start : start + min(batch_size, len(views) - start)] = forward(
+            model_inputs(views[start : start + batch_size], model.fingerprint, input_kind))
+    owner = np.asarray(owner, dtype=np.int64)
+    out = np.zeros((len(images), dim), dtype=dtype)
+    np.add.at(out, owner, feats)
+    return out, np.bincount(owner, minlength=len(images))
+
+
 def embed(
     model: Embedder,
     images: Sequence[np.ndarray],
@@ -81,20 +115,8 @@ def embed(
     """
     keep_freed_memory()
     model.eval().to(device)
-    tiles = model.tiles if tiles is None else tiles
-    if model.fingerprint.fit != "crop":
-        tiles = 1
-    views, owner = [], []
-    for i, image in enumerate(images):
-        parts = tile_views(image, model.input_size, tiles)
-        views += parts
-        owner += [i] * len(parts)
-    feats = np.zeros((len(views), model.embedding_dim), dtype=np.float32)
-    for start in range(0, len(views), batch_size):
-        x = model_inputs(views[start : start + batch_size], model.fingerprint, input_kind).to(device)
-        feats[start : start + len(x)] = F.normalize(model(x).float(), dim=1).cpu().numpy()
-    out = np.zeros((len(images), model.embedding_dim), dtype=np.float32)
-    np.add.at(out, np.asarray(owner, dtype=np.int64), feats)
+    out, _ = tile_sums(model, images, lambda x: F.normalize(model(x.to(device)).float(), dim=1).cpu().numpy(),
+                       model.embedding_dim, batch_size, input_kind, tiles)
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
