@@ -13,10 +13,10 @@ import io
 import os
 from collections.abc import Callable, Iterable
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lida_core.inputs import InputReadError, input_info, read_input
 from lida_core.workspace import TABLES, Workspace
 
 HASH_CACHE = "runs/flows/hashes.parquet"
@@ -31,13 +31,6 @@ def offline_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
-def _stamp(info: dict) -> str:
-    for key in ("mtime", "LastModified", "updated", "ETag", "etag", "md5Hash", "last_modified"):
-        if info.get(key) is not None:
-            return f"{key}={info[key]}"
-    return ""
-
-
 def content_hashes(ws: Workspace, uris: Iterable[str], progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
     """URI -> sha256 of its bytes (the image_id), reading only files whose size or stamp changed."""
     uris = list(uris)
@@ -49,24 +42,26 @@ def content_hashes(ws: Workspace, uris: Iterable[str], progress: Callable[[int, 
     out: dict[str, str] = {}
     fresh: dict[str, tuple[int, str, str]] = {}
     for n, uri in enumerate(uris, 1):
-        fs, path = fsspec.core.url_to_fs(uri)
         try:
-            info = fs.info(path)
-        except (FileNotFoundError, OSError):
+            size, stamp = input_info(uri)
+        except InputReadError:
+            # Not a file lida reads (a FIFO, a device, over the byte cap): the scan records it as an
+            # error row under the id of its name, which then counts as seen like any other image.
+            out[uri] = hashlib.sha256(uri.encode()).hexdigest()
+            continue
+        except OSError:
             continue  # gone since it was listed: the next run sees it if it comes back
-        size, stamp = int(info.get("size") or 0), _stamp(info)
         hit = cached.get(uri)
         if hit and stamp and hit[0] == size and hit[1] == stamp:
             out[uri] = hit[2]
         else:
-            digest = hashlib.sha256()
             try:
-                with fs.open(path, "rb") as handle:
-                    for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                        digest.update(block)
-            except (FileNotFoundError, OSError):
+                out[uri] = hashlib.sha256(read_input(uri)).hexdigest()
+            except InputReadError:
+                out[uri] = hashlib.sha256(uri.encode()).hexdigest()
                 continue
-            out[uri] = digest.hexdigest()
+            except OSError:
+                continue
         fresh[uri] = (size, stamp, out[uri])
         if progress and (n % 500 == 0 or n == len(uris)):
             progress(n, len(uris))

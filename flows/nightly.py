@@ -33,7 +33,7 @@ def find_new_files(workspace: str) -> dict:
     uris, missing = [], []
     for inbox in config.inboxes:
         try:
-            uris += list_inputs([inbox])
+            uris += list_inputs([inbox], every_entry=True)  # every entry gets its row, as in 'lida scan'
         except InputError:
             missing.append(inbox)
     for inbox in missing:

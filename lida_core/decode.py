@@ -86,7 +86,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
     except DecodeError:
         raise
     except UnidentifiedImageError:
-        raise DecodeError(name, "not an image (unrecognised format)") from None
+        raise DecodeError(name, f"not an image ({_what_it_is(data)})") from None
     except Image.DecompressionBombError as exc:
         raise DecodeError(name, f"decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
@@ -95,6 +95,17 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             reason = "truncated file: " + reason
         raise DecodeError(name, f"corrupt image: {reason}") from None
     return DecodedImage(np.ascontiguousarray(pixels), fmt, mode, width, height, frames)
+
+
+def _what_it_is(data: bytes) -> str:
+    """A short guess at a file Pillow does not open, for the error a user reads."""
+    if data[257:262] == b"ustar":
+        return "a tar archive: extract it to scan its members"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis", b"avif"):
+        return f"{data[8:12].decode()} (HEIF/AVIF), which this build cannot decode"
+    if data[:4] == b"PK\x03\x04":
+        return "a zip archive"
+    return "unrecognised format"
 
 
 def _to_rgb(image: Image.Image, name: str) -> np.ndarray:

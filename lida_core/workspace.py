@@ -133,12 +133,23 @@ class Workspace:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write under a temporary name in the same folder, then rename over the target."""
+        with self.open_atomic(rel) as handle:
+            handle.write(data)
+
+    @contextlib.contextmanager
+    def open_atomic(self, rel: str) -> Iterator:
+        """A file handle to stream into; the target appears (renamed into place) only when the block ends without error."""
         target = self.path(rel)
         folder = target.rsplit("/", 1)[0]
         self.fs.makedirs(folder, exist_ok=True)
         tmp = f"{folder}/.tmp-{uuid.uuid4().hex}"
-        with self.fs.open(tmp, "wb") as handle:
-            handle.write(data)
+        try:
+            with self.fs.open(tmp, "wb") as handle:
+                yield handle
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.rm(tmp)
+            raise
         if self.local:
             os.replace(tmp, target)
         else:

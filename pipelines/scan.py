@@ -51,7 +51,7 @@ def plan_scan(ws: Workspace, scan_id: str, paths: Sequence[str], shard_size: int
     (at least 16 and at most SHARD_SIZE images each); the size is then fixed in the plan.
     """
     rel = f"{_scan_dir(scan_id)}/plan.json"
-    uris = list_inputs(paths)
+    uris = list_inputs(paths, every_entry=True)
     if ws.exists(rel):
         plan = ws.read_json(rel)
     else:
@@ -81,6 +81,7 @@ def attributions_part(scan_id: str, shard: str) -> str:
 # ---------------------------------------------------------------- the scan's stages
 
 CHUNK = 32  # most images per embedding call
+CHUNK_PIXELS = 32_000_000  # most decoded pixels held in one chunk (a decompression bomb under the pixel cap is 64 MP)
 CHUNK_OUT, COMMITTED_OUT = "chunk", "committed"
 
 
@@ -125,54 +126,62 @@ class ShardAndDecode(beam.DoFn):
     def setup(self) -> None:
         self.ws = Workspace(self.workspace)
 
-    def process(self, element: tuple[int, list[str]]):
-        index, uris = element
+    def process(self, index: int):
         name = shard_name(index)
         if self.ws.exists(f"{_scan_dir(self.scan_id)}/{name}.rows.parquet"):
             yield from self._from_tar(name)
         else:
-            yield from self._write(index, uris)
+            # File names travel in the plan, not through Beam's coders (which take UTF-8 text only).
+            yield from self._write(index, self.ws.read_json(f"{_scan_dir(self.scan_id)}/plan.json")["shards"][index])
         yield COMMITTED_OUT, index
 
     def _write(self, index: int, uris: list[str]):
         name = shard_name(index)
         base = f"{_scan_dir(self.scan_id)}/{name}"
-        rows, members = [], []
+        rows = []
         first: dict[str, dict] = {}  # image_id -> the row of its first copy in this shard
         size = chunk_size(len(uris))
         chunk: tuple[list[Item], list[np.ndarray]] = ([], [])
         now = utc_now()
-        for position, uri in enumerate(uris):
-            key = f"{name}_{position:05d}"  # no dots: WebDataset splits extensions at dots
-            row = {"scan_id": self.scan_id, "uri": uri, "image_id": "", "status": "ok", "error": None, "format": None,
-                   "width": None, "height": None, "bytes": 0, "shard": name, "key": key, "scanned_at": now}
-            rows.append(row)
-            try:
-                data = read_input(uri)
-            except OSError as exc:
-                row.update(status="error", error=f"unreadable: {exc}", image_id=hashlib.sha256(uri.encode()).hexdigest())
-                continue
-            row.update(image_id=hashlib.sha256(data).hexdigest(), bytes=len(data))
-            original = first.setdefault(row["image_id"], row)
-            if original is not row:  # the same bytes decode the same way: a duplicate
-                row.update(status="duplicate" if original["status"] == "ok" else original["status"], error=original["error"],
-                           format=original["format"], width=original["width"], height=original["height"])
-                continue
-            try:
-                decoded = decode_image(data, uri)
-            except DecodeError as exc:
-                row.update(status="error", error=exc.reason)
-                continue
-            row.update(format=decoded.format, width=decoded.width, height=decoded.height)
-            members.append((key, _EXT.get(decoded.format, "img"), data))
-            chunk[0].append(Item(name, key, row["image_id"], uri, decoded.format in JPEG_FORMATS))
-            chunk[1].append(decoded.pixels)
-            if len(chunk[0]) >= size:
-                yield CHUNK_OUT, chunk
-                chunk = ([], [])
+        # The tar is written as the files are read (one file's bytes held at a time), under a
+        # temporary name renamed on close; chunks go on by count or by decoded pixels.
+        with self.ws.open_atomic(f"{base}.tar") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            offsets: dict[str, list[int]] = {}
+            for position, uri in enumerate(uris):
+                key = f"{name}_{position:05d}"  # no dots: WebDataset splits extensions at dots
+                row = {"scan_id": self.scan_id, "uri": uri, "image_id": "", "status": "ok", "error": None, "format": None,
+                       "width": None, "height": None, "bytes": 0, "shard": name, "key": key, "scanned_at": now}
+                rows.append(row)
+                try:
+                    data = read_input(uri)
+                except OSError as exc:
+                    row.update(status="error", error=f"unreadable: {exc}", image_id=hashlib.sha256(uri.encode()).hexdigest())
+                    continue
+                row.update(image_id=hashlib.sha256(data).hexdigest(), bytes=len(data))
+                original = first.setdefault(row["image_id"], row)
+                if original is not row:  # the same bytes decode the same way: a duplicate
+                    row.update(status="duplicate" if original["status"] == "ok" else original["status"], error=original["error"],
+                               format=original["format"], width=original["width"], height=original["height"])
+                    continue
+                try:
+                    decoded = decode_image(data, uri)
+                except DecodeError as exc:
+                    row.update(status="error", error=exc.reason)
+                    continue
+                row.update(format=decoded.format, width=decoded.width, height=decoded.height)
+                offsets[key] = _add_member(tar, f"{key}.{_EXT.get(decoded.format, 'img')}", data)
+                del data
+                if chunk[0] and sum(p.shape[0] * p.shape[1] for p in chunk[1]) + decoded.width * decoded.height > CHUNK_PIXELS:
+                    yield CHUNK_OUT, chunk
+                    chunk = ([], [])
+                chunk[0].append(Item(name, key, row["image_id"], uri, decoded.format in JPEG_FORMATS))
+                chunk[1].append(decoded.pixels)
+                del decoded
+                if len(chunk[0]) >= size:
+                    yield CHUNK_OUT, chunk
+                    chunk = ([], [])
         if chunk[0]:
             yield CHUNK_OUT, chunk
-        offsets = self._write_tar(f"{base}.tar", members)
         self.ws.write_json(f"{base}.members.json", offsets)
         table = schemas.validate(pa.Table.from_pylist(rows), "images")
         buffer = io.BytesIO()
@@ -196,25 +205,21 @@ class ShardAndDecode(beam.DoFn):
                     items.append(Item(name, r["key"], r["image_id"], r["uri"], decoded.format in JPEG_FORMATS))
                 yield CHUNK_OUT, (items, pixels)
 
-    def _write_tar(self, rel: str, members: list[tuple[str, str, bytes]]) -> dict[str, list[int]]:
-        """Write the tar (temporary name, then rename); returns key -> [data offset, size]."""
-        buffer = io.BytesIO()
-        offsets = {}
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, ext, data in members:
-                info = tarfile.TarInfo(f"{key}.{ext}")  # a short name: one 512-byte USTAR header
-                info.size = len(data)
-                info.mtime = 0
-                offsets[key] = [tar.offset + tarfile.BLOCKSIZE, len(data)]
-                tar.addfile(info, io.BytesIO(data))
-        self.ws.write_bytes(rel, buffer.getvalue())
-        return offsets
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> list[int]:
+    """Append one member (a short name: one 512-byte USTAR header); returns [data offset, size]."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    offset = tar.offset + tarfile.BLOCKSIZE
+    tar.addfile(info, io.BytesIO(data))
+    return [offset, len(data)]
 
 
 class Shard(beam.PTransform):
-    """Every planned shard without attributions -> (committed shard indexes, chunks of decoded images)."""
+    """Every planned shard without attributions (their indexes in the plan) -> (committed shard indexes, chunks of decoded images)."""
 
-    def __init__(self, workspace: str, scan_id: str, shards: list[tuple[int, list[str]]]):
+    def __init__(self, workspace: str, scan_id: str, shards: list[int]):
         super().__init__()
         self.workspace, self.scan_id, self.shards = workspace, scan_id, shards
 
@@ -461,7 +466,7 @@ def run_scan(
         # committed, then joins the embeddings per shard for attribution.
         with (pipeline_options(runner, runner_options, files=files, beam_args=beam_args) as options,
               beam.Pipeline(options=options) as pipeline):
-            committed, chunks = pipeline | "Shard" >> Shard(ws.url, scan_id, todo)
+            committed, chunks = pipeline | "Shard" >> Shard(ws.url, scan_id, [i for i, _ in todo])
             verdicts = (
                 committed
                 | "AllShardsCommitted" >> beam.combiners.ToList()

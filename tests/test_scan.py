@@ -6,6 +6,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import tarfile
 import threading
 import time
 import zlib
@@ -85,7 +86,6 @@ def test_hostile_files_each_get_one_row_and_the_scan_succeeds(workspace, hostile
     assert {u for u, _ in attributed} == ok and all(c == 1 for _, c in attributed)
     assert r["status"] == {"ok": 8, "error": 4, "duplicate": 1}
     # the recorded member offsets are where tarfile itself finds each member's bytes
-    import tarfile
 
     for tar_path in (Path(workspace) / "shards" / "hostile").glob("*.tar"):
         offsets = json.loads(tar_path.with_suffix(".members.json").read_text())
@@ -94,6 +94,80 @@ def test_hostile_files_each_get_one_row_and_the_scan_succeeds(workspace, hostile
         assert found == offsets
     lineage = q(workspace, "select distinct model_version, index_version, fingerprint from {attributions} where scan_id='hostile'")
     assert len(lineage) == 1 and lineage[0][1].startswith("i") and lineage[0][2] == "b3-scale-full-crop128"
+
+
+@pytest.fixture()
+def odd_entries_dir(tmp_path, hostile_dir):
+    """Issue #12 items 1, 3 and 12: entries a folder walk used to skip, block on, or die on."""
+    d = tmp_path / "odd"
+    d.mkdir()
+    good = (hostile_dir / "good 1 é.png").read_bytes()
+    (d / os.fsdecode(b"bad\xff.png")).write_bytes(good)  # a name that is not UTF-8
+    (d / ".hidden.png").write_bytes((hostile_dir / "one.png").read_bytes())
+    (d / "noext").write_bytes((hostile_dir / "sixteen.png").read_bytes())
+    (d / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    with tarfile.open(d / "bundle.tar", "w") as tar:
+        tar.add(hostile_dir / "one.png", arcname="one.png")
+    (d / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(d / "pipe.png")
+    with open(d / "huge.png", "wb") as handle:  # sparse: over the byte cap without using the disk
+        handle.truncate(300 * 1024 * 1024)
+    return d
+
+
+def test_every_entry_gets_a_row_and_nothing_blocks_or_dies(workspace, odd_entries_dir):
+    r = json_out(run_lida(workspace, "scan", str(odd_entries_dir), "--scan-id", "odd", timeout=300))
+    rows = {Path(u).name: (s, e) for u, s, e in q(workspace, "select uri, status, error from {images} where scan_id = 'odd'")}
+    assert sorted(rows) == sorted(["bad\\xff.png", ".hidden.png", "noext", "photo.heic", "bundle.tar", "zero.png", "pipe.png",
+                                   "huge.png"])
+    assert rows["bad\\xff.png"] == ("ok", None) and rows[".hidden.png"] == ("ok", None) and rows["noext"] == ("ok", None)
+    assert "tar archive" in rows["bundle.tar"][1] and "HEIF" in rows["photo.heic"][1]
+    assert "FIFO" in rows["pipe.png"][1] and "character device" in rows["zero.png"][1] and "too large" in rows["huge.png"][1]
+    assert r["status"] == {"ok": 3, "error": 5}
+    attributed = q(workspace, "select uri from {attributions} where scan_id = 'odd'")
+    assert sorted(Path(u).name for (u,) in attributed) == [".hidden.png", "bad\\xff.png", "noext"]
+    # the plan keeps the name: with the file gone, the same scan id still runs and records it unreadable
+    os.remove(odd_entries_dir / os.fsdecode(b"bad\xff.png"))
+    shutil.rmtree(Path(workspace) / "tables" / "attributions" / "scan_id=odd")
+    again = json_out(run_lida(workspace, "scan", str(odd_entries_dir), "--scan-id", "odd", timeout=300))
+    assert again["images"] == 8
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their permissions")
+def test_an_unreadable_folder_gets_an_error_row(workspace, hostile_dir, tmp_path):
+    d = tmp_path / "locked_parent"
+    (d / "locked").mkdir(parents=True)
+    shutil.copy(hostile_dir / "one.png", d / "locked" / "one.png")
+    shutil.copy(hostile_dir / "one.png", d / "open.png")
+    (d / "locked").chmod(0)
+    try:
+        json_out(run_lida(workspace, "scan", str(d), "--scan-id", "locked"))
+    finally:
+        (d / "locked").chmod(0o755)
+    rows = {Path(u).name: (s, e) for u, s, e in q(workspace, "select uri, status, error from {images} where scan_id = 'locked'")}
+    assert rows["open.png"] == ("ok", None) and rows["locked"][0] == "error"
+
+
+def test_a_shard_holds_a_bounded_number_of_decoded_pixels(workspace, tmp_path):
+    """Issue #12 item 2: chunks of decoded images are cut by pixels as well as by count."""
+    from pipelines import scan
+
+    d = tmp_path / "wide"
+    d.mkdir()
+    for i in range(6):
+        Image.new("RGB", (1000, 1000), (i, 2 * i, 3)).save(d / f"{i}.png")
+    ws = Workspace(str(workspace))
+    scan.plan_scan(ws, "pixels", [str(d)], shard_size=6)
+    stage = scan.ShardAndDecode(ws.url, "pixels")
+    stage.setup()
+    old, scan.CHUNK_PIXELS = scan.CHUNK_PIXELS, 2_500_000
+    try:
+        out = list(stage.process(0))
+    finally:
+        scan.CHUNK_PIXELS = old
+    chunks = [value for kind, value in out if kind == scan.CHUNK_OUT]
+    assert [len(items) for items, _ in chunks] == [2, 2, 2]
+    assert out[-1] == (scan.COMMITTED_OUT, 0)
 
 
 def test_rerunning_a_scan_adds_nothing(workspace, hostile_dir):
