@@ -426,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
     for noisy in ("apache_beam", "faiss", "distributed", "prefect"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not os.environ.get("LIDA_DEBUG"):  # a failing worker's traceback is logged by Beam, then raised: say it once
+        logging.getLogger("apache_beam.runners").setLevel(logging.CRITICAL)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verb:
@@ -444,9 +446,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # never a bare traceback: one line, and the details on request
         if os.environ.get("LIDA_DEBUG"):
             raise
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _fail(args, f"{type(exc).__name__}: {detail} (set LIDA_DEBUG=1 for the traceback)")
+        name, detail = worker_error(exc)
+        if name in {e.__name__ for e in user_errors()} | {"IndexMismatch"}:
+            _fail(args, detail)
+            return 2
+        _fail(args, f"{name}: {detail} (set LIDA_DEBUG=1 for the traceback)")
         return 1
+
+
+def worker_error(exc: BaseException) -> tuple[str, str]:
+    """(exception class name, its message's first line); for an error Beam re-raised from a worker, the worker's own.
+
+    Beam wraps what a worker raised in a RuntimeError whose text is the worker's traceback;
+    its last `Name: message` line is what went wrong.
+    """
+    import re
+
+    text = str(exc).strip()
+    if "Traceback (most recent call last)" in text:
+        found = re.findall(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Mismatch)): (.+?)(?: \[while running '.*'\])?$", text, re.M)
+        if found:
+            return found[-1]
+    return type(exc).__name__, text.splitlines()[0] if text else ""
 
 
 def run() -> None:

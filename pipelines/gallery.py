@@ -135,6 +135,7 @@ def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress, runn
     if not uris:
         raise WorkspaceError("no images found in the given paths")
     version = ws.require_model_version()
+    lifecycle.load_model(ws, version)  # weights that do not load fail here, in one line, not in every worker
     existing = lifecycle.gallery_table(ws, version)
     known = set(zip(existing["image_id"].to_pylist(), existing["source"].to_pylist(), strict=True))
     # Content already registered for this source (or twice in this add) is not embedded again.

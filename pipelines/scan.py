@@ -428,6 +428,16 @@ def summary(images: pa.Table, ws: Workspace, scan_id: str) -> dict:
             "errors": errors}
 
 
+def check_ready(ws: Workspace, model_version: str) -> None:
+    """What the workers will need, checked here before any shard is written: the weights load, the
+    model has its decisions, and the published index is this model's (one line each, exit 2)."""
+    from lida_core.lifecycle import load_model
+    from pipelines.index import query_decider
+
+    load_model(ws, model_version)
+    query_decider(ws, model_version, ws.model_meta(model_version), ws.config())
+
+
 def run_scan(
     ws: Workspace,
     paths: Sequence[str],
@@ -452,6 +462,7 @@ def run_scan(
         raise WorkspaceError(f"invalid scan id {scan_id!r}: letters, digits, - and _")
     with ws.lock(f"scan {scan_id}"):
         model_version = ws.require_model_version()
+        check_ready(ws, model_version)
         plan = plan_scan(ws, scan_id, paths)
         shards = list(enumerate(plan["shards"]))
         attributed = {p.rsplit("/", 1)[-1] for p in ws.ls(TABLES, "attributions", f"scan_id={scan_id}")}

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import run_lida
+
 LIDA = str(Path(sys.executable).with_name("lida"))
 
 
@@ -85,3 +87,25 @@ def test_cpu_default_profile_is_srm_and_refuses_the_rgb_ablation(tmp_path, sampl
     assert made.returncode == 0 and json.loads(made.stdout)["profile"] == "srm"
     rgb = run("--workspace", ws, "pretrain", str(sample_dirs / "pretrain"), "--input", "rgb", "--epochs", "1")
     assert rgb.returncode == 2 and "reads low-bit fingerprints" in rgb.stderr and rgb.stderr.count("\n") == 1
+
+
+def test_a_job_that_cannot_run_says_why_in_one_line_before_any_work(tmp_path, sample_dirs):
+    """Issue #12 item 5: preconditions are checked in the driver (exit 2, one line, no shard written)."""
+    ws = tmp_path / "ws"
+    run_lida(ws, "init", "--profile", "small")
+    run_lida(ws, "gallery", "add", "--source", "real", str(sample_dirs / "labelled" / "real"))
+    r = run_lida(ws, "scan", str(sample_dirs / "labelled" / "real"), "--scan-id", "early", check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["lida: error: the current model has no real prototype yet: "
+                                             "run 'lida pretrain' or 'lida adapt' first"]
+    assert not (ws / "shards" / "early").exists()
+
+
+def test_an_error_raised_in_a_beam_worker_is_reported_as_the_worker_raised_it():
+    from lida_core.cli import worker_error
+
+    wrapped = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    g()\n"
+                           "pipelines.index.IndexMismatch: the published index is for model v0002, not v0003; "
+                           "run 'lida reindex' [while running 'EmbedAttribute/Attribute']")
+    assert worker_error(wrapped) == ("IndexMismatch", "the published index is for model v0002, not v0003; run 'lida reindex'")
+    assert worker_error(MemoryError()) == ("MemoryError", "")
