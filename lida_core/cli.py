@@ -233,9 +233,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from lida_core.lifecycle import pretrain_version
     from lida_core.workspace import Workspace
+    from pipelines.gallery import reindex
 
-    r = pretrain_version(Workspace(args.workspace), args.paths, args.epochs, args.batch_size, args.lr, args.labels,
-                         args.input, args.seed, _Progress(args.json))
+    ws = Workspace(args.workspace)
+    r = pretrain_version(ws, args.paths, args.epochs, args.batch_size, args.lr, args.labels, args.input, args.seed,
+                         _Progress(args.json), before_current=lambda version: reindex(ws, version))
     return _emit(args, r, f"model {r['model_version']} (from {r['parent']}): pre-trained on {r['images']} real images, "
                           f"{r['calibration']} held out for calibration (threshold {r['threshold']:.3f})" + _errors_text(r["errors"]))
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 import schemas
-from lida_core import statistical, training
+from lida_core import failpoints, statistical, training
 from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
 from lida_core.inputs import labelled_folders, list_inputs, read_input
 from lida_core.metrics import auroc, balanced_accuracy, confusion_matrix, per_source_table, retrieval_metrics
@@ -37,7 +37,7 @@ from lida_core.model import (
     load_checkpoint,
     load_upstream_weights,
 )
-from lida_core.workspace import TABLES, Workspace, WorkspaceConfig, WorkspaceError, utc_now
+from lida_core.workspace import MODELS, TABLES, Workspace, WorkspaceConfig, WorkspaceError, utc_now
 
 Progress = Callable[[str, dict], None]
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
@@ -178,7 +178,7 @@ def init_workspace(url: str, profile: str | None = None, checkpoint: str | None 
         raise WorkspaceError(str(exc)) from None
     config = WorkspaceConfig(profile=profile, fingerprint=str(model.fingerprint), created_at=utc_now().isoformat())
     with ws.lock("init"):
-        ws.save_config(config)
+        _clear_unfinished_init(ws)
         meta = {
             "kind": "init",
             "parent": None,
@@ -194,7 +194,20 @@ def init_workspace(url: str, profile: str | None = None, checkpoint: str | None 
             "decider": None,
         }
         version = publish(ws, model, meta, make_current=True)
+        failpoints.reached("init:model")
+        ws.save_config(config)  # last: a workspace is initialised once its first model is in place
     return {"workspace": ws.url, "profile": profile, "fingerprint": str(model.fingerprint), "model_version": version, "weights": source}
+
+
+def _clear_unfinished_init(ws: Workspace) -> None:
+    """A folder without config.json that holds only what a killed `lida init` wrote (init models) is cleared for a new init."""
+    versions = ws.model_versions()
+    if not versions:
+        return
+    kinds = {ws.model_meta(v).get("kind") for v in versions}
+    if kinds != {"init"}:
+        raise WorkspaceError(f"{ws.url} holds trained models but no config.json: restore config.json rather than re-initialising")
+    ws.fs.rm(ws.path(MODELS), recursive=True)
 
 
 def _data_summary(image_ids: Sequence[str], sources: Sequence[str]) -> dict:
@@ -218,8 +231,13 @@ def pretrain_version(
     input_kind: str = "fingerprint",
     seed: int = 0,
     progress: Progress = _quiet,
+    before_current: Callable[[str], object] | None = None,
 ) -> dict:
     """Unsupervised pre-training on real images -> a new current model version.
+
+    The gallery registered so far is carried over (re-embedded by the new model), and
+    `before_current(version)` (the index rebuild) runs before the new version becomes
+    current: a kill at any step leaves a current model with its gallery and its index.
 
     Resumable: the run's state is saved after every epoch under runs/pretrain-<key>/ and a
     re-run with the same inputs and settings continues from the last finished epoch.
@@ -332,7 +350,12 @@ def pretrain_version(
             "metrics": {"history": result["history"], "calibration_real_scores": {"count": len(cal_scores), "threshold": threshold}},
             "decider": decider.to_dict(),
         }
-        version = publish(ws, model, meta, make_current=True)
+        version = publish(ws, model, meta, make_current=False)
+        failpoints.reached("pretrain:published")
+        carry_gallery(ws, parent, loaded, version)
+        if before_current is not None:
+            before_current(version)
+        ws.set_current_model(version)
         if ws.exists(ws.run_path(f"pretrain-{key}")):  # no epoch ran (0 epochs): no run state was written
             ws.fs.rm(ws.path(ws.run_path(f"pretrain-{key}")), recursive=True)
     return {"model_version": version, "parent": parent, "images": len(train_idx), "calibration": len(cal_idx),
@@ -378,6 +401,23 @@ def gallery_summary(ws: Workspace) -> dict:
     for s in table["source"].to_pylist():
         counts[s] = counts.get(s, 0) + 1
     return {"model_version": current, "sources": dict(sorted(counts.items())), "images": len(table)}
+
+
+def carry_gallery(ws: Workspace, parent: str, model: LoadedModel, version: str, images: list[np.ndarray] | None = None) -> int:
+    """The parent version's gallery rows, re-embedded by `model`, written for `version`; returns how many."""
+    table = gallery_table(ws, parent)
+    if not len(table):
+        return 0
+    if images is None:
+        images = gallery_images(ws, parent)[0]
+    emb = model.embed(images)
+    rows = [
+        {**{k: table[k][i].as_py() for k in ("image_id", "uri", "source", "added_at")}, "model_version": version,
+         "fingerprint": str(model.model.fingerprint), "embedding": emb[i].tolist()}
+        for i in range(len(table))
+    ]
+    write_gallery_rows(ws, version, rows, model.model.embedding_dim)
+    return len(rows)
 
 
 def gallery_images(ws: Workspace, version: str) -> tuple[list[np.ndarray], list[str], list[str]]:
@@ -460,8 +500,11 @@ def _fit(model: LoadedModel, images, sources, cfg: training.AdaptConfig, progres
 
 
 def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
-                  progress: Progress = _quiet, lock: bool = True) -> dict:
+                  progress: Progress = _quiet, lock: bool = True, before_current: Callable[[str], object] | None = None) -> dict:
     """Few-shot adaptation on the gallery -> candidate; promoted only if not worse on held-out images.
+
+    A promoted candidate gets the gallery re-embedded and `before_current(version)` (the index
+    rebuild) before models/CURRENT moves, so a kill at any step leaves scans working.
 
     `lock=False` when the caller holds the workspace lock (to rebuild the index under it too).
     """
@@ -503,17 +546,16 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             "decider": decider.to_dict(),
         }
         version = publish(ws, candidate.model, meta, make_current=False)
+        failpoints.reached("adapt:published")
         if promoted:
             # Re-embed the gallery for the new version before it becomes current.
-            emb = candidate.embed(images)
-            table = gallery_table(ws, current.version)
-            rows = [
-                {**{k: table[k][i].as_py() for k in ("image_id", "uri", "source", "added_at")}, "model_version": version,
-                 "fingerprint": str(candidate.model.fingerprint), "embedding": emb[i].tolist()}
-                for i in range(len(table))
-            ]
-            write_gallery_rows(ws, version, rows, candidate.model.embedding_dim)
+            carry_gallery(ws, current.version, candidate, version, images)
+            failpoints.reached("adapt:gallery")
+            if before_current is not None:
+                before_current(version)
+            failpoints.reached("adapt:indexed")
             ws.set_current_model(version)
+            failpoints.reached("adapt:current")
     return {"model_version": version, "parent": current.version, "promoted": promoted,
             "holdout_accuracy_before": before, "holdout_accuracy_after": after, "best_epoch": result.best_epoch}
 

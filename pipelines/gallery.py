@@ -6,18 +6,32 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
-from lida_core import lifecycle
-from lida_core.workspace import Workspace
+from lida_core import failpoints, lifecycle
+from lida_core.workspace import TABLES, Workspace
 from pipelines import index as gallery_index
 
 
-def reindex(ws: Workspace) -> dict:
-    """Rebuild the index of the current model from the gallery table; published atomically."""
+def _gallery_rows(ws: Workspace, version: str, staged: pa.Table | None) -> pa.Table:
+    """(image_id, source, embedding) of a model's gallery table, followed by staged rows."""
+    parts = [t.select(["image_id", "source", "embedding"]) for t in (lifecycle.gallery_table(ws, version), staged)
+             if t is not None and len(t)]
+    if not parts:
+        return pa.table({"image_id": pa.array([], pa.string()), "source": pa.array([], pa.string()),
+                         "embedding": pa.array([], pa.list_(pa.float32()))})
+    return pa.concat_tables([p.cast(parts[0].schema) for p in parts])
+
+
+def reindex(ws: Workspace, version: str | None = None, staged: pa.Table | None = None) -> dict:
+    """Rebuild the index of a model version (the current one) from its gallery rows (plus `staged` rows); published atomically."""
     config = ws.config()
-    version = ws.require_model_version()
-    table = lifecycle.gallery_table(ws, version)
-    vectors = np.asarray(table["embedding"].to_pylist(), dtype=np.float32) if len(table) else np.zeros((0, 1), np.float32)
+    version = version or ws.require_model_version()
+    table = _gallery_rows(ws, version, staged)
+    if len(table):
+        vectors = np.asarray(table["embedding"].to_pylist(), dtype=np.float32)
+    else:  # an empty gallery still gets an (empty) index of the model's dimension
+        vectors = np.zeros((0, lifecycle.load_model(ws, version).model.embedding_dim), np.float32)
     manifest = gallery_index.build_index(ws, version, config.fingerprint, table["image_id"].to_pylist(),
                                          table["source"].to_pylist(), vectors, config.unknown_accept)
     return {k: manifest[k] for k in ("index_version", "model_version", "count", "dimension", "kind", "unknown_threshold")}
@@ -56,7 +70,11 @@ class ReadGalleryChunk(beam.DoFn):
 
 
 class WriteGalleryChunk(beam.DoFn):
-    """((chunk number, row stubs), embeddings) -> one gallery Parquet part per chunk (fixed name: a retry rewrites it)."""
+    """((chunk number, row stubs), embeddings) -> one staged gallery Parquet part per chunk (fixed name: a retry rewrites it).
+
+    Parts are staged under the run's folder and moved into the gallery table only after the
+    index holds them (`_add_locked`), so a killed add never lists images the index lacks.
+    """
 
     def __init__(self, workspace: str, source: str, model_version: str, run: str):
         self.workspace, self.source, self.model_version, self.run = workspace, source, model_version, run
@@ -72,7 +90,7 @@ class WriteGalleryChunk(beam.DoFn):
         import pyarrow.parquet as pq
 
         import schemas
-        from lida_core.workspace import TABLES, utc_now
+        from lida_core.workspace import utc_now
 
         (number, stubs), embeddings = element
         now = utc_now()
@@ -81,16 +99,17 @@ class WriteGalleryChunk(beam.DoFn):
         table = schemas.validate(pa.Table.from_pylist(rows), "gallery", embedding_dim=len(rows[0]["embedding"]))
         buffer = io.BytesIO()
         pq.write_table(table.drop(["model_version"]), buffer)
-        run_name = self.run.rsplit("/", 1)[-1]
-        self.ws.write_bytes(f"{TABLES}/gallery/model_version={self.model_version}/part-{run_name}-{number:06d}.parquet",
-                            buffer.getvalue())
+        self.ws.write_bytes(f"{self.run}/parts/part-{number:06d}.parquet", buffer.getvalue())
         yield len(rows)
 
 
 def embed_into_gallery(ws: Workspace, source: str, uris: Sequence[str], model_version: str, runner: str = "local",
                        runner_options: Sequence[str] = (), beam_args: Sequence[str] | None = None
-                       ) -> tuple[int, list[tuple[str, str]]]:
-    """The Beam job: read + decode in chunks, embed with the scan's RunInference handler, write gallery rows."""
+                       ) -> tuple[int, list[tuple[str, str]], str]:
+    """The Beam job: read + decode in chunks, embed with the scan's RunInference handler, stage gallery rows.
+
+    Returns (images embedded, errors, the run folder whose `parts/` hold the staged rows).
+    """
     import uuid
 
     from apache_beam.ml.inference.base import RunInference
@@ -114,7 +133,7 @@ def embed_into_gallery(ws: Workspace, source: str, uris: Sequence[str], model_ve
         report = ws.read_json(f"{run}/{number:06d}.read.json")
         errors += [tuple(e) for e in report["errors"]]
         decoded += report["decoded"]
-    return decoded, errors
+    return decoded, errors, run
 
 
 def utc_stamp() -> str:
@@ -152,28 +171,45 @@ def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress, runn
             seen.add(digest)
             todo.append(uri)
         progress("hash", {"done": n, "total": len(uris)})
-    added, errors = embed_into_gallery(ws, source, todo, version, runner, runner_options, beam_args) if todo else (0, [])
+    added, errors, run = embed_into_gallery(ws, source, todo, version, runner, runner_options, beam_args) if todo else (0, [], None)
     errors = unreadable + errors
     if not added and not already:
         raise WorkspaceError(f"none of the {len(uris)} files could be decoded (first: {errors[0][1]})")
     result = {"source": source, "added": added, "already_registered": already, "errors": errors, "model_version": version}
-    config = ws.config()
-    current = gallery_index.open_index(ws)
-    if current is None or current.model_version != result["model_version"]:
-        result["index"] = reindex(ws)
-        return result
-    table = lifecycle.gallery_table(ws, result["model_version"])
-    indexed = set(zip(current.image_ids, current.sources, strict=True))
-    rows = zip(table["image_id"].to_pylist(), table["source"].to_pylist(), strict=True)
-    new = [i for i, pair in enumerate(rows) if pair not in indexed]
-    if new:
-        vectors = np.asarray([table["embedding"][i].as_py() for i in new], dtype=np.float32)
-        manifest = gallery_index.add_to_index(ws, current, [table["image_id"][i].as_py() for i in new],
-                                              [table["source"][i].as_py() for i in new], vectors, config.unknown_accept)
-        result["index"] = {"index_version": manifest["index_version"], "count": manifest["count"], "incremental": True}
-    else:
-        result["index"] = {"index_version": current.version, "count": len(current.image_ids), "incremental": True}
+    staged = ws.read_parquet(run, "parts") if run else None
+    failpoints.reached("gallery:staged")
+    # The index first, then the rows: a kill in between leaves rows staged (an add re-run embeds
+    # them again), never rows listed in the gallery that the index does not hold.
+    result["index"] = _index_with(ws, version, staged)
+    failpoints.reached("gallery:indexed")
+    if run:
+        for path in sorted(ws.ls(run, "parts")):
+            name = path.rsplit("/", 1)[-1]
+            ws.write_bytes(f"{TABLES}/gallery/model_version={version}/part-{run.rsplit('/', 1)[-1]}-{name[len('part-'):]}",
+                           ws.read_bytes(run, "parts", name))
+        ws.fs.rm(ws.path(run), recursive=True)
     return result
+
+
+def _index_with(ws: Workspace, version: str, staged) -> dict:
+    """The model's index extended by `staged` gallery rows (and by any row it misses): incremental when it can be."""
+    config = ws.config()
+    current = gallery_index.index_for_model(ws, version)
+    if current is None or current.model_version != version:
+        return reindex(ws, version, staged)
+    table = _gallery_rows(ws, version, staged)
+    indexed = set(zip(current.image_ids, current.sources, strict=True))
+    new, seen = [], set()
+    for i, pair in enumerate(zip(table["image_id"].to_pylist(), table["source"].to_pylist(), strict=True)):
+        if pair not in indexed and pair not in seen:
+            seen.add(pair)
+            new.append(i)
+    if not new:
+        return {"index_version": current.version, "count": len(current.image_ids), "incremental": True}
+    vectors = np.asarray([table["embedding"][i].as_py() for i in new], dtype=np.float32)
+    manifest = gallery_index.add_to_index(ws, current, [table["image_id"][i].as_py() for i in new],
+                                          [table["source"][i].as_py() for i in new], vectors, config.unknown_accept)
+    return {"index_version": manifest["index_version"], "count": manifest["count"], "incremental": True}
 
 
 def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
@@ -211,9 +247,11 @@ def adapt_and_reindex(ws: Workspace, epochs: int | None = None, lr: float | None
     """`lida adapt`: one lock over adaptation and the index rebuild, so no scan sees the new model before its index."""
     ws.require()
     with ws.lock("adapt"):
-        result = lifecycle.adapt_version(ws, epochs, lr, seed, progress, lock=False)
+        built = {}
+        result = lifecycle.adapt_version(ws, epochs, lr, seed, progress, lock=False,
+                                         before_current=lambda version: built.update(reindex(ws, version)))
         if result["promoted"]:
-            result["index"] = reindex(ws)
+            result["index"] = built
     return result
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -127,12 +128,13 @@ def build_index(ws: Workspace, model_version: str, fingerprint: str, image_ids: 
                 vectors: np.ndarray, unknown_accept: float) -> dict:
     """Full rebuild from gallery rows; returns the manifest."""
     started = time.perf_counter()
-    vectors = np.asarray(vectors, dtype=np.float32).reshape(len(image_ids), -1)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    vectors = vectors.reshape(len(image_ids), vectors.shape[-1] if vectors.ndim == 2 else -1)
     index = _build_faiss(vectors, np.arange(len(image_ids)))
     manifest = {
         "model_version": model_version,
         "count": len(image_ids),
-        "dimension": int(vectors.shape[1]) if len(vectors) else 0,
+        "dimension": int(vectors.shape[1]),
         "fingerprint": fingerprint,
         "kind": type(index.index).__name__ if hasattr(index, "index") else type(index).__name__,
         "sources": sources,
@@ -169,19 +171,46 @@ def add_to_index(ws: Workspace, current: GalleryIndex, image_ids: list[str], sou
 
 
 def open_index(ws: Workspace, version: str | None = None) -> GalleryIndex | None:
-    """The published index (CURRENT, or `version`); None when none was ever built."""
+    """The published index (CURRENT, or `version`); None when none was ever built.
+
+    The pointer is read as untrusted: only a name like `i0007` that is published under indexes/.
+    """
     if version is None:
         try:
-            version = ws.read_bytes(INDEXES, "CURRENT").decode().strip()
+            version = ws.read_bytes(INDEXES, "CURRENT").decode(errors="replace").strip()
         except FileNotFoundError:
             return None
+    if not re.fullmatch(r"i\d{4,}", version):
+        raise WorkspaceError(f"indexes/CURRENT points at {version[:80]!r}, which is not an index version")
     try:
         manifest = json.loads(ws.read_bytes(INDEXES, version, "manifest.json"))
         data = ws.read_bytes(INDEXES, version, "index.faiss")
     except FileNotFoundError:
         raise WorkspaceError(f"index {version} is missing or incomplete") from None
+    except ValueError:
+        raise WorkspaceError(f"index {version}: its manifest is not valid JSON") from None
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     return GalleryIndex(version, manifest, index, manifest["sources"], manifest["image_ids"])
+
+
+def index_for_model(ws: Workspace, model_version: str) -> GalleryIndex | None:
+    """The newest published index built for this model version (CURRENT first); None when there is none.
+
+    A model version and its index are published one after the other, so a process killed in
+    between leaves CURRENT on the other one: looking the index up by model keeps the current
+    model usable whichever pointer moved last.
+    """
+    current = open_index(ws)
+    if current is None or current.model_version == model_version:
+        return current
+    for version in reversed(versions(ws)):
+        try:
+            manifest = json.loads(ws.read_bytes(INDEXES, version, "manifest.json"))
+        except (FileNotFoundError, ValueError):
+            continue
+        if manifest.get("model_version") == model_version and ws.exists(INDEXES, version, "index.faiss"):
+            return open_index(ws, version)
+    return current
 
 
 def query_decider(ws: Workspace, model_version: str, meta: dict, config: WorkspaceConfig) -> tuple[Decider, GalleryIndex | None]:
@@ -189,7 +218,7 @@ def query_decider(ws: Workspace, model_version: str, meta: dict, config: Workspa
 
     Refuses an index built for another model version, and a model with no real prototype yet.
     """
-    index = open_index(ws)
+    index = index_for_model(ws, model_version)
     if index is not None and index.model_version != model_version:
         raise IndexMismatch(f"the published index is for model {index.model_version}, not {model_version}; run 'lida reindex'")
     if not meta.get("decider"):

@@ -1,0 +1,108 @@
+"""Verb order and kill -9 at every step: the next run of a verb completes or repairs what a killed one left (issue #12)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from conftest import json_out, run_lida
+
+SOURCES = ("real", "tconv_gan", "vae_ldm")
+
+
+def killed(ws, *args, at):
+    """Run a verb with the process killed (SIGKILL) at the named failpoint; asserts it died there."""
+    r = run_lida(ws, *args, check=False, env={"LIDA_FAIL_AT": at})
+    assert r.returncode in (-9, 137), f"{at} was not reached: {r.returncode} {r.stderr[-500:]}"
+    return r
+
+
+def gallery_counts(ws):
+    return json_out(run_lida(ws, "gallery", "list"))["sources"]
+
+
+def index_counts(ws):
+    root = Path(ws) / "indexes"
+    manifest = json.loads((root / (root / "CURRENT").read_text().strip() / "manifest.json").read_text())
+    return manifest["model_version"], {s: manifest["sources"].count(s) for s in set(manifest["sources"])}
+
+
+def scan_lineage(ws, scan_id):
+    """(model version, index version) the scan's rows carry, and whether that index was built for that model."""
+    rows = duckdb.sql(f"select distinct model_version, index_version from read_parquet('{ws}/tables/attributions/"
+                      f"scan_id={scan_id}/*.parquet')").fetchall()
+    assert len(rows) == 1
+    model, index = rows[0]
+    manifest = json.loads((Path(ws) / "indexes" / index / "manifest.json").read_text())
+    return model, index, manifest["model_version"] == model
+
+
+@pytest.fixture(scope="module")
+def ready(tmp_path_factory, sample_dirs):
+    """A workspace of the CPU default profile with a gallery of three sources (kept as a template)."""
+    ws = tmp_path_factory.mktemp("recovery") / "ws"
+    run_lida(ws, "init")
+    run_lida(ws, "pretrain", str(sample_dirs / "pretrain"))
+    for source in SOURCES:
+        run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
+    return ws
+
+
+def test_pretrain_after_gallery_adds_keeps_every_source_and_an_empty_gallery_reindexes(tmp_path, sample_dirs):
+    ws = tmp_path / "ws"
+    run_lida(ws, "init", "--profile", "small")
+    empty = json_out(run_lida(ws, "reindex"))  # used to fail: "cannot reshape array of size 0"
+    assert empty["count"] == 0 and empty["dimension"] > 0
+    for source in ("real", "tconv_gan"):
+        run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
+    before = gallery_counts(ws)
+    r = json_out(run_lida(ws, "pretrain", str(sample_dirs / "pretrain"), "--epochs", "1", "--batch-size", "8"))
+    assert gallery_counts(ws) == before == {"real": 6, "tconv_gan": 6}
+    assert index_counts(ws) == (r["model_version"], before)  # the new model's own index, built before it became current
+    run_lida(ws, "gallery", "add", "--source", "real", str(sample_dirs / "labelled" / "real"))  # a re-add keeps the others
+    assert gallery_counts(ws) == before
+    assert json_out(run_lida(ws, "reindex"))["count"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["adapt:published", "adapt:gallery", "adapt:indexed", "adapt:current"])
+def test_adapt_killed_at_any_step_leaves_scans_working(ready, sample_dirs, tmp_path, point):
+    ws = tmp_path / "ws"
+    shutil.copytree(ready, ws)
+    before = (Path(ws) / "models" / "CURRENT").read_text().strip()
+    killed(ws, "adapt", at=point)
+    current = (Path(ws) / "models" / "CURRENT").read_text().strip()
+    assert (current != before) == (point == "adapt:current")
+    scan = json_out(run_lida(ws, "scan", str(sample_dirs / "labelled" / "vae_ldm"), "--scan-id", "after"))
+    assert scan["status"] == {"ok": 6}
+    model, _, matches = scan_lineage(ws, "after")
+    assert model == current and matches  # the current model, decided against its own index, no manual reindex
+    again = json_out(run_lida(ws, "adapt"))  # the next run completes
+    assert again["promoted"] and again["index"]["model_version"] == again["model_version"]
+
+
+def test_init_killed_before_its_config_is_written_can_be_run_again(tmp_path):
+    ws = tmp_path / "ws"
+    killed(ws, "init", "--profile", "small", at="init:model")
+    assert not (ws / "config.json").exists()
+    r = json_out(run_lida(ws, "init", "--profile", "small"))
+    assert r["model_version"] == "v0000"
+    assert json_out(run_lida(ws, "gallery", "list"))["images"] == 0
+
+
+def test_gallery_add_killed_lists_only_what_the_index_holds_and_a_rerun_completes(ready, sample_dirs, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(ready, ws)
+    before = gallery_counts(ws)
+    new_source = sample_dirs / "labelled" / "style_noise"
+    for point in ("gallery:staged", "gallery:indexed"):
+        killed(ws, "gallery", "add", "--source", "style_noise", str(new_source), at=point)
+        listed = gallery_counts(ws)
+        assert listed == before, point
+        held = index_counts(ws)[1]
+        assert {s: n for s, n in held.items() if s in listed} == listed, point
+    r = json_out(run_lida(ws, "gallery", "add", "--source", "style_noise", str(new_source)))
+    assert gallery_counts(ws) == {**before, "style_noise": 6} == index_counts(ws)[1]
+    assert r["added"] + r["already_registered"] == 6
