@@ -304,38 +304,55 @@ class Workspace:
 
     @contextlib.contextmanager
     def lock(self, purpose: str) -> Iterator[None]:
-        """One writer at a time; a lock left by a dead local process is taken over."""
+        """One writer at a time; locally a flock, which a dead process releases by dying."""
         self.fs.makedirs(self.root, exist_ok=True)
         rel = self.path(LOCK)
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose, "since": utc_now().isoformat()}
         if self.local:
-            while True:
-                try:
-                    fd = os.open(rel, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                    with os.fdopen(fd, "w") as handle:
-                        json.dump(owner, handle)
-                    break
-                except FileExistsError:
-                    holder = self._lock_holder()
-                    if holder and holder.get("host") == owner["host"] and not _pid_alive(int(holder.get("pid", -1))):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.remove(rel)
-                        continue
-                    raise WorkspaceError(
-                        f"workspace {self.url} is busy: {holder.get('purpose', '?')} (pid {holder.get('pid', '?')} "
-                        f"on {holder.get('host', '?')} since {holder.get('since', '?')}); try again when it ends"
-                    ) from None
-        else:
-            if self.fs.exists(rel):
-                holder = self._lock_holder()
-                raise WorkspaceError(f"workspace {self.url} is busy: {holder.get('purpose', '?')} since {holder.get('since', '?')}")
-            with self.fs.open(rel, "w") as handle:
-                json.dump(owner, handle)
+            fd = self._flock(rel, owner)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(rel)  # while still holding it: a waiter that opened this file sees it is gone and retries
+                os.close(fd)
+            return
+        if self.fs.exists(rel):
+            holder = self._lock_holder()
+            raise WorkspaceError(f"workspace {self.url} is busy: {holder.get('purpose', '?')} since {holder.get('since', '?')}")
+        with self.fs.open(rel, "w") as handle:
+            json.dump(owner, handle)
         try:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(rel)
+
+    def _flock(self, rel: str, owner: dict) -> int:
+        """Hold the local lock file with flock: the kernel releases it when its process dies, so no stale lock
+        is ever taken over by hand (that takeover let two processes hold the lock at once)."""
+        import fcntl
+
+        while True:
+            fd = os.open(rel, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = self._lock_holder()
+                raise WorkspaceError(
+                    f"workspace {self.url} is busy: {holder.get('purpose', '?')} (pid {holder.get('pid', '?')} "
+                    f"on {holder.get('host', '?')} since {holder.get('since', '?')}); try again when it ends"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(rel).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file its last holder removed after we opened it
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(owner).encode())
+                return fd
+            os.close(fd)
 
     def _lock_holder(self) -> dict:
         try:
@@ -343,18 +360,6 @@ class Workspace:
                 return json.load(handle)
         except (FileNotFoundError, ValueError):
             return {}
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 FIXED_SETTINGS = ("profile", "fingerprint", "created_at")  # chosen at init: the models depend on them

@@ -217,3 +217,45 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     detected = np.mean([row["is_generated"] == (t != "real") for row, t in zip(rows, truth, strict=True)])
     attributed = np.mean([row["predicted_source"] == t for row, t in zip(rows, truth, strict=True)])
     assert detected >= 0.85 and attributed >= 0.5, (detected, attributed)
+
+
+def _hold_lock_once(root, log, barrier):
+    import time as _time
+
+    from lida_core.workspace import Workspace as _Workspace
+    from lida_core.workspace import WorkspaceError as _WorkspaceError
+
+    barrier.wait()
+    deadline = _time.time() + 20
+    while _time.time() < deadline:
+        try:
+            with _Workspace(root).lock("race"):
+                start = _time.time()
+                _time.sleep(0.02)
+                with open(log, "a") as handle:
+                    handle.write(f"{start} {_time.time()}\n")
+            return
+        except _WorkspaceError:
+            _time.sleep(0.001)
+
+
+def test_a_stale_lock_is_never_held_by_two_processes_at_once(tmp_path):
+    """Issue #12 item 9: with a dead holder's lock on disk, racing processes each hold the lock alone."""
+    import multiprocessing
+    import socket
+
+    context = multiprocessing.get_context("fork")
+    log = tmp_path / "held.log"
+    for trial in range(8):
+        root = tmp_path / f"ws{trial}"
+        root.mkdir()
+        (root / "lock").write_text(json.dumps({"pid": 999999, "host": socket.gethostname(), "purpose": "dead"}))
+        barrier = context.Barrier(5)
+        workers = [context.Process(target=_hold_lock_once, args=(str(root), str(log), barrier)) for _ in range(5)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+    spans = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines())
+    assert len(spans) == 40  # every process got the lock once
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:], strict=False))
