@@ -319,3 +319,19 @@ def test_jobs_run_as_beam_programs_with_beam_flags(workspace, sample_dirs):
     assert reindexed.returncode == 0, reindexed.stderr[-2000:]
     assert json.loads(reindexed.stdout.strip().splitlines()[-1])["index_version"] == \
         Workspace(str(workspace)).read_bytes("indexes/CURRENT").decode().strip()
+
+
+def test_query_keeps_scan_ids_as_text_and_runs_read_only(workspace, hostile_dir, tmp_path):
+    """Issue #12 items 10 and 13."""
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(hostile_dir / "one.png", one / "one.png")
+    run_lida(workspace, "scan", str(one), "--scan-id", "2026-11-27")
+    found = json_out(run_lida(workspace, "query", "select scan_id, typeof(scan_id) t from images where scan_id like '2026%'"))
+    assert found == [{"scan_id": "2026-11-27", "t": "VARCHAR"}]
+    outside = tmp_path / "out.csv"
+    for sql in (f"copy images to '{outside}'", f"attach '{tmp_path / 'x.duckdb'}'", "select * from read_csv('/etc/hostname')",
+                "set enable_external_access = true", "create table t as select 1"):
+        r = run_lida(workspace, "query", sql, check=False)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, sql
+    assert not outside.exists()
