@@ -129,6 +129,10 @@ def legend(palette: dict[str, str]) -> str:
         f'<span><i style="background:{c}"></i>{_esc(s)}</span>' for s, c in palette.items()) + "</p>"
 
 
+def _num(value) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
+
+
 def confusion_table(labels: Sequence[str], matrix: Sequence[Sequence[int]]) -> str:
     top = max([max(r) for r in matrix if r] + [1])
     head = "".join(f"<th>{_esc(lbl)}</th>" for lbl in labels)
@@ -265,11 +269,18 @@ def build_report(ws: Workspace, scan_id: str | None = None) -> tuple[str, dict]:
         sections.append("<p>none</p>")
     sections.append("<h2>Latest evaluation</h2>")
     if evaluation:
+        # evals/*.json is a workspace file, read as untrusted: every value is escaped or checked as a number
         sections.append(
-            f"<p>{evaluation['shots']}-shot on <code>{_esc(evaluation['directory'])}</code>, model "
-            f"{_esc(evaluation['model_version'])}: Rank-1 <b>{evaluation['rank1']:.3f}</b>, mAP <b>{evaluation['mAP']:.3f}</b>, "
-            f"balanced real-vs-generated accuracy <b>{evaluation['balanced_accuracy']:.3f}</b>.</p>")
-        sections.append(confusion_table(evaluation["confusion"]["labels"], evaluation["confusion"]["matrix"]))
+            f"<p>{_esc(evaluation.get('shots'))}-shot on <code>{_esc(evaluation.get('directory'))}</code>, model "
+            f"{_esc(evaluation.get('model_version'))}: Rank-1 <b>{_num(evaluation.get('rank1'))}</b>, "
+            f"mAP <b>{_num(evaluation.get('mAP'))}</b>, "
+            f"balanced real-vs-generated accuracy <b>{_num(evaluation.get('balanced_accuracy'))}</b>.</p>")
+        confusion = evaluation.get("confusion") or {}
+        try:
+            matrix = [[int(v) for v in row] for row in confusion.get("matrix", [])]
+            sections.append(confusion_table([str(x) for x in confusion.get("labels", [])], matrix))
+        except (TypeError, ValueError):
+            sections.append("<p>(its confusion matrix is not readable)</p>")
     else:
         sections.append("<p>no <code>lida eval</code> run in this workspace yet.</p>")
     page = TEMPLATE.replace("{title}", _esc(f"lida report {scan_id}")).replace("{body}", "\n".join(sections))

@@ -95,11 +95,30 @@ class WorkspaceConfig:
             raise WorkspaceError("config.json: adapt_min_new must be a positive integer")
         if not isinstance(config.schedules, dict) or set(config.schedules) - {"scan", "reindex", "adapt"}:
             raise WorkspaceError("config.json: schedules maps scan, reindex and adapt to cron strings")
+        for name, value in (("k", config.k), ("top_k", config.top_k)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+                raise WorkspaceError(f"config.json: {name} must be an integer from 1 to 1000, got {value!r}")
+        for job, cron in config.schedules.items():
+            _check_cron(job, cron)
         if config.decision not in ("knn", "centroid"):
             raise WorkspaceError("config.json: decision must be 'knn' or 'centroid'")
         if config.detection is not None and config.detection not in DETECTIONS:
             raise WorkspaceError("config.json: detection must be 'prototype', 'contrast', 'quadratic' or null (the profile's)")
         return config
+
+
+def _check_cron(job: str, cron: object) -> None:
+    """A five-field cron string that the scheduler accepts (minute 0-59, hour 0-23, ...)."""
+    import datetime as _dt
+
+    from cronsim import CronSim, CronSimError
+
+    if not isinstance(cron, str) or len(cron.split()) != 5:
+        raise WorkspaceError(f"config.json: schedules.{job} must be a cron string of five fields, got {cron!r}")
+    try:
+        CronSim(cron, _dt.datetime(2026, 1, 1))
+    except CronSimError as exc:
+        raise WorkspaceError(f"config.json: schedules.{job} {cron!r} is not a valid cron string ({exc})") from None
 
 
 class Workspace:

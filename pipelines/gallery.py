@@ -215,13 +215,22 @@ def _index_with(ws: Workspace, version: str, staged) -> dict:
 def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
     """`lida attribute`: decisions for a few files now, in this process (no Beam, no server)."""
     from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
-    from lida_core.inputs import list_inputs, read_input
+    from lida_core.inputs import InputError, display_uri, list_inputs, read_input
 
     config = ws.config()
     loaded = lifecycle.load_model(ws)
     decider, index = gallery_index.query_decider(ws, loaded.version, loaded.meta, config)
     results, good, pixels, jpeg = [], [], [], []
-    for uri in [u for path in paths for u in list_inputs([path])]:  # in the order given
+    listed: list[tuple[str, str | None]] = []  # (URI, why it cannot be listed), in the order given
+    for path in paths:
+        try:
+            listed += [(u, None) for u in list_inputs([path])]
+        except InputError as exc:  # a missing path is that path's answer, not the end of every other's
+            listed.append((display_uri(str(path)), "no such file or folder" if "no such" in str(exc) else str(exc)))
+    for uri, problem in listed:
+        if problem:
+            results.append({"uri": uri, "error": problem})
+            continue
         try:
             decoded = decode_image(read_input(uri), uri)
             pixels.append(decoded.pixels)

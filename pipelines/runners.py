@@ -29,6 +29,9 @@ THREADS_BELOW_FILES = 5000  # larger scans use worker processes: the GIL costs m
 RUNNERS = {"local": "DirectRunner", "dask": "apache_beam.runners.dask.dask_runner.DaskRunner", "flink": "FlinkRunner", "spark": "SparkRunner", "dataflow": "DataflowRunner"}
 
 
+LOCAL_MODES = ("in_memory", "multi_threading", "multi_processing")  # Beam's DirectRunner running modes
+
+
 class RunnerError(ValueError):
     """Runner options that cannot work."""
 
@@ -40,6 +43,10 @@ def parse_runner_options(items: Sequence[str]) -> dict[str, str]:
             raise RunnerError(f"--runner-option expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         options[key.strip().replace("-", "_")] = value
+    if "workers" in options and not (options["workers"].isdigit() and 1 <= int(options["workers"]) <= 1024):
+        raise RunnerError(f"--runner-option workers= takes a whole number from 1 to 1024, got {options['workers']!r}")
+    if "mode" in options and options["mode"] not in LOCAL_MODES:
+        raise RunnerError(f"--runner-option mode= takes one of {', '.join(LOCAL_MODES)}, got {options['mode']!r}")
     return options
 
 

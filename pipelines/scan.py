@@ -453,13 +453,15 @@ def run_scan(
     `beam_args`, when given, are Beam's own pipeline flags (`--runner=DataflowRunner ...`) and
     replace `runner` / `runner_options` (see `run`).
     """
-    from pipelines.runners import pipeline_options
+    from pipelines.runners import parse_runner_options, pipeline_options
 
     say = progress or (lambda _msg: None)
+    parse_runner_options(runner_options)  # bad options fail here, before the lock and the plan
     ws.require()
     scan_id = scan_id or new_scan_id()
-    if not scan_id.replace("-", "").replace("_", "").isalnum():
-        raise WorkspaceError(f"invalid scan id {scan_id!r}: letters, digits, - and _")
+    if not scan_id.replace("-", "").replace("_", "").isascii() or not scan_id.replace("-", "").replace("_", "").isalnum() \
+            or len(scan_id) > 100:
+        raise WorkspaceError(f"invalid scan id {scan_id[:120]!r}: up to 100 ASCII letters, digits, - and _")
     with ws.lock(f"scan {scan_id}"):
         model_version = ws.require_model_version()
         check_ready(ws, model_version)
@@ -470,7 +472,7 @@ def run_scan(
         files = sum(len(u) for _, u in shards)
         say(f"scan {scan_id}: {files} files in {len(shards)} shards; {len(todo)} shards to do")
         # torch threads per worker: the cores shared out among the workers running side by side
-        workers = next((int(o.split("=", 1)[1]) for o in runner_options if o.startswith("workers=")), os.cpu_count() or 1)
+        workers = int(parse_runner_options(runner_options).get("workers", os.cpu_count() or 1))
         threads = max(1, (os.cpu_count() or 1) // workers) if runner in ("local", "dask") else max(1, os.cpu_count() or 1)
         # One pipeline, so worker start-up is paid once. Each shard is written and its images
         # embedded in one pass (decoded once); the images table, written when every shard is

@@ -335,3 +335,41 @@ def test_query_keeps_scan_ids_as_text_and_runs_read_only(workspace, hostile_dir,
         r = run_lida(workspace, "query", sql, check=False)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, sql
     assert not outside.exists()
+
+
+def test_bad_arguments_and_settings_are_refused_in_one_line(workspace, hostile_dir, tmp_path):
+    """Issue #12 item 15: each used to escape as a traceback or be accepted."""
+    one = str(hostile_dir / "one.png")
+    for args in (("--runner-option", "workers=0", "scan", one), ("--runner-option", "workers=abc", "scan", one),
+                 ("--runner-option", "mode=bogus", "scan", one), ("scan", one, "--scan-id", "x" * 300),
+                 ("config", "k", "-5"), ("config", "top_k", "0"), ("config", "schedules.scan", "61 2 * * *"),
+                 ("config", "schedules.scan", "not a cron")):
+        r = run_lida(workspace, *args, check=False)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+    config = json.loads((Path(workspace) / "config.json").read_text())
+    assert config["k"] >= 1 and config["top_k"] >= 1 and config["schedules"]["scan"] == "0 2 * * *"
+    r = run_lida(workspace, "attribute", one, str(tmp_path / "missing.png"), check=False)
+    answers = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    answers = answers[0] if len(answers) == 1 and isinstance(answers[0], list) else answers
+    assert [Path(a["uri"]).name for a in answers] == ["one.png", "missing.png"]
+    assert "predicted_source" in answers[0] and "no such file" in answers[1]["error"]
+
+
+def test_a_crafted_evaluation_file_cannot_inject_into_the_report(workspace, hostile_dir, tmp_path):
+    """Issue #12 item 14: evals/*.json is read as untrusted."""
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(hostile_dir / "one.png", one / "one.png")
+    run_lida(workspace, "scan", str(one), "--scan-id", "crafted")
+    evals = Path(workspace) / "evals"
+    evals.mkdir(exist_ok=True)
+    (evals / "zzzz.json").write_text(json.dumps({"shots": "<script>alert(1)</script>", "directory": "<b>x</b>",
+                                                 "model_version": "v0001", "rank1": "<i>", "mAP": 0.5,
+                                                 "balanced_accuracy": None, "confusion": {"labels": ["<a>"], "matrix": [["x"]]}}))
+    try:
+        out = tmp_path / "r.html"
+        run_lida(workspace, "report", "--scan-id", "crafted", "--output", str(out))
+        page = out.read_text()
+        assert "<script>" not in page and "&lt;script&gt;" in page and "<b>x</b>" not in page
+    finally:
+        (evals / "zzzz.json").unlink()
