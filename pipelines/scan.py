@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tarfile
 import uuid
 from collections.abc import Sequence
@@ -339,6 +340,7 @@ class Attribute(beam.DoFn):
         if self.index is not None and self.device == "cuda":
             self.index.exact_device = "cuda"  # exact matmul + top-k on the GPU; FAISS on CPU otherwise
         self.index_version = self.index.version if self.index else "none"
+        self.embedded = embedded_elsewhere(self.ws, self.model_version, self.scan_id)
 
     def process(self, element):
         shard, values = element
@@ -365,9 +367,10 @@ class Attribute(beam.DoFn):
             attributions.append({"scan_id": self.scan_id, "uri": item.uri, "image_id": item.image_id, **decision,
                                  "model_version": self.model_version, "index_version": self.index_version,
                                  "fingerprint": self.fingerprint, "scanned_at": now})
-            embeddings.append({"image_id": item.image_id, "model_version": self.model_version,
-                               "fingerprint": self.fingerprint, "embedding": emb[row].tolist()})
-        if embeddings:  # a shard of errors and repeats only has no embeddings file
+            if item.image_id not in self.embedded:  # one row per image and model, whichever scan saw it first
+                embeddings.append({"image_id": item.image_id, "model_version": self.model_version,
+                                   "fingerprint": self.fingerprint, "embedding": emb[row].tolist()})
+        if embeddings:  # a shard of errors, repeats and images embedded before has no embeddings file
             self._write("embeddings", f"model_version={self.model_version}/scan-{self.scan_id}-{shard}.parquet",
                         embeddings, emb.shape[1], drop="model_version")
         # Attributions last, even when empty: their presence marks the shard done.
@@ -380,6 +383,21 @@ class Attribute(beam.DoFn):
         buffer = io.BytesIO()
         pq.write_table(table.drop([drop]), buffer)
         self.ws.write_bytes(f"{TABLES}/{table_name}/{rel}", buffer.getvalue())
+
+
+def embedded_elsewhere(ws: Workspace, model_version: str, scan_id: str) -> frozenset[str]:
+    """Image ids this model already has embeddings for, from other scans (a re-run rewrites its own files)."""
+    folder = ws.path(TABLES, "embeddings", f"model_version={model_version}")
+    if not ws.fs.exists(folder):
+        return frozenset()
+    own = re.compile(rf"scan-{re.escape(scan_id)}-\d{{6}}\.parquet")
+    ids: set[str] = set()
+    for path in ws.fs.find(folder):
+        name = path.rsplit("/", 1)[-1]
+        if name.endswith(".parquet") and not name.startswith(".") and not own.fullmatch(name):
+            with ws.fs.open(path, "rb") as handle:
+                ids.update(pq.read_table(handle, columns=["image_id"])["image_id"].to_pylist())
+    return frozenset(ids)
 
 
 class EmbedAndAttribute(beam.PTransform):

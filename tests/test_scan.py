@@ -373,3 +373,13 @@ def test_a_crafted_evaluation_file_cannot_inject_into_the_report(workspace, host
         assert "<script>" not in page and "&lt;script&gt;" in page and "<b>x</b>" not in page
     finally:
         (evals / "zzzz.json").unlink()
+
+
+def test_embeddings_hold_one_row_per_image_and_model(workspace, hostile_dir):
+    """Issue #12 item 11: the same images scanned under several ids are embedded once per model."""
+    for scan_id in ("twice-a", "twice-a-b", "twice-a"):
+        run_lida(workspace, "scan", str(hostile_dir), "--scan-id", scan_id)
+    rows = q(workspace, "select count(*), count(distinct (image_id, model_version)) from {embeddings}")
+    assert rows[0][0] == rows[0][1] > 0
+    attributed = q(workspace, "select count(*) from {attributions} where scan_id in ('twice-a', 'twice-a-b')")
+    assert attributed == [(16,)]  # every scan still attributes each of its 8 images
