@@ -484,6 +484,7 @@ def run() -> None:
     import logging
 
     code = main()
+    _stop_prefect_servers()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -491,6 +492,22 @@ def run() -> None:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def _stop_prefect_servers() -> None:
+    """Stop the temporary Prefect server a flow started (Prefect stops it at exit, which os._exit skips).
+
+    Left running, it outlived the command (uvicorn, ~200 MB, parent pid 1) and held the
+    command's stdout open, so `lida flow reindex | cat` never returned.
+    """
+    server = sys.modules.get("prefect.server.api.server")
+    if server is None:
+        return
+    for instance in list(getattr(server.SubprocessASGIServer, "_instances", {}).values()):
+        try:
+            instance.stop()
+        except Exception:  # noqa: BLE001 - best effort: never turn a finished run into a failure
+            pass
 
 
 def _fail(args: argparse.Namespace, message: str) -> None:

@@ -236,3 +236,21 @@ def test_flow_verb_runs_a_flow_from_the_command_line(prefect_api, flow_ws):
     result = run_lida(ws, "flow", "reindex", env={"PREFECT_API_URL": prefect_api})
     out = json.loads(result.stdout)
     assert out["index_version"] == Workspace(str(ws)).read_bytes("indexes/CURRENT").decode().strip()
+
+
+def _prefect_servers():
+    listed = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+    return {int(line.split(None, 1)[0]) for line in listed if "uvicorn" in line and "prefect" in line}
+
+
+def test_a_flow_command_piped_returns_and_leaves_no_prefect_server(flow_ws):
+    """Issue #12 item 6: the command's temporary Prefect server stops with it."""
+    ws, _, _ = flow_ws
+    before = _prefect_servers()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # its own temporary server
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"
+    r = subprocess.run(f"'{LIDA}' --workspace '{ws}' flow reindex | cat", shell=True, capture_output=True, text=True,
+                        timeout=400, env=env)
+    assert r.returncode == 0 and "index i" in r.stdout, r.stderr[-2000:]
+    time.sleep(1)
+    assert _prefect_servers() - before == set()
