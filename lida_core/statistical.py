@@ -57,11 +57,31 @@ def jpeg_copy(pixels: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0) -> list[np.ndarray]:
-    """The images followed by one re-encoded copy of each, qualities drawn from JPEG_QUALITIES."""
+class _WithCopies(Sequence):
+    """images[0..n) then their JPEG copies, each copy made when it is read: n large photographs never sit in memory twice."""
+
+    def __init__(self, images: Sequence[np.ndarray], qualities: list[int]):
+        self.images, self.qualities = images, qualities
+
+    def __len__(self) -> int:
+        return 2 * len(self.images)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self.images)
+        if index < 0:
+            index += 2 * n
+        if not 0 <= index < 2 * n:
+            raise IndexError(index)
+        return self.images[index] if index < n else jpeg_copy(self.images[index - n], self.qualities[index - n])
+
+
+def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0) -> Sequence[np.ndarray]:
+    """The images followed by one re-encoded copy of each, qualities drawn from JPEG_QUALITIES (copies made on reading)."""
     rng = np.random.default_rng([seed, 7919])
     low, high = JPEG_QUALITIES
-    return list(images) + [jpeg_copy(image, int(rng.integers(low, high + 1))) for image in images]
+    return _WithCopies(images, [int(rng.integers(low, high + 1)) for _ in images])
 
 
 @torch.no_grad()

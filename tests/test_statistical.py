@@ -166,3 +166,25 @@ def test_jpeg_inputs_are_decided_against_their_own_threshold():
     assert decider.decide_from_similarities(low, [], [])["is_generated"]
     assert not decider.decide_from_similarities(low, [], [], jpeg=True)["is_generated"]
     assert Decider.from_dict(decider.to_dict()).jpeg_threshold == -0.5
+
+
+def test_pretraining_keeps_file_bytes_not_pixels(tmp_path, rng):
+    """Issue #12 item 2: the closed-form pass decodes on reading; what it reads equals the eager decode."""
+    from PIL import Image
+
+    from lida_core.lifecycle import LazyImages, decode_inputs
+
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, size=(48, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    eager = decode_inputs(paths + [str(tmp_path / "bad.png")])
+    lazy = decode_inputs(paths + [str(tmp_path / "bad.png")], lazy=True)
+    assert isinstance(lazy.pixels, LazyImages) and len(lazy.pixels) == 4 and len(lazy.errors) == 1
+    assert all(np.array_equal(a, b) for a, b in zip(eager.pixels, lazy.pixels, strict=True))
+    picked = lazy.pixels.take([3, 1])
+    assert np.array_equal(picked[0], eager.pixels[3]) and np.array_equal(picked[1], eager.pixels[1])
+    copies = statistical.with_jpeg_copies(picked, seed=2)
+    assert np.array_equal(copies[-1], statistical.with_jpeg_copies([eager.pixels[3], eager.pixels[1]], seed=2)[-1])
