@@ -82,6 +82,9 @@ def _walk_local(root: str) -> tuple[list[str], list[str]]:
 def list_inputs(paths: Iterable[str], extensions: tuple[str, ...] = IMAGE_EXTENSIONS, every_entry: bool = False) -> list[str]:
     found: set[str] = set()
     for raw in paths:
+        if _is_local(str(raw)):  # a name in its `display_uri` form (a plan, a flow) is mapped back to the bytes on disk
+            mapped = _local_path(str(raw))
+            raw = os.fsdecode(mapped) if isinstance(mapped, bytes) else raw
         fs, root = fsspec.core.url_to_fs(str(raw))
         local = fs.protocol in ("file", ("file", "local"))
         if not fs.exists(root):

@@ -254,3 +254,20 @@ def test_a_flow_command_piped_returns_and_leaves_no_prefect_server(flow_ws):
     assert r.returncode == 0 and "index i" in r.stdout, r.stderr[-2000:]
     time.sleep(1)
     assert _prefect_servers() - before == set()
+
+
+def test_nightly_does_not_block_on_a_fifo_and_takes_names_that_are_not_utf8(prefect_api, flow_ws, sample_dirs):
+    """Issue #12 items 1 and 3 through the nightly flow: both get their rows, and a second night skips them."""
+    ws, inbox, _ = flow_ws
+    odd = inbox / "odd"
+    odd.mkdir()
+    os.mkfifo(odd / "pipe.png")
+    source = sorted((sample_dirs / "labelled" / "vae_ldm").iterdir())[-1]
+    (odd / os.fsdecode(b"night\xff.png")).write_bytes(source.read_bytes()[:-1] + b"\x01")
+    first = nightly_scan(str(ws))
+    rows = dict(duckdb.sql(f"select uri, status from read_parquet('{ws}/tables/images/**/*.parquet', hive_partitioning=true) "
+                           f"where scan_id = '{first['scan']['scan_id']}'").fetchall())
+    names = {os.path.basename(u): s for u, s in rows.items()}
+    assert names["pipe.png"] == "error" and names["night\\xff.png"] in ("ok", "error")
+    again = nightly_scan(str(ws))
+    assert again["new_files"] == 0

@@ -106,3 +106,25 @@ def test_gallery_add_killed_lists_only_what_the_index_holds_and_a_rerun_complete
     r = json_out(run_lida(ws, "gallery", "add", "--source", "style_noise", str(new_source)))
     assert gallery_counts(ws) == {**before, "style_noise": 6} == index_counts(ws)[1]
     assert r["added"] + r["already_registered"] == 6
+
+
+def test_gallery_add_takes_a_name_that_is_not_utf8_and_the_index_pointer_must_stay_inside(ready, sample_dirs, tmp_path):
+    """Issue #12 items 1 and 14."""
+    import os
+
+    ws = tmp_path / "ws"
+    shutil.copytree(ready, ws)
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    source = sorted((sample_dirs / "labelled" / "style_noise").iterdir())[0]
+    (folder / os.fsdecode(b"gen\xfe.png")).write_bytes(source.read_bytes())
+    r = json_out(run_lida(ws, "gallery", "add", "--source", "style_noise", str(folder)))
+    assert r["added"] == 1 and not r["errors"]
+    uris = json_out(run_lida(ws, "query", "select uri from gallery where source = 'style_noise'"))
+    assert [Path(u["uri"]).name for u in uris] == ["gen\\xfe.png"]
+    elsewhere = tmp_path / "elsewhere" / "i0008"
+    shutil.copytree(ws / "indexes" / (ws / "indexes" / "CURRENT").read_text().strip(), elsewhere)
+    (ws / "indexes" / "CURRENT").write_text("../../elsewhere/i0008\n")
+    refused = run_lida(ws, "scan", str(folder), "--scan-id", "pointer", check=False)
+    assert refused.returncode == 2 and "not an index version" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
