@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-slow test-all demo lint bench clean
 
 setup: $(STAMP)
 
@@ -21,10 +21,12 @@ $(STAMP): setup.py requirements.lock
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
-
-test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow tests
+
+test-all: test test-slow
 
 lint: setup
 	$(BIN)/ruff check .

@@ -243,6 +243,7 @@ def _prefect_servers():
     return {int(line.split(None, 1)[0]) for line in listed if "uvicorn" in line and "prefect" in line}
 
 
+@pytest.mark.slow
 def test_a_flow_command_piped_returns_and_leaves_no_prefect_server(flow_ws):
     """Issue #12 item 6: the command's temporary Prefect server stops with it."""
     ws, _, _ = flow_ws
