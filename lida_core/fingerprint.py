@@ -270,6 +270,9 @@ def fit_to_size(region, settings: FingerprintSettings):
     size = settings.size
     if settings.fit == "resize":
         return pillow_bilinear_resize(region, size, size)
+    if region.shape[-3] >= size and region.shape[-2] >= size:  # a plain centre crop: a view, no gather
+        top, left = (region.shape[-3] - size) // 2, (region.shape[-2] - size) // 2
+        return region[..., top : top + size, left : left + size, :]
     rows = crop_indices(region.shape[-3], size)
     cols = crop_indices(region.shape[-2], size)
     if isinstance(region, np.ndarray):
@@ -301,8 +304,7 @@ def prepare_low_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.nd
     top, left, h, w = patch_box(pixels, settings)
     kept = np.bitwise_and(pixels[top : top + h, left : left + w], settings.mask)
     if settings.fit == "crop":
-        rows, cols = crop_indices(kept.shape[0], settings.size), crop_indices(kept.shape[1], settings.size)
-        kept = kept[rows[:, None], cols[None, :]]
+        kept = fit_to_size(kept, settings)
     return np.ascontiguousarray(kept)
 
 
