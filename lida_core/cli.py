@@ -302,9 +302,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
     device = _device(args)
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     r = run_scan(Workspace(args.workspace), args.paths, args.scan_id, args.runner, args.runner_option, device, say)
-    status = ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items()))
+    total = max(r["images"], 1)
+    status = ", ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in sorted(r["status"].items()))
     predicted = ", ".join(f"{k} {v}" for k, v in r["predicted"].items()) or "none"
-    return _emit(args, r, f"scan {r['scan_id']} (model {r['model_version']}): {r['images']} files: {status}\n"
+    return _emit(args, r, f"scan {r['scan_id']} (model {r['model_version']}): {r['images']} files in {r['seconds']:.1f} s "
+                          f"({r['files_per_second']:.1f} files/s): {status}\n"
                           f"predicted: {predicted}" + _errors_text(r["errors"]))
 
 

@@ -19,6 +19,7 @@ import io
 import os
 import re
 import tarfile
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -474,6 +475,7 @@ def run_scan(
     from pipelines.runners import parse_runner_options, pipeline_options
 
     say = progress or (lambda _msg: None)
+    started = time.perf_counter()
     parse_runner_options(runner_options)  # bad options fail here, before the lock and the plan
     ws.require()
     scan_id = scan_id or new_scan_id()
@@ -510,6 +512,8 @@ def run_scan(
         say(f"scan {scan_id}: done")
         result = summary(images, ws, scan_id)
         result["model_version"] = model_version
+        result["seconds"] = round(time.perf_counter() - started, 3)  # this run, start-up included
+        result["files_per_second"] = round(len(images) / max(result["seconds"], 1e-9), 2)
         # Written last: a scan without it was interrupted and is resumed by its id.
         ws.write_json(f"{_scan_dir(scan_id)}/done.json", {**result, "finished_at": utc_now().isoformat()})
         return result

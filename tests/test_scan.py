@@ -124,6 +124,7 @@ def test_every_entry_gets_a_row_and_nothing_blocks_or_dies(workspace, odd_entrie
     assert "tar archive" in rows["bundle.tar"][1] and "HEIF" in rows["photo.heic"][1]
     assert "FIFO" in rows["pipe.png"][1] and "character device" in rows["zero.png"][1] and "too large" in rows["huge.png"][1]
     assert r["status"] == {"ok": 3, "error": 5}
+    assert r["seconds"] > 0 and r["files_per_second"] == pytest.approx(8 / r["seconds"], rel=0.01)  # the rate it prints
     attributed = q(workspace, "select uri from {attributions} where scan_id = 'odd'")
     assert sorted(Path(u).name for (u,) in attributed) == [".hidden.png", "bad\\xff.png", "noext"]
     # the plan keeps the name: with the file gone, the same scan id still runs and records it unreadable
