@@ -330,8 +330,9 @@ class SrmStem(_LowBitStem):
             # wrapped to [-half, half), truncated to [-t, t], shifted to [0, 2t]: all in uint8, in place
             q = residual.add_(half).bitwise_and_(levels - 1).clamp_(half - t, half + t).sub_(half - t)
             for along in (axis, 5 - axis):  # along the kernel, then across it (dims 3 and 2)
-                w = q.movedim(along, -1)
-                parts.append(_histograms(w[..., :-1] * width + w[..., 1:], width * width))
+                # neighbours along `along`, sliced in place (a moved dim would make reshape copy)
+                first, second = q.narrow(along, 0, q.shape[along] - 1), q.narrow(along, 1, q.shape[along] - 1)
+                parts.append(_histograms(first * width + second, width * width))
             parts.append(_histograms((q[:, 0] * width + q[:, 1]) * width + q[:, 2], width**3))
         return torch.cat(parts, 1).sqrt()
 
