@@ -16,6 +16,7 @@ DEPLOYMENTS = {"scan": "nightly-scan", "reindex": "reindex", "adapt": "adaptatio
 def deployments(ws: Workspace, runner: str = "local", runner_options: list[str] | None = None, device: str = "cpu") -> list:
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
 
     config = ws.config()
     for job, cron in config.schedules.items():
@@ -24,14 +25,19 @@ def deployments(ws: Workspace, runner: str = "local", runner_options: list[str] 
         except ValueError:
             raise WorkspaceError(f"config.json: schedules.{job} = {cron!r} is not a cron expression") from None
     schedules = {"scan": "0 2 * * *", "reindex": "0 3 * * 0", "adapt": "0 4 * * 0", **config.schedules}
-    common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["lida"]}
+    # One run of each at a time: an overlapping run waits in Prefect's queue instead of failing on the lock.
+    common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["lida"], "concurrency_limit": 1}
+
+    def at(job: str):
+        return Cron(schedules[job], timezone=config.timezone)
+
     return [
-        nightly_scan.to_deployment(DEPLOYMENTS["scan"], cron=schedules["scan"], **common, parameters={
+        nightly_scan.to_deployment(DEPLOYMENTS["scan"], schedule=at("scan"), **common, parameters={
             "workspace": ws.url, "runner": runner, "runner_options": list(runner_options or []), "device": device},
             description="scan what is new in the workspace's inboxes"),
-        reindex_flow.to_deployment(DEPLOYMENTS["reindex"], cron=schedules["reindex"], **common,
+        reindex_flow.to_deployment(DEPLOYMENTS["reindex"], schedule=at("reindex"), **common,
                                    parameters={"workspace": ws.url}, description="rebuild the gallery index"),
-        adaptation_flow.to_deployment(DEPLOYMENTS["adapt"], cron=schedules["adapt"], **common,
+        adaptation_flow.to_deployment(DEPLOYMENTS["adapt"], schedule=at("adapt"), **common,
                                       parameters={"workspace": ws.url},
                                       description="newly labelled images -> gallery -> adapt -> gate -> reindex"),
     ]

@@ -74,6 +74,7 @@ class WorkspaceConfig:
     schedules: dict[str, str] = field(
         default_factory=lambda: {"scan": "0 2 * * *", "reindex": "0 3 * * 0", "adapt": "0 4 * * 0"}
     )
+    timezone: str = "UTC"  # the zone the schedules' cron strings are read in (an IANA name)
     created_at: str = ""
 
     @classmethod
@@ -100,6 +101,7 @@ class WorkspaceConfig:
                 raise WorkspaceError(f"config.json: {name} must be an integer from 1 to 1000, got {value!r}")
         for job, cron in config.schedules.items():
             _check_cron(job, cron)
+        _check_timezone(config.timezone)
         if config.decision not in ("knn", "centroid"):
             raise WorkspaceError("config.json: decision must be 'knn' or 'centroid'")
         if config.detection is not None and config.detection not in DETECTIONS:
@@ -119,6 +121,17 @@ def _check_cron(job: str, cron: object) -> None:
         CronSim(cron, _dt.datetime(2026, 1, 1))
     except CronSimError as exc:
         raise WorkspaceError(f"config.json: schedules.{job} {cron!r} is not a valid cron string ({exc})") from None
+
+
+def _check_timezone(name: object) -> None:
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(str(name))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise WorkspaceError(f"config.json: timezone {name!r} is not an IANA time zone (for example UTC, Europe/Paris)") from None
+    if not isinstance(name, str):
+        raise WorkspaceError("config.json: timezone must be a string")
 
 
 class Workspace:

@@ -154,6 +154,8 @@ def test_serve_registers_the_three_schedules(prefect_api, flow_ws):
 
     ws, _, _ = flow_ws
     run_lida(ws, "config", "schedules.scan", "30 1 * * *")
+    run_lida(ws, "config", "timezone", "Europe/Paris")
+    assert run_lida(ws, "config", "timezone", "Mars/Olympus", check=False).returncode == 2
     env = dict(os.environ, PREFECT_API_URL=prefect_api)
     proc = subprocess.Popen([LIDA, "--workspace", str(ws), "serve"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -166,6 +168,9 @@ def test_serve_registers_the_three_schedules(prefect_api, flow_ws):
             time.sleep(2)
         crons = {name: [s.schedule.cron for s in d.schedules] for name, d in found.items()}
         assert crons == {"nightly-scan": ["30 1 * * *"], "reindex": ["0 3 * * 0"], "adaptation": ["0 4 * * 0"]}
+        zones = {s.schedule.timezone for d in found.values() for s in d.schedules}
+        assert zones == {"Europe/Paris"}
+        assert all(d.concurrency_limit == 1 for d in found.values())  # an overlapping run queues
         assert found["nightly-scan"].parameters["workspace"] == str(ws)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
