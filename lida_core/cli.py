@@ -71,22 +71,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _global_options(parser: argparse.ArgumentParser, workspace, device, runner, runner_option, json_flag) -> None:
+    parser.add_argument("--workspace", default=workspace,
+                        help="workspace path or fsspec URL (env LIDA_WORKSPACE; default ./lida-workspace)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=device,
+                        help="where embeddings are computed: auto (CUDA when present), cpu or cuda (default auto)")
+    parser.add_argument("--runner", choices=("local", "dask", "flink", "spark", "dataflow"), default=runner,
+                        help="where Beam jobs run (default local: one worker per core)")
+    parser.add_argument("--runner-option", action="append", default=runner_option, metavar="KEY=VALUE",
+                        help="a runner setting, repeatable: workers=N, mode=multi_processing|multi_threading|in_memory "
+                             "(local), dask_address=HOST:PORT (dask); other runners get theirs unchanged")
+    parser.add_argument("--json", action="store_true", default=json_flag, help="machine-readable output on stdout")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lida",
         description="Tell where AI-generated images came from: low-bit fingerprints, retrieval, few-shot adaptation.",
     )
-    parser.add_argument(
-        "--workspace",
-        default=os.environ.get("LIDA_WORKSPACE", "./lida-workspace"),
-        help="workspace path or fsspec URL (env LIDA_WORKSPACE; default ./lida-workspace)",
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--runner", choices=("local", "dask", "flink", "spark", "dataflow"), default="local")
-    parser.add_argument("--runner-option", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    _global_options(parser, os.environ.get("LIDA_WORKSPACE", "./lida-workspace"), "auto", "local", [], False)
+    # The same options after the verb (`lida query SQL --json`): no defaults there, so they only set what is given.
+    after = argparse.ArgumentParser(add_help=False)
+    _global_options(after, *[argparse.SUPPRESS] * 5)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    verbs = {verb: sub.add_parser(verb, help=text, description=text) for verb, (text, _) in VERBS.items()}
+    verbs = {verb: sub.add_parser(verb, help=text, description=text, parents=[after]) for verb, (text, _) in VERBS.items()}
 
     p = verbs["init"]
     p.add_argument("--profile", choices=("small", "phase", "stats", "srm", "paper"), help="default: paper with CUDA, else srm (co-occurrences of low-bit SRM residuals + a closed-form "
@@ -105,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs["gallery"]
     gsub = p.add_subparsers(dest="gallery_verb", metavar="ACTION", required=True)
-    add = gsub.add_parser("add", help="register labelled images of one source")
+    add = gsub.add_parser("add", help="register labelled images of one source", parents=[after])
     add.add_argument("--source", required=True, help="a generator's name, or 'real'")
     add.add_argument("paths", nargs="+", metavar="PATH")
-    gsub.add_parser("list", help="sources, image counts, model and index versions")
+    gsub.add_parser("list", help="sources, image counts, model and index versions", parents=[after])
 
     verbs["reindex"].set_defaults()
 
@@ -447,6 +455,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail(args, "interrupted")
         return 130
+    except BrokenPipeError:  # `lida ... | head`: the reader has gone; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # never a bare traceback: one line, and the details on request
         if os.environ.get("LIDA_DEBUG"):
             raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import tarfile
@@ -172,6 +173,9 @@ class ShardAndDecode(beam.DoFn):
                     continue
                 row.update(format=decoded.format, width=decoded.width, height=decoded.height)
                 offsets[key] = _add_member(tar, f"{key}.{_EXT.get(decoded.format, 'img')}", data)
+                _add_member(tar, f"{key}.json", json.dumps({"uri": uri, "image_id": row["image_id"], "scan_id": self.scan_id,
+                                                             "format": decoded.format, "width": decoded.width,
+                                                             "height": decoded.height}, sort_keys=True).encode())
                 del data
                 if chunk[0] and sum(p.shape[0] * p.shape[1] for p in chunk[1]) + decoded.width * decoded.height > CHUNK_PIXELS:
                     yield CHUNK_OUT, chunk
@@ -540,7 +544,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
     `--runner=FlinkRunner --flink_master=host:8081`). Without `--runner`, the local runner.
     """
     import argparse
-    import json
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.scan", description=run.__doc__.splitlines()[0])

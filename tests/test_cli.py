@@ -109,3 +109,16 @@ def test_an_error_raised_in_a_beam_worker_is_reported_as_the_worker_raised_it():
                            "run 'lida reindex' [while running 'EmbedAttribute/Attribute']")
     assert worker_error(wrapped) == ("IndexMismatch", "the published index is for model v0002, not v0003; run 'lida reindex'")
     assert worker_error(MemoryError()) == ("MemoryError", "")
+
+
+def test_global_options_work_after_the_verb_and_have_help(tmp_path, sample_dirs):
+    """Issue #14: `lida query SQL --json` and `lida gallery list --workspace W` as users type them."""
+    ws = tmp_path / "ws"
+    run_lida(ws, "init", "--profile", "small")
+    after = run("gallery", "list", "--workspace", str(ws), "--json")
+    assert after.returncode == 0 and json.loads(after.stdout)["model_version"] == "v0000"
+    query = run("query", "select 1 as one", "--workspace", str(ws), "--json")
+    assert query.returncode == 0 and json.loads(query.stdout) == [{"one": 1}]
+    help_text = " ".join(run("scan", "--help").stdout.split())
+    for text in ("where embeddings are computed", "where Beam jobs run", "workers=N", "dask_address=HOST:PORT"):
+        assert text in help_text

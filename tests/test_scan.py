@@ -1,5 +1,6 @@
 """`lida scan` on real runners: hostile files, exactly-once after kill -9, local == dask, the index."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -90,7 +91,7 @@ def test_hostile_files_each_get_one_row_and_the_scan_succeeds(workspace, hostile
     for tar_path in (Path(workspace) / "shards" / "hostile").glob("*.tar"):
         offsets = json.loads(tar_path.with_suffix(".members.json").read_text())
         with tarfile.open(tar_path) as tar:
-            found = {m.name.split(".", 1)[0]: [m.offset_data, m.size] for m in tar.getmembers()}
+            found = {m.name.split(".", 1)[0]: [m.offset_data, m.size] for m in tar.getmembers() if not m.name.endswith(".json")}
         assert found == offsets
     lineage = q(workspace, "select distinct model_version, index_version, fingerprint from {attributions} where scan_id='hostile'")
     assert len(lineage) == 1 and lineage[0][1].startswith("i") and lineage[0][2] == "b3-scale-full-crop128"
@@ -384,3 +385,20 @@ def test_embeddings_hold_one_row_per_image_and_model(workspace, hostile_dir):
     assert rows[0][0] == rows[0][1] > 0
     attributed = q(workspace, "select count(*) from {attributions} where scan_id in ('twice-a', 'twice-a-b')")
     assert attributed == [(16,)]  # every scan still attributes each of its 8 images
+
+
+def test_webdataset_reads_every_shard_of_a_scan(workspace, hostile_dir):
+    """Issue #14: the shards are WebDataset shards: each sample is the image and a .json with its lineage."""
+    import webdataset as wds
+
+    run_lida(workspace, "scan", str(hostile_dir), "--scan-id", "wds", env={"LIDA_SHARD_SIZE": "4"})
+    shards = sorted(str(p) for p in (Path(workspace) / "shards" / "wds").glob("*.tar"))
+    assert len(shards) >= 3
+    samples = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
+    ok = {u: (i, k) for u, i, k in q(workspace, "select uri, image_id, key from {images} where scan_id = 'wds' and status = 'ok'")}
+    assert len(samples) == len(ok) == 8
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        image_ext = next(k for k in sample if k not in ("json", "__key__", "__url__", "__local_path__"))
+        assert ok[meta["uri"]] == (meta["image_id"], sample["__key__"]) and meta["scan_id"] == "wds"
+        assert hashlib.sha256(sample[image_ext]).hexdigest() == meta["image_id"]  # the original bytes
