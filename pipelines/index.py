@@ -114,7 +114,39 @@ def _publish(ws: Workspace, index: faiss.Index, manifest: dict) -> str:
             if not ws.fs.exists(target):
                 raise
     ws.write_bytes(f"{INDEXES}/CURRENT", (version + "\n").encode())
+    prune(ws)
     return version
+
+
+KEEP_INDEXES = 5  # the newest index versions kept; older ones go unless one is the current model's newest
+
+
+def prune(ws: Workspace, keep: int = KEEP_INDEXES) -> list[str]:
+    """Remove index versions nothing reads any more (a demo left 12); returns the names removed.
+
+    Kept: the `keep` newest, the one CURRENT names, and the newest index of the current model
+    (what `index_for_model` finds). Runs under the writer's workspace lock.
+    """
+    names = versions(ws)
+    if len(names) <= keep:
+        return []
+    kept = set(names[-keep:])
+    try:
+        kept.add(ws.read_bytes(INDEXES, "CURRENT").decode().strip())
+        model = ws.current_model_version()
+    except (FileNotFoundError, WorkspaceError):
+        model = None
+    for name in reversed(names):
+        try:
+            if json.loads(ws.read_bytes(INDEXES, name, "manifest.json")).get("model_version") == model:
+                kept.add(name)
+                break
+        except (FileNotFoundError, ValueError):
+            continue
+    removed = [n for n in names if n not in kept]
+    for name in removed:
+        ws.fs.rm(ws.path(INDEXES, name), recursive=True)
+    return removed
 
 
 def versions(ws: Workspace) -> list[str]:
@@ -136,7 +168,7 @@ def build_index(ws: Workspace, model_version: str, fingerprint: str, image_ids: 
         "count": len(image_ids),
         "dimension": int(vectors.shape[1]),
         "fingerprint": fingerprint,
-        "kind": type(index.index).__name__ if hasattr(index, "index") else type(index).__name__,
+        "kind": type(faiss.downcast_index(index.index)).__name__,  # IndexFlatIP or IndexIVFFlat (SWIG says "Index")
         "sources": sources,
         "image_ids": image_ids,
         "unknown_threshold": calibrate_unknown_threshold(vectors, sources, unknown_accept) if len(vectors) else None,

@@ -128,3 +128,21 @@ def test_gallery_add_takes_a_name_that_is_not_utf8_and_the_index_pointer_must_st
     refused = run_lida(ws, "scan", str(folder), "--scan-id", "pointer", check=False)
     assert refused.returncode == 2 and "not an index version" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_old_index_versions_are_pruned_and_the_kind_is_named(ready, tmp_path):
+    """Issue #14: a demo left 12 index versions and every manifest said kind "Index"."""
+    from lida_core.workspace import Workspace
+    from pipelines import index as gallery_index
+    from pipelines.gallery import reindex
+
+    ws = tmp_path / "ws"
+    shutil.copytree(ready, ws)
+    workspace = Workspace(str(ws))
+    for _ in range(7):
+        built = reindex(workspace)
+    names = gallery_index.versions(workspace)
+    assert len(names) == gallery_index.KEEP_INDEXES and names[-1] == built["index_version"]
+    assert built["kind"] == "IndexFlatIP"
+    model, held = index_counts(ws)
+    assert held == gallery_counts(ws)
