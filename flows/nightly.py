@@ -34,10 +34,9 @@ def find_new_files(workspace: str) -> dict:
     for inbox in config.inboxes:
         try:
             uris += list_inputs([inbox], every_entry=True)  # every entry gets its row, as in 'lida scan'
-        except InputError:
+        except (InputError, OSError) as exc:  # one inbox gone or unreachable does not stop the others
             missing.append(inbox)
-    for inbox in missing:
-        log.warning("inbox %s does not exist (skipped)", inbox)
+            log.warning("inbox %s skipped: %s", inbox, exc)
     hashes = content_hashes(ws, uris, lambda n, total: log.info("hashed %d/%d inbox files", n, total))
     finished = [f"scan_id={s}" for s, done in scan_ids(ws).items() if done]
     seen = table_image_ids(ws, "images", finished)

@@ -315,7 +315,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
     predicted = ", ".join(f"{k} {v}" for k, v in r["predicted"].items()) or "none"
     return _emit(args, r, f"scan {r['scan_id']} (model {r['model_version']}): {r['images']} files in {r['seconds']:.1f} s "
                           f"({r['files_per_second']:.1f} files/s): {status}\n"
-                          f"predicted: {predicted}" + _errors_text(r["errors"]))
+                          f"predicted: {predicted}" + _counters_text(r.get("counters")) + _errors_text(r["errors"]))
+
+
+def _counters_text(counters: dict | None) -> str:
+    if not counters:
+        return ""
+    return "\nBeam counters (this run's shards): " + ", ".join(f"{k} {v}" for k, v in counters.items())
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
@@ -52,7 +53,8 @@ def parse_runner_options(items: Sequence[str]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def pipeline_options(runner: str = "local", runner_options: Sequence[str] = (), workers: int | None = None,
-                     files: int | None = None, beam_args: Sequence[str] | None = None) -> Iterator[PipelineOptions]:
+                     files: int | None = None, beam_args: Sequence[str] | None = None,
+                     partitions: int | None = None) -> Iterator[PipelineOptions]:
     """PipelineOptions for `runner`; a local Dask cluster lives as long as the context.
 
     `files`, when known, picks the local mode: threads for a small job on a few cores.
@@ -74,14 +76,19 @@ def pipeline_options(runner: str = "local", runner_options: Sequence[str] = (), 
         flags += [f"--direct_num_workers={n}", "--direct_running_mode=" + extra.pop("mode", mode)]
     elif runner == "dask":
         address = extra.pop("dask_address", None)
+        n_workers = int(extra.pop("workers", workers or os.cpu_count() or 1))
         if address is None:
             from distributed import Client, LocalCluster
 
-            cluster = LocalCluster(n_workers=int(extra.pop("workers", workers or os.cpu_count() or 1)), threads_per_worker=1,
-                                   processes=True, dashboard_address=None)
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   silence_logs=logging.WARNING)
             client = Client(cluster)
             address = cluster.scheduler_address
         flags.append(f"--dask_client_address={address}")
+        if "dask_npartitions" not in extra and "dask_partition_size" not in extra:
+            # Beam's Dask Reshuffle does not spread a small collection: without partitions one worker
+            # took every shard. One partition per unit of work (the scan's shards), at least 2 per worker.
+            flags.append(f"--dask_npartitions={max(2 * n_workers, partitions or 0)}")
     flags += [f"--{key}={value}" for key, value in extra.items()]
     try:
         yield PipelineOptions(flags)

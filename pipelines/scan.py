@@ -29,6 +29,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 import schemas
@@ -110,6 +111,28 @@ def chunk_size(count: int, most: int = CHUNK) -> int:
     return max(1, -(-count // chunks))
 
 
+FILES = Metrics.counter("lida", "files")
+BYTES = Metrics.counter("lida", "bytes")
+
+
+def _error_counter(reason: str):
+    """One Beam counter per kind of error: errors.unreadable, errors.not an image, errors.corrupt image, ..."""
+    return Metrics.counter("lida", f"errors.{reason.strip().lower()[:40]}")
+
+
+def beam_counters(outcome) -> dict[str, int]:
+    """The lida namespace's committed counters of a finished pipeline ({} when the runner reports none)."""
+    try:
+        found = outcome.metrics().query(MetricsFilter().with_namespace("lida"))["counters"]
+    except Exception:  # noqa: BLE001 - metrics are a report, never a reason to fail a finished scan
+        return {}
+    out: dict[str, int] = {}
+    for counter in found:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        out[counter.key.metric.name] = out.get(counter.key.metric.name, 0) + int(value or 0)
+    return dict(sorted(out.items()))
+
+
 class ShardAndDecode(beam.DoFn):
     """(shard index, URIs) -> ("chunk", decoded images to embed)..., then ("committed", shard index).
 
@@ -155,11 +178,14 @@ class ShardAndDecode(beam.DoFn):
                 row = {"scan_id": self.scan_id, "uri": uri, "image_id": "", "status": "ok", "error": None, "format": None,
                        "width": None, "height": None, "bytes": 0, "shard": name, "key": key, "scanned_at": now}
                 rows.append(row)
+                FILES.inc()
                 try:
                     data = read_input(uri)
                 except OSError as exc:
                     row.update(status="error", error=f"unreadable: {exc}", image_id=hashlib.sha256(uri.encode()).hexdigest())
+                    _error_counter("unreadable").inc()
                     continue
+                BYTES.inc(len(data))
                 row.update(image_id=hashlib.sha256(data).hexdigest(), bytes=len(data))
                 original = first.setdefault(row["image_id"], row)
                 if original is not row:  # the same bytes decode the same way: a duplicate
@@ -170,6 +196,7 @@ class ShardAndDecode(beam.DoFn):
                     decoded = decode_image(data, uri)
                 except DecodeError as exc:
                     row.update(status="error", error=exc.reason)
+                    _error_counter(exc.reason.split(":", 1)[0].split(" (", 1)[0]).inc()
                     continue
                 row.update(format=decoded.format, width=decoded.width, height=decoded.height)
                 offsets[key] = _add_member(tar, f"{key}.{_EXT.get(decoded.format, 'img')}", data)
@@ -501,8 +528,8 @@ def run_scan(
         # One pipeline, so worker start-up is paid once. Each shard is written and its images
         # embedded in one pass (decoded once); the images table, written when every shard is
         # committed, then joins the embeddings per shard for attribution.
-        with (pipeline_options(runner, runner_options, files=files, beam_args=beam_args) as options,
-              beam.Pipeline(options=options) as pipeline):
+        with pipeline_options(runner, runner_options, files=files, beam_args=beam_args, partitions=len(todo)) as options:
+            pipeline = beam.Pipeline(options=options)
             committed, chunks = pipeline | "Shard" >> Shard(ws.url, scan_id, [i for i, _ in todo])
             verdicts = (
                 committed
@@ -511,11 +538,15 @@ def run_scan(
             )
             _ = (chunks, verdicts) | "EmbedAttribute" >> EmbedAndAttribute(ws.url, scan_id, model_version, threads=threads,
                                                                             device=device)
+            outcome = pipeline.run()
+            outcome.wait_until_finish()
+            counters = beam_counters(outcome)
         images = pq.read_table(io.BytesIO(ws.read_bytes(TABLES, "images", f"scan_id={scan_id}", "part-00000.parquet")))
         images = images.append_column("scan_id", pa.array([scan_id] * len(images)))
         say(f"scan {scan_id}: done")
         result = summary(images, ws, scan_id)
         result["model_version"] = model_version
+        result["counters"] = counters  # Beam's own Metrics for this run's shards ({} where a runner keeps none)
         result["seconds"] = round(time.perf_counter() - started, 3)  # this run, start-up included
         result["files_per_second"] = round(len(images) / max(result["seconds"], 1e-9), 2)
         # Written last: a scan without it was interrupted and is resumed by its id.

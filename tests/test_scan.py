@@ -126,6 +126,10 @@ def test_every_entry_gets_a_row_and_nothing_blocks_or_dies(workspace, odd_entrie
     assert "FIFO" in rows["pipe.png"][1] and "character device" in rows["zero.png"][1] and "too large" in rows["huge.png"][1]
     assert r["status"] == {"ok": 3, "error": 5}
     assert r["seconds"] > 0 and r["files_per_second"] == pytest.approx(8 / r["seconds"], rel=0.01)  # the rate it prints
+    counters = r["counters"]  # Beam Metrics from the shard stage
+    assert counters["files"] == 8 and counters["errors.unreadable"] == 3 and counters["errors.not an image"] == 2
+    assert counters["bytes"] == sum(os.path.getsize(odd_entries_dir / n) for n in (".hidden.png", "noext", "photo.heic", "bundle.tar")) \
+        + len((odd_entries_dir / os.fsdecode(b"bad\xff.png")).read_bytes())
     attributed = q(workspace, "select uri from {attributions} where scan_id = 'odd'")
     assert sorted(Path(u).name for (u,) in attributed) == [".hidden.png", "bad\\xff.png", "noext"]
     # the plan keeps the name: with the file gone, the same scan id still runs and records it unreadable
@@ -395,10 +399,13 @@ def test_webdataset_reads_every_shard_of_a_scan(workspace, hostile_dir):
     shards = sorted(str(p) for p in (Path(workspace) / "shards" / "wds").glob("*.tar"))
     assert len(shards) >= 3
     samples = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
-    ok = {u: (i, k) for u, i, k in q(workspace, "select uri, image_id, key from {images} where scan_id = 'wds' and status = 'ok'")}
-    assert len(samples) == len(ok) == 8
+    rows = {u: (i, k, s) for u, i, k, s in q(workspace, "select uri, image_id, key, status from {images} where scan_id = 'wds'")}
+    seen = set()
     for sample in samples:
         meta = json.loads(sample["json"])
         image_ext = next(k for k in sample if k not in ("json", "__key__", "__url__", "__local_path__"))
-        assert ok[meta["uri"]] == (meta["image_id"], sample["__key__"]) and meta["scan_id"] == "wds"
+        assert rows[meta["uri"]][:2] == (meta["image_id"], sample["__key__"]) and meta["scan_id"] == "wds"
         assert hashlib.sha256(sample[image_ext]).hexdigest() == meta["image_id"]  # the original bytes
+        seen.add(meta["uri"])
+    assert {u for u, (_, _, s) in rows.items() if s == "ok"} <= seen  # every decoded image is in a shard
+    assert all(rows[u][2] in ("ok", "duplicate") for u in seen)  # a repeat across shards keeps its sample
