@@ -286,7 +286,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     else:
         if not known.source or not known.input:
             parser.error("--source and at least one --input are required (or --reindex)")
-        result = add(ws, known.source, known.input, beam_args=beam_args if any(a.startswith("--runner") for a in beam_args) else None)
+        result = add(ws, known.source, known.input, beam_args=beam_args or None)
     print(json.dumps(result, default=str))
     return result
 

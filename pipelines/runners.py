@@ -58,11 +58,13 @@ def pipeline_options(runner: str = "local", runner_options: Sequence[str] = (), 
     """PipelineOptions for `runner`; a local Dask cluster lives as long as the context.
 
     `files`, when known, picks the local mode: threads for a small job on a few cores.
-    `beam_args` (Beam's own flags, from a job's `run(argv)`) replace all of that when given.
+    `beam_args` (Beam's own flags, from a job's `run(argv)`) replace all of that when they name a
+    runner; without one they are added after lida's local choice, so every flag reaches Beam.
     """
-    if beam_args is not None:
+    if beam_args is not None and any(a.startswith("--runner") for a in beam_args):
         yield PipelineOptions(list(beam_args))
         return
+    extra_flags = list(beam_args or [])  # Beam flags without a runner: lida's local choice, then these (they win)
     if runner not in RUNNERS:
         raise RunnerError(f"unknown runner {runner!r}; choose from {', '.join(RUNNERS)}")
     extra = parse_runner_options(runner_options)
@@ -91,7 +93,7 @@ def pipeline_options(runner: str = "local", runner_options: Sequence[str] = (), 
             flags.append(f"--dask_npartitions={max(2 * n_workers, partitions or 0)}")
     flags += [f"--{key}={value}" for key, value in extra.items()]
     try:
-        yield PipelineOptions(flags)
+        yield PipelineOptions(flags + extra_flags)
     finally:
         if client is not None:
             client.close()

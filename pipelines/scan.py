@@ -583,8 +583,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--scan-id")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     known, beam_args = parser.parse_known_args(argv)
-    if not any(a.startswith("--runner") for a in beam_args):
-        beam_args = None  # lida's local runner choice
     result = run_scan(Workspace(known.workspace), known.input, known.scan_id, device=known.device,
                       progress=lambda m: print(m, file=sys.stderr), beam_args=beam_args)
     print(json.dumps(result, default=str))

@@ -320,6 +320,11 @@ def test_jobs_run_as_beam_programs_with_beam_flags(workspace, sample_dirs):
     assert scan.returncode == 0, scan.stderr[-2000:]
     assert json.loads(scan.stdout.strip().splitlines()[-1])["status"] == {"ok": 6}
     assert q(workspace, "select count(*) from {attributions} where scan_id = 'from_argv'") == [(6,)]
+    # a Beam flag without --runner reaches Beam too (it was dropped): an invalid one is Beam's to refuse
+    dropped = subprocess.run([sys.executable, "-m", "pipelines.scan", "--workspace", str(workspace), "--input",
+                              str(sample_dirs / "labelled" / "shuffle_sr"), "--scan-id", "flag_only",
+                              "--direct_running_mode=nonsense"], capture_output=True, text=True, timeout=600)
+    assert dropped.returncode != 0 and "nonsense" in dropped.stderr
     reindexed = subprocess.run([sys.executable, "-m", "pipelines.gallery", "--workspace", str(workspace), "--reindex"],
                                capture_output=True, text=True, timeout=600)
     assert reindexed.returncode == 0, reindexed.stderr[-2000:]
