@@ -32,6 +32,11 @@ setup(
     packages=find_packages(include=["lida_core*", "pipelines*", "flows*", "schemas*"]),
     package_data={"schemas": ["*.json"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest>=8,<10", "pytest-timeout>=2.3", "ruff>=0.8"]},
+    extras_require={
+        "dev": ["pytest>=8,<10", "pytest-timeout>=2.3", "ruff>=0.8"],
+        # object-store workspaces and inputs (fsspec's own backends, same release line as fsspec)
+        "s3": ["s3fs>=2026.9.0"],
+        "gcs": ["gcsfs>=2026.9.0"],
+    },
     entry_points={"console_scripts": ["lida=lida_core.cli:run"]},
 )
