@@ -170,7 +170,7 @@ def test_serve_registers_the_three_schedules(prefect_api, flow_ws):
         assert crons == {"nightly-scan": ["30 1 * * *"], "reindex": ["0 3 * * 0"], "adaptation": ["0 4 * * 0"]}
         zones = {s.schedule.timezone for d in found.values() for s in d.schedules}
         assert zones == {"Europe/Paris"}
-        assert all(d.concurrency_limit == 1 for d in found.values())  # an overlapping run queues
+        assert all(d.global_concurrency_limit.limit == 1 for d in found.values())  # an overlapping run queues
         assert found["nightly-scan"].parameters["workspace"] == str(ws)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
