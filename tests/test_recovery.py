@@ -50,6 +50,7 @@ def ready(tmp_path_factory, sample_dirs):
     return ws
 
 
+@pytest.mark.slow
 def test_pretrain_after_gallery_adds_keeps_every_source_and_an_empty_gallery_reindexes(tmp_path, sample_dirs):
     ws = tmp_path / "ws"
     run_lida(ws, "init", "--profile", "small")
@@ -92,6 +93,7 @@ def test_init_killed_before_its_config_is_written_can_be_run_again(tmp_path):
     assert json_out(run_lida(ws, "gallery", "list"))["images"] == 0
 
 
+@pytest.mark.slow
 def test_gallery_add_killed_lists_only_what_the_index_holds_and_a_rerun_completes(ready, sample_dirs, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(ready, ws)
@@ -130,6 +132,7 @@ def test_gallery_add_takes_a_name_that_is_not_utf8_and_the_index_pointer_must_st
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_old_index_versions_are_pruned_and_the_kind_is_named(ready, tmp_path):
     """Issue #14: a demo left 12 index versions and every manifest said kind "Index"."""
     from lida_core.workspace import Workspace
