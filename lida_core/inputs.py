@@ -104,6 +104,10 @@ def list_inputs(paths: Iterable[str], extensions: tuple[str, ...] = IMAGE_EXTENS
     return sorted(found)
 
 
+def _too_large(size: int, max_bytes: int) -> InputReadError:
+    return InputReadError(f"too large: {size} bytes, over the {max_bytes}-byte limit")
+
+
 def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
@@ -118,7 +122,7 @@ def _check_local(path: str | bytes, max_bytes: int) -> os.stat_result:
                 else "a special file")
         raise InputReadError(f"not a regular file ({kind})")
     if info.st_size > max_bytes:
-        raise InputReadError(f"too large: {info.st_size} bytes, over the {max_bytes}-byte limit")
+        raise _too_large(info.st_size, max_bytes)
     return info
 
 
@@ -131,7 +135,7 @@ def input_info(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, str]:
     info = fs.info(path)
     size = int(info.get("size") or 0)
     if size > max_bytes:
-        raise InputReadError(f"too large: {size} bytes, over the {max_bytes}-byte limit")
+        raise _too_large(size, max_bytes)
     stamp = next((f"{k}={info[k]}" for k in ("mtime", "LastModified", "updated", "ETag", "etag", "md5Hash", "last_modified")
                   if info.get(k) is not None), "")
     return size, stamp
@@ -148,7 +152,7 @@ def read_input(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
         with fsspec.open(uri, "rb") as handle:
             size = getattr(handle, "size", None)
             if size is not None and size > max_bytes:
-                raise InputReadError(f"too large: {size} bytes, over the {max_bytes}-byte limit")
+                raise _too_large(size, max_bytes)
             data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise InputReadError(f"too large: over the {max_bytes}-byte limit")

@@ -151,6 +151,7 @@ class ShardAndDecode(beam.DoFn):
 
     def setup(self) -> None:
         self.ws = Workspace(self.workspace)
+        self.plan: list[list[str]] | None = None  # read once per worker: it is fixed before the pipeline starts
 
     def process(self, index: int):
         name = shard_name(index)
@@ -158,7 +159,9 @@ class ShardAndDecode(beam.DoFn):
             yield from self._from_tar(name)
         else:
             # File names travel in the plan, not through Beam's coders (which take UTF-8 text only).
-            yield from self._write(index, self.ws.read_json(f"{_scan_dir(self.scan_id)}/plan.json")["shards"][index])
+            if self.plan is None:
+                self.plan = self.ws.read_json(f"{_scan_dir(self.scan_id)}/plan.json")["shards"]
+            yield from self._write(index, self.plan[index])
         yield COMMITTED_OUT, index
 
     def _write(self, index: int, uris: list[str]):
