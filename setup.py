@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "distributed>=2026.8.0,<2026.9",
     "scikit-image>=0.26,<0.27",  # bundled real photographs for samples and tests
     "tqdm>=4.66",
-    "matplotlib>=3.9,<4",
+    "numba>=0.68,<0.69",  # the srm descriptor's counting loops (lida_core/srm.py)
 ]
 
 setup(

@@ -94,9 +94,10 @@ def timed_scan(ws: Path, inbox: Path, scan_id: str) -> dict:
 
 
 def model_rate(ws: Path, paths: list[str]) -> float:
-    """The model alone (decoded images in memory, tiles and fingerprint included), one process: img/s."""
+    """The model alone as a scan runs it (decoded images in memory, tiles and fingerprint included), one process: img/s."""
     import torch
 
+    from lida_core.accel import DeviceEmbedder
     from lida_core.allocator import keep_freed_memory
     from lida_core.decode import decode_image
     from lida_core.lifecycle import load_model
@@ -107,9 +108,14 @@ def model_rate(ws: Path, paths: list[str]) -> float:
     torch.set_num_threads(os.cpu_count() or 1)
     loaded = load_model(Workspace(str(ws)))
     pixels = [decode_image(Path(p).read_bytes(), p).pixels for p in paths[:256]]
-    embed(loaded.model, pixels[:32], input_kind=loaded.input_kind)
+    if loaded.input_kind == "fingerprint":  # the scan's embed path (pipelines/scan.py EmbedderHandler)
+        run = DeviceEmbedder(loaded.model, "cpu", batch_size=32).embed
+    else:
+        def run(images):
+            return embed(loaded.model, images, batch_size=32, input_kind=loaded.input_kind)
+    run(pixels[:32])
     started = time.perf_counter()
-    embed(loaded.model, pixels, batch_size=32, input_kind=loaded.input_kind)
+    run(pixels)
     return len(pixels) / (time.perf_counter() - started)
 
 

@@ -12,7 +12,7 @@ import torch
 from test_fingerprint import ALL_SETTINGS
 
 from lida_core import accel, training
-from lida_core.fingerprint import FingerprintSettings, fingerprint_bits
+from lida_core.fingerprint import FingerprintSettings, fingerprint_bits, to_model_input
 from lida_core.model import Embedder, build_model, get_profile
 
 
@@ -44,6 +44,18 @@ def test_device_embedder_matches_training_embed(fingerprint):
     expected = training.embed(model, images)
     fast = accel.DeviceEmbedder(model, "cpu", batch_size=3)  # small batches: several per size group
     np.testing.assert_allclose(fast.embed(images), expected, atol=2e-5)
+
+
+def test_srm_embedder_reads_the_kept_bits_as_the_float_path_does():
+    """srm's stem takes the kept low bits straight from the CPU half; the result is the float path's."""
+    model = build_model("srm")
+    fast = accel.DeviceEmbedder(model, "cpu", batch_size=3)
+    assert fast.reads_kept
+    images = _images(3) + [np.random.default_rng(6).integers(0, 256, (600, 530, 3), dtype=np.uint8)]  # 4 tiles
+    np.testing.assert_allclose(fast.embed(images), training.embed(model, images), atol=1e-6)  # batches differ
+    kept = torch.from_numpy(np.stack([accel.prepare(image, model.fingerprint) for image in images[:4]]))
+    floats = to_model_input(accel.finish(kept, model.fingerprint))
+    assert torch.equal(model.stem.from_low_bits(kept), model.stem(floats))  # the descriptors: bit for bit
 
 
 def test_device_embedder_surfaces_cpu_side_errors():
