@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=("small", "phase", "stats", "srm", "paper"), help="default: paper with CUDA, else srm (co-occurrences of low-bit SRM residuals + a closed-form "
                    "whitening head); stats, small and phase are earlier CPU profiles")
     p.add_argument("--checkpoint", help="a lida checkpoint, or (profile paper) the authors' ResNet-50 .pth")
+    p.add_argument("--fingerprint", choices=("scale", "binary"),
+                   help="low bits scaled, (x & 7) * 36 (the authors' released code and the default), or binarised, "
+                        "255 where any is set (the paper's equation); network profiles only")
 
     p = verbs["pretrain"]
     p.add_argument("paths", nargs="+", metavar="PATH", help="real images: files, folders, fsspec URLs")
@@ -233,7 +236,7 @@ def _errors_text(errors: list) -> str:
 def cmd_init(args: argparse.Namespace) -> int:
     from lida_core.lifecycle import init_workspace
 
-    r = init_workspace(args.workspace, args.profile, args.checkpoint)
+    r = init_workspace(args.workspace, args.profile, args.checkpoint, fingerprint_mode=args.fingerprint)
     return _emit(args, r, f"workspace {r['workspace']}: profile {r['profile']}, fingerprint {r['fingerprint']}, "
                           f"model {r['model_version']} ({r['weights']} weights)")
 

@@ -49,7 +49,9 @@ PRETRAIN_DEFAULTS = {"small": {"epochs": 15, "batch_size": 64, "lr": 1e-3}, "pap
 # CPU profiles adapt on 16 views of 64 px per gallery image instead of 4 of 128 px (the same
 # pixels per epoch): more distinct samples from 5 images. 3-seed 5-shot means in docs/results.md.
 ADAPT_DEFAULTS = {"small": {"epochs": 60, "lr": 1e-3, "view_size": 64, "views_per_image": 16},
-                  "paper": {"epochs": 100, "lr": 1e-4, "view_size": 0, "views_per_image": 4},
+                  # The paper: L_A + 0.9 L_D exactly (no cross-entropy), p_r the pre-training real mean.
+                  "paper": {"epochs": 100, "lr": 1e-4, "view_size": 0, "views_per_image": 4, "beta": 0.0, "loss": "paper",
+                            "prototype": "pretraining"},
                   # The statistics profile adapts with the centre loss alone: the real-prototype and
                   # softmax terms lowered 5-shot Rank-1 to 0.65 (3 seeds; docs/results.md), and
                   # detection uses the contrast rule instead of the prototype similarity.
@@ -61,7 +63,7 @@ def adapt_config(profile: str, epochs: int | None, lr: float | None, seed: int, 
     defaults = ADAPT_DEFAULTS.get(profile, ADAPT_DEFAULTS["small"])
     return training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"], seed=seed, input_kind=input_kind,
                                 view_size=defaults["view_size"], views_per_image=defaults["views_per_image"],
-                                **{k: defaults[k] for k in ("lam", "beta") if k in defaults})
+                                **{k: defaults[k] for k in ("lam", "beta", "loss", "prototype") if k in defaults})
 
 
 def detection_method(config: WorkspaceConfig) -> str:
@@ -181,12 +183,17 @@ def publish(ws: Workspace, model: Embedder, meta: dict, make_current: bool) -> s
     return version
 
 
-def init_workspace(url: str, profile: str | None = None, checkpoint: str | None = None, seed: int = 0) -> dict:
+def init_workspace(url: str, profile: str | None = None, checkpoint: str | None = None, seed: int = 0,
+                   fingerprint_mode: str | None = None) -> dict:
+    """Create the workspace and model version 0. `fingerprint_mode` "binary" takes the paper's
+    binarised low bits instead of the profile's scaled ones (the authors' released code)."""
     ws = Workspace(url)
     if ws.is_initialised():
         raise WorkspaceError(f"{url} is already a lida workspace (current model {ws.current_model_version()})")
     profile = profile or default_profile()
-    get_profile(profile)
+    settings = get_profile(profile).fingerprint
+    if fingerprint_mode is not None:
+        settings = replace(settings, mode=fingerprint_mode)
     torch.manual_seed(seed)
     source = "random"
     try:
@@ -199,9 +206,11 @@ def init_workspace(url: str, profile: str | None = None, checkpoint: str | None 
                     raise
                 model = load_upstream_weights(checkpoint)
                 source = "upstream LIDA .pth"
+            if fingerprint_mode is not None and model.fingerprint.mode != fingerprint_mode:
+                raise WorkspaceError(f"the checkpoint was trained on {model.fingerprint.mode} low bits, not {fingerprint_mode}")
         else:
-            model = build_model(profile)
-    except CheckpointError as exc:
+            model = build_model(profile, settings)
+    except (CheckpointError, ValueError) as exc:
         raise WorkspaceError(str(exc)) from None
     config = WorkspaceConfig(profile=profile, fingerprint=str(model.fingerprint), created_at=utc_now().isoformat())
     with ws.lock("init"):
@@ -373,6 +382,8 @@ def pretrain_version(
             "data": {**_data_summary([decoded.image_ids[i] for i in train_idx], [training.REAL] * len(train_idx)),
                      "errors": len(decoded.errors)},
             "calibration": calibration_ids,
+            # the paper's p_r for adaptation: the mean feature of the pre-training real images
+            "pretraining_prototype": prototype.tolist(),
             "training": {**asdict(cfg), "resumed_from": start_epoch,
                          "objective": "closed-form" if closed_form else "classification" if cfg.labels else "contrastive"},
             "metrics": {"history": result["history"], "calibration_real_scores": {"count": len(cal_scores), "threshold": threshold}},
@@ -524,7 +535,8 @@ def _fit(model: LoadedModel, images, sources, cfg: training.AdaptConfig, progres
     if model.model.fit == "closed-form":
         progress("fit", {"images": len(images)})
         return training.AdaptResult(), statistical.fit_gallery(model.model, images, sources, cfg.seed)
-    return training.adapt(model.model, images, sources, cfg, progress=lambda e: progress("epoch", e)), None
+    return training.adapt(model.model, images, sources, cfg, progress=lambda e: progress("epoch", e),
+                          pretraining_prototype=model.meta.get("pretraining_prototype")), None
 
 
 def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
@@ -544,6 +556,10 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
         if training.REAL not in sources or len(set(sources)) < 2:
             raise WorkspaceError("adaptation needs real images and at least one generator in the gallery ('lida gallery add')")
         cfg = adapt_config(config.profile, epochs, lr, seed, current.input_kind)
+        if cfg.prototype == "pretraining" and current.meta.get("pretraining_prototype") is None:
+            # Loaded weights that were never pre-trained here (`lida init --weights`): the gallery's
+            # real images stand in, and the model's training record says so (docs/method.md).
+            cfg.prototype = "gallery"
         candidate = LoadedModel("candidate", copy.deepcopy(current.model), {**current.meta})
         train_idx, held_idx = training.split_holdout(sources, cfg.holdout, seed)
         before = training.holdout_accuracy(current.model, images, sources, train_idx, held_idx, current.input_kind)
@@ -562,7 +578,8 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             decider = _decider_for(candidate, ws, [images[i] for i in train_idx], [sources[i] for i in train_idx], config)
         promoted = bool(np.isnan(before) or (not np.isnan(after) and after >= before))
         meta = {
-            **{k: v for k, v in current.meta.items() if k in ("profile", "fingerprint", "input", "tiles", "calibration")},
+            **{k: v for k, v in current.meta.items()
+               if k in ("profile", "fingerprint", "input", "tiles", "calibration", "pretraining_prototype")},
             "kind": "adapt",
             "parent": current.version,
             "data": _data_summary(ids, sources),

@@ -1,6 +1,13 @@
 """Few-shot adaptation losses: centre loss over sources + lambda x real-prototype loss.
 
-Both take L2-normalised features (the retrieval space is cosine) and integer labels.
+Both take L2-normalised features (the retrieval space is cosine) and integer labels. Two forms
+(`LidaLoss(form=...)`):
+- "paper", the paper's objective exactly (`../shared/reference/lida-method.md`): L_A the sum
+  over the batch of ||x_i - c_{y_i}||^2, L_D the class-balanced real-prototype loss
+  -(1/N_r) sum_real log s(x) - (1/N_f) sum_generated log(1 - s(x)), L = L_A + 0.9 L_D, no
+  cross-entropy;
+- "project", what the CPU network profiles train with: half the mean centre distance, one
+  binary cross-entropy mean over the batch, plus `beta` x a softmax over the centres.
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ class CenterLoss(nn.Module):
             for j in labels.unique():
                 self.centers[j] = features[labels == j].mean(0)
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        diff = features - self.centers[labels]
-        return 0.5 * diff.pow(2).sum(1).mean()
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, reduction: str = "half-mean") -> torch.Tensor:
+        """1/2 mean_i ||x_i - c_{y_i}||^2 ("half-mean", Wen et al.), or the paper's sum over the batch ("sum")."""
+        distances = (features - self.centers[labels]).pow(2).sum(1)
+        return distances.sum() if reduction == "sum" else 0.5 * distances.mean()
 
     @torch.no_grad()
     def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -51,18 +59,25 @@ class RealPrototypeLoss(nn.Module):
     """Binary cross-entropy of sigmoid(cos(x, p_real) / tau) against "is real".
 
     Real images are pulled towards the mean real feature, generated ones pushed away, so
-    that similarity to the prototype is the detection score.
+    that similarity to the prototype is the detection score. `balanced` (the paper's L_D)
+    averages the real and the generated terms each over their own count and adds them (a side
+    absent from the batch adds 0); otherwise one mean over the batch.
     """
 
-    def __init__(self, tau: float = 0.1):
+    def __init__(self, tau: float = 0.1, balanced: bool = False):
         super().__init__()
         if tau <= 0:
             raise ValueError("tau must be positive")
-        self.tau = tau
+        self.tau, self.balanced = tau, balanced
 
     def forward(self, features: torch.Tensor, is_real: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
         logits = F.cosine_similarity(features, prototype.reshape(1, -1).to(features), dim=1) / self.tau
-        return F.binary_cross_entropy_with_logits(logits, is_real.to(logits.dtype))
+        target = is_real.to(logits.dtype)
+        if not self.balanced:
+            return F.binary_cross_entropy_with_logits(logits, target)
+        terms = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        real = target > 0.5
+        return sum((terms[side].mean() if side.any() else terms.sum() * 0) for side in (real, ~real))
 
 
 def center_softmax(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, tau: float) -> torch.Tensor:
@@ -76,24 +91,37 @@ def center_softmax(features: torch.Tensor, labels: torch.Tensor, centers: torch.
     return F.cross_entropy(logits, labels)
 
 
+LOSS_FORMS = ("paper", "project")
+
+
 class LidaLoss(nn.Module):
-    """The adaptation objective: centre loss + lam * real-prototype loss (lam = 0.9),
-    plus `beta` x the centres' softmax partner (0 gives the paper's two terms alone)."""
+    """The adaptation objective: centre loss + lam * real-prototype loss (lam = 0.9).
+
+    form "paper": the paper's terms exactly and nothing else (`beta` must be 0); form "project":
+    the half-mean centre loss, the batch-mean prototype loss and `beta` x the centres' softmax
+    partner (the module docstring).
+    """
 
     def __init__(
-        self, num_classes: int, dim: int, lam: float = 0.9, alpha: float = 0.5, tau: float = 0.1, beta: float = 1.0
+        self, num_classes: int, dim: int, lam: float = 0.9, alpha: float = 0.5, tau: float = 0.1, beta: float = 1.0,
+        form: str = "project",
     ):
         super().__init__()
+        if form not in LOSS_FORMS:
+            raise ValueError(f"unknown loss form {form!r}; choose from {', '.join(LOSS_FORMS)}")
+        if form == "paper" and beta:
+            raise ValueError("the paper's objective has no cross-entropy term: beta must be 0 with form 'paper'")
         self.center = CenterLoss(num_classes, dim, alpha)
-        self.prototype = RealPrototypeLoss(tau)
+        self.prototype = RealPrototypeLoss(tau, balanced=form == "paper")
         self.lam = lam
         self.beta = beta
         self.tau = tau
+        self.form = form
 
     def forward(
         self, features: torch.Tensor, labels: torch.Tensor, is_real: torch.Tensor, prototype: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        center = self.center(features, labels)
+        center = self.center(features, labels, "sum" if self.form == "paper" else "half-mean")
         proto = self.prototype(features, is_real, prototype)
         total = center + self.lam * proto
         parts = {"center": float(center.detach()), "prototype": float(proto.detach())}

@@ -39,13 +39,26 @@ Progress = Callable[[dict], None]
 # ---------------------------------------------------------------- inputs
 
 
-def random_view(pixels: np.ndarray, size: int, rng: np.random.Generator, turns: bool = True) -> np.ndarray:
-    """A random crop (size x size when the image allows), then (with `turns`) a flip and quarter turn; no resampling."""
+def random_view(pixels: np.ndarray, size: int, rng: np.random.Generator, turns: bool = True, fit: str = "crop",
+                part: bool = False) -> np.ndarray:
+    """A training view, before the fingerprint; no resampling here.
+
+    Crop fits: a random size x size crop (when the image allows). Resize fits (`paper`): the
+    whole image, as a query is read, so that the fingerprint's own resize to the model input is
+    the same preprocessing for training views and queries; with `part` (two views of one image
+    for the contrastive pretext) a random region of at least half of each side instead. Then,
+    with `turns`, a quarter turn and a flip.
+    """
     height, width = pixels.shape[:2]
-    if height > size:
+    if fit == "resize":
+        if part:
+            h, w = int(rng.integers((height + 1) // 2, height + 1)), int(rng.integers((width + 1) // 2, width + 1))
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            pixels = pixels[top : top + h, left : left + w]
+    elif height > size:
         top = int(rng.integers(0, height - size + 1))
         pixels = pixels[top : top + size]
-    if width > size:
+    if fit != "resize" and width > size:
         left = int(rng.integers(0, width - size + 1))
         pixels = pixels[:, left : left + size]
     if not turns:
@@ -176,8 +189,10 @@ def pretrain(
         raise ValueError("pre-training needs at least two images")
     keep_freed_memory()
     model.train().to(device)
-    size = model.input_size if config.labels else (config.view_size or model.input_size // 2)
+    resize = model.fingerprint.fit == "resize"  # views are read as queries are: resized to the model input
+    size = model.input_size if config.labels or resize else (config.view_size or model.input_size // 2)
     view_settings = model.fingerprint.with_size(size)
+    fit = model.fingerprint.fit
     if config.labels:
         if labels is None:
             raise ValueError("classification pretext needs labels")
@@ -208,14 +223,14 @@ def pretrain(
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             if len(idx) < 2:
                 continue
-            views_a = [random_view(images[i], size, rng, model.turns) for i in idx]
+            views_a = [random_view(images[i], size, rng, model.turns, fit, part=not config.labels) for i in idx]
             xa = model_inputs(views_a, view_settings, config.input_kind).to(device)
             if config.labels:
                 y = torch.tensor([labels[i] for i in idx], device=device)
                 loss = F.cross_entropy(head(model.features(xa)), y)
             else:
                 # Two places of one image share its noise process but not its content.
-                views_b = [random_view(images[i], size, rng, model.turns) for i in idx]
+                views_b = [random_view(images[i], size, rng, model.turns, fit, part=True) for i in idx]
                 xb = model_inputs(views_b, view_settings, config.input_kind).to(device)
                 feats = model.features(torch.cat([xa, xb]))
                 proj = head(feats)
@@ -437,6 +452,10 @@ class AdaptConfig:
     weight_decay: float = 1e-4
     lam: float = 0.9
     beta: float = 1.0  # weight of the centres' softmax partner (0 = the paper's two terms only)
+    loss: str = "project"  # losses.LidaLoss form: "paper" (the paper's terms exactly) or "project"
+    # p_r: "pretraining", the mean feature of the pre-training real images (the paper, fixed), or
+    # "gallery", the mean feature of the gallery's real images, recomputed each epoch
+    prototype: str = "gallery"
     tau: float = 0.1
     alpha: float = 0.5
     patience: int = 20
@@ -495,8 +514,16 @@ def adapt(
     config: AdaptConfig,
     progress: Progress | None = None,
     device: str | torch.device = "cpu",
+    pretraining_prototype: np.ndarray | None = None,
 ) -> AdaptResult:
-    """Few-shot adaptation in place; the model ends at its best held-out epoch."""
+    """Few-shot adaptation in place; the model ends at its best held-out epoch.
+
+    With `config.prototype == "pretraining"` the real-prototype loss pulls towards
+    `pretraining_prototype` (the mean feature of the pre-training real images, fixed), which
+    must then be given.
+    """
+    if config.prototype == "pretraining" and pretraining_prototype is None:
+        raise ValueError("adaptation with the pre-training prototype needs it: this model has none (pre-train it first)")
     labels = [str(label) for label in labels]
     sources = sorted(set(labels))
     if len(sources) < 2:
@@ -510,7 +537,8 @@ def adapt(
     class_of = {s: i for i, s in enumerate(sources)}
     y_all = torch.tensor([class_of[s] for s in labels])
     real_class = class_of[REAL]
-    criterion = LidaLoss(len(sources), model.embedding_dim, lam=config.lam, alpha=config.alpha, tau=config.tau, beta=config.beta)
+    criterion = LidaLoss(len(sources), model.embedding_dim, lam=config.lam, alpha=config.alpha, tau=config.tau, beta=config.beta,
+                         form=config.loss)
     train_images = [images[i] for i in train_idx]
     with torch.no_grad():
         start = torch.from_numpy(embed(model, train_images, input_kind=config.input_kind, device=device))
@@ -521,13 +549,17 @@ def adapt(
     best = holdout_accuracy(model, images, labels, train_idx, held_idx, config.input_kind, device)
     result.best_holdout_accuracy = best
     stale = 0
-    size = config.view_size or model.input_size
+    size = model.input_size if model.fingerprint.fit == "resize" else (config.view_size or model.input_size)
     for epoch in range(config.epochs):
         started = time.perf_counter()
         model.eval()
-        with torch.no_grad():
-            real_feats = embed(model, [images[i] for i in train_idx if labels[i] == REAL], input_kind=config.input_kind, device=device)
-        prototype = torch.from_numpy(real_prototype(real_feats)).to(device)
+        if config.prototype == "pretraining":
+            prototype = torch.as_tensor(np.asarray(pretraining_prototype, dtype=np.float32)).to(device)
+        else:
+            with torch.no_grad():
+                real_feats = embed(model, [images[i] for i in train_idx if labels[i] == REAL], input_kind=config.input_kind,
+                                   device=device)
+            prototype = torch.from_numpy(real_prototype(real_feats)).to(device)
         model.train()
         order = rng.permutation(np.repeat(np.asarray(train_idx), config.views_per_image))
         losses = []
@@ -535,7 +567,8 @@ def adapt(
             idx = order[s : s + config.batch_size]
             if len(idx) < 2:
                 continue
-            x = model_inputs([random_view(images[i], size, rng, model.turns) for i in idx], model.fingerprint, config.input_kind).to(device)
+            views = [random_view(images[i], size, rng, model.turns, model.fingerprint.fit) for i in idx]
+            x = model_inputs(views, model.fingerprint, config.input_kind).to(device)
             y = y_all[idx].to(device)
             feats = F.normalize(model(x), dim=1)
             loss, parts = criterion(feats, y, (y == real_class).long(), prototype)

@@ -355,6 +355,11 @@ class EmbedderHandler(ModelHandler):
         return [(items, training.embed(model.model, list(pixels), batch_size=self.batch_size, input_kind=model.input_kind,
                                        device=self.device))]
 
+    def get_num_bytes(self, batch) -> int:
+        """The chunk's pixel bytes (Beam's inference metrics): the default pickles the whole chunk to measure it."""
+        _items, pixels = batch
+        return int(sum(p.nbytes for p in pixels))
+
     def share_model_across_processes(self) -> bool:
         return False
 

@@ -60,6 +60,14 @@ def test_pretraining_records_its_data_and_calibration(trained):
     assert len(ws.model_bytes("v0001")) > 0  # weights match their recorded sha256
 
 
+def test_init_offers_the_papers_binarised_fingerprint(tmp_path):
+    r = json_out(run_lida(tmp_path / "b", "init", "--profile", "small", "--fingerprint", "binary"))
+    assert r["fingerprint"] == "b3-binary-full-crop128"
+    assert Workspace(str(tmp_path / "b")).model_meta("v0000")["fingerprint"] == "b3-binary-full-crop128"
+    bad = run_lida(tmp_path / "s", "init", "--profile", "srm", "--fingerprint", "binary", check=False)
+    assert bad.returncode == 2 and "scaled low bits" in bad.stderr and not (tmp_path / "s" / "config.json").exists()
+
+
 def test_gallery_add_is_retrievable_immediately(trained, sample_dirs, tmp_path):
     ws = Workspace(str(trained))
     listing = json_out(run_lida(trained, "gallery", "list"))
@@ -95,6 +103,10 @@ def test_adapt_promotes_only_a_candidate_that_is_not_worse(trained):
     assert r["parent"] == before
     meta = Workspace(str(trained)).model_meta(r["model_version"])
     assert meta["promotion"]["promoted"] == r["promoted"]
+    # the pre-training real prototype (the paper profile's p_r) travels with every adapted model
+    pretrained = Workspace(str(trained)).model_meta(before)
+    assert len(meta["pretraining_prototype"]) == len(pretrained["decider"]["prototype"]) > 0
+    assert meta["pretraining_prototype"] == pretrained["pretraining_prototype"]
     assert meta["promotion"]["candidate_accuracy"] == r["holdout_accuracy_after"]
     if r["promoted"]:
         assert current(trained) == r["model_version"]

@@ -79,3 +79,75 @@ def test_lida_loss_is_center_plus_lambda_prototype_plus_softmax_partner():
     assert "softmax" not in paper_parts
     # centres start at zero here, so the paper's terms are centre (from the origin) + 0.9 x prototype
     assert float(paper_total) == pytest.approx(0.5 + 0.9 * prototype, rel=1e-5)
+
+
+def test_paper_objective_is_the_papers_formula_on_a_hand_computed_batch():
+    """4 real / 28 generated (the issue's batch): L_A summed, L_D averaged per side, no cross-entropy."""
+    torch.manual_seed(3)
+    features = F.normalize(torch.randn(32, 8), dim=1)
+    labels = torch.tensor([0] * 4 + [1] * 14 + [2] * 14)
+    is_real = (labels == 0).long()
+    proto = F.normalize(torch.randn(8), dim=0)
+    tau = 0.1
+    loss = LidaLoss(num_classes=3, dim=8, tau=tau, beta=0.0, form="paper")
+    loss.center.init_centers(features, labels)
+    total, parts = loss(features, labels, is_real, proto)
+    # restated with plain floats
+    rows = features.tolist()
+    centres = loss.center.centers.tolist()
+    p = proto.tolist()
+    l_a = sum(sum((a - b) ** 2 for a, b in zip(rows[i], centres[labels[i]], strict=True)) for i in range(32))
+    s = [sum(a * b for a, b in zip(r, p, strict=True)) / tau for r in rows]  # unit vectors: the dot product is the cosine
+    sig = [1 / (1 + math.exp(-v)) for v in s]
+    l_d = -sum(math.log(sig[i]) for i in range(4)) / 4 - sum(math.log(1 - sig[i]) for i in range(4, 32)) / 28
+    assert parts["center"] == pytest.approx(l_a, rel=1e-5)
+    assert parts["prototype"] == pytest.approx(l_d, rel=1e-5)
+    assert float(total) == pytest.approx(l_a + 0.9 * l_d, rel=1e-5)
+    assert "softmax" not in parts
+    # the batch-mean form weighs the 28 generated images 7 times the 4 real ones: not the same number
+    assert float(RealPrototypeLoss(tau)(features, is_real, proto)) != pytest.approx(l_d, rel=1e-3)
+    # a batch without real images: the real side adds nothing
+    gen_only = RealPrototypeLoss(tau, balanced=True)(features[4:], is_real[4:], proto)
+    assert float(gen_only) == pytest.approx(-sum(math.log(1 - sig[i]) for i in range(4, 32)) / 28, rel=1e-5)
+    with pytest.raises(ValueError, match="no cross-entropy"):
+        LidaLoss(num_classes=3, dim=8, beta=1.0, form="paper")
+
+
+def test_paper_profile_adapts_with_the_papers_objective_and_prototype():
+    from lida_core.lifecycle import adapt_config
+
+    paper = adapt_config("paper", None, None, 0, "fingerprint")
+    assert (paper.loss, paper.beta, paper.lam, paper.prototype) == ("paper", 0.0, 0.9, "pretraining")
+    assert (paper.epochs, paper.batch_size, paper.lr) == (100, 32, 1e-4)
+    small = adapt_config("small", None, None, 0, "fingerprint")
+    assert (small.loss, small.prototype) == ("project", "gallery")
+
+
+def test_adaptation_with_the_pretraining_prototype_needs_one_and_holds_it_fixed():
+    import numpy as np
+
+    from lida_core import training
+    from lida_core.model import build_model
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    labels = ["real", "real", "real", "gen", "gen", "gen"]
+    config = training.AdaptConfig(epochs=1, batch_size=6, holdout=0.0, views_per_image=1, beta=0.0, loss="paper",
+                                  prototype="pretraining")
+    with pytest.raises(ValueError, match="pre-training prototype"):
+        training.adapt(build_model("small"), images, labels, config)
+    torch.manual_seed(0)
+    seen = []
+    original = RealPrototypeLoss.forward
+
+    def spy(self, features, is_real, prototype):
+        seen.append(prototype.detach().clone())
+        return original(self, features, is_real, prototype)
+
+    fixed = F.normalize(torch.randn(256), dim=0).numpy()
+    RealPrototypeLoss.forward = spy
+    try:
+        training.adapt(build_model("small"), images, labels, config, pretraining_prototype=fixed)
+    finally:
+        RealPrototypeLoss.forward = original
+    assert seen and all(np.allclose(p.numpy(), fixed) for p in seen)

@@ -65,6 +65,9 @@ def test_paper_profile_is_the_papers_encoder():
     assert isinstance(model.backbone.maxpool, nn.Identity)
     assert model.backbone.layer1[0].conv2.stride == (1, 1)
     assert str(model.fingerprint) == "b3-scale-full-resize256"
+    # the authors normalise the fingerprint with torchvision's ImageNet statistics
+    assert model.input_mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert model.input_std.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])
     own = {k[len("backbone."):]: tuple(v.shape) for k, v in model.state_dict().items()}
     expected = {k: v for k, v in torchvision_resnet50_shapes().items() if not k.startswith("fc.")}
     assert own == expected
@@ -324,3 +327,30 @@ def test_training_views_keep_their_orientation_when_the_profile_says_so():
     turned = [random_view(pixels, 16, rng) for _ in range(20)]  # the default turns and flips
     plain = [any(np.array_equal(pixels[y : y + 16, x : x + 16], v) for y in range(25) for x in range(45)) for v in turned]
     assert not all(plain)
+
+
+def test_paper_training_views_are_preprocessed_as_queries_are():
+    """`paper` resizes the whole image's low bits to 256 for a query; its training views go the same way."""
+    import numpy as np
+
+    from lida_core.training import model_inputs, random_view, tile_sums
+
+    model = build_model("paper")
+    settings = model.fingerprint
+    pixels = np.random.default_rng(7).integers(0, 256, (512, 384, 3), dtype=np.uint8)
+    query = []
+    tile_sums(model, [pixels], lambda x: query.append(x) or np.zeros((len(x), 1), np.float32), 1)  # the query's input
+    rng = np.random.default_rng(0)
+    view = random_view(pixels, model.input_size, rng, turns=False, fit=settings.fit)  # adaptation, classification pretext
+    assert torch.equal(model_inputs([view], settings), query[0])
+
+    def off_levels(x):  # share of input values that are not one of the 8 scaled low-bit levels
+        levels = torch.arange(8) * settings.scale_factor / 255.0
+        return float((x[..., None] - levels).abs().min(-1).values.gt(1e-6).float().mean())
+
+    share = off_levels(query[0])
+    assert share > 0.5  # a 512 px image resized to 256 blends neighbouring levels
+    for part in (False, True):  # turned and flipped views, and the contrastive pretext's regions
+        turned = [random_view(pixels, model.input_size, rng, turns=True, fit=settings.fit, part=part) for _ in range(4)]
+        inputs = model_inputs(turned, settings)
+        assert inputs.shape[-2:] == (256, 256) and abs(off_levels(inputs) - share) < 0.25
