@@ -312,7 +312,23 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     device = _device(args)
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    r = run_scan(Workspace(args.workspace), args.paths, args.scan_id, args.runner, args.runner_option, device, say)
+    bar = None
+
+    def shards(done: int, total: int) -> None:
+        """A bar of committed shards on stderr; tqdm shows it only on a terminal (disable=None)."""
+        nonlocal bar
+        from tqdm import tqdm
+
+        if bar is None:
+            bar = tqdm(total=total, desc="shards", unit="shard", file=sys.stderr, disable=None, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        r = run_scan(Workspace(args.workspace), args.paths, args.scan_id, args.runner, args.runner_option, device, say,
+                     shard_progress=None if args.json else shards)
+    finally:
+        if bar is not None:
+            bar.close()
     total = max(r["images"], 1)
     status = ", ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in sorted(r["status"].items()))
     predicted = ", ".join(f"{k} {v}" for k, v in r["predicted"].items()) or "none"

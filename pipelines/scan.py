@@ -14,12 +14,14 @@ Exactly-once by construction, whatever crashes when:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -496,6 +498,37 @@ def check_ready(ws: Workspace, model_version: str) -> None:
     query_decider(ws, model_version, ws.model_meta(model_version), ws.config())
 
 
+@contextlib.contextmanager
+def watch_shards(ws: Workspace, scan_id: str, shards: Sequence[int], report, every: float = 2.0):
+    """While the pipeline runs, call `report(committed, total)` as this run's shards commit.
+
+    The driver cannot see inside Beam's workers; it lists the scan's folder (one listing every
+    `every` seconds) for the commit markers the workers write. `report` gets a last call on exit.
+    """
+    names = {f"{shard_name(i)}.rows.parquet" for i in shards}
+
+    def committed() -> int:
+        try:
+            return sum(1 for path in ws.ls(_scan_dir(scan_id)) if path.rsplit("/", 1)[-1] in names)
+        except OSError:  # a progress listing never fails a scan
+            return 0
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            report(committed(), len(names))
+
+    thread = threading.Thread(target=loop, name="lida-shard-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        report(committed(), len(names))
+
+
 def run_scan(
     ws: Workspace,
     paths: Sequence[str],
@@ -505,11 +538,13 @@ def run_scan(
     device: str = "cpu",
     progress=None,
     beam_args: Sequence[str] | None = None,
+    shard_progress=None,
 ) -> dict:
     """`lida scan`: the whole job, resumable under the same scan id.
 
     `beam_args`, when given, are Beam's own pipeline flags (`--runner=DataflowRunner ...`) and
-    replace `runner` / `runner_options` (see `run`).
+    replace `runner` / `runner_options` (see `run`). `shard_progress(committed, total)` is
+    called every few seconds while the pipeline runs (`watch_shards`).
     """
     from pipelines.runners import parse_runner_options, pipeline_options
 
@@ -546,8 +581,9 @@ def run_scan(
             )
             _ = (chunks, verdicts) | "EmbedAttribute" >> EmbedAndAttribute(ws.url, scan_id, model_version, threads=threads,
                                                                             device=device)
-            outcome = pipeline.run()
-            outcome.wait_until_finish()
+            with watch_shards(ws, scan_id, [i for i, _ in todo], shard_progress) if shard_progress else contextlib.nullcontext():
+                outcome = pipeline.run()
+                outcome.wait_until_finish()
             counters = beam_counters(outcome)
         images = pq.read_table(io.BytesIO(ws.read_bytes(TABLES, "images", f"scan_id={scan_id}", "part-00000.parquet")))
         images = images.append_column("scan_id", pa.array([scan_id] * len(images)))

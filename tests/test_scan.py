@@ -414,3 +414,33 @@ def test_webdataset_reads_every_shard_of_a_scan(workspace, hostile_dir):
         seen.add(meta["uri"])
     assert {u for u, (_, _, s) in rows.items() if s == "ok"} <= seen  # every decoded image is in a shard
     assert all(rows[u][2] in ("ok", "duplicate") for u in seen)  # a repeat across shards keeps its sample
+
+
+def test_scan_shows_a_shard_bar_on_a_terminal_only(workspace, sample_dirs):
+    """A progress bar of committed shards on stderr when it is a terminal; none when piped (or with --json)."""
+    import fcntl
+    import pty
+    import termios
+
+    folder = str(sample_dirs / "labelled" / "vae_ldm")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a width
+    process = subprocess.Popen([LIDA, "--workspace", str(workspace), "scan", folder, "--scan-id", "bar-tty"],
+                               stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    process.wait(timeout=600)
+    os.close(master)
+    assert process.returncode == 0
+    assert b"shards:" in seen and b"/1 [" in seen  # tqdm's "shards: ...| n/1 [elapsed..." on the terminal
+    plain = subprocess.run([LIDA, "--workspace", str(workspace), "scan", folder, "--scan-id", "bar-plain"],
+                           capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0 and "shards:" not in plain.stderr and "done" in plain.stderr
