@@ -7,8 +7,9 @@ the triple of colour channels at one pixel), each normalised and square-rooted.
 
 Why compiled loops: the same descriptor written as whole-array torch operations made a
 temporary array per step and one `bincount` per histogram, and it was the whole cost of a
-CPU scan (about 30 ms per 512x512 image, 30 times the JPEG decode; docs/performance.md).
-Here each residual is computed in one pass and counted in a second:
+CPU scan (33-40 ms per 512x512 image on one core, 15-20 times the JPEG decode; docs/performance.md).
+Here each residual is computed in one pass and counted in a second (each row's codes first,
+then a plain counting loop over them):
 - the two neighbour-pair histograms of a channel are counted as one joint histogram of
   (value, right neighbour, lower neighbour), 125 bins, and split afterwards (the last row and
   column, which have only one of the two neighbours, are counted on their own), so each
