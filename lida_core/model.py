@@ -280,7 +280,6 @@ class SrmStem(_LowBitStem):
     """
 
     kind = "SRM"
-    truncation = 2
 
     def __init__(self, settings: FingerprintSettings):
         super().__init__(settings)

@@ -55,12 +55,13 @@ def random_view(pixels: np.ndarray, size: int, rng: np.random.Generator, turns: 
             h, w = int(rng.integers((height + 1) // 2, height + 1)), int(rng.integers((width + 1) // 2, width + 1))
             top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
             pixels = pixels[top : top + h, left : left + w]
-    elif height > size:
-        top = int(rng.integers(0, height - size + 1))
-        pixels = pixels[top : top + size]
-    if fit != "resize" and width > size:
-        left = int(rng.integers(0, width - size + 1))
-        pixels = pixels[:, left : left + size]
+    else:
+        if height > size:
+            top = int(rng.integers(0, height - size + 1))
+            pixels = pixels[top : top + size]
+        if width > size:
+            left = int(rng.integers(0, width - size + 1))
+            pixels = pixels[:, left : left + size]
     if not turns:
         return np.ascontiguousarray(pixels)
     pixels = np.rot90(pixels, int(rng.integers(4)))
