@@ -93,11 +93,10 @@ CHUNK_OUT, COMMITTED_OUT = "chunk", "committed"
 
 @dataclass(frozen=True)
 class Item:
+    """Where a decoded image sits: its shard and its key there (the shard's rows say the rest)."""
+
     shard: str
     key: str
-    image_id: str
-    uri: str
-    jpeg: bool = False  # a JPEG file: decided against the JPEG-calibrated real threshold
 
 
 @dataclass(frozen=True)
@@ -157,6 +156,10 @@ class ShardAndDecode(beam.DoFn):
 
     def process(self, index: int):
         name = shard_name(index)
+        # Embeddings staged by an interrupted earlier run may come from another model: this run stages its own.
+        staged = self.ws.path(staged_dir(self.scan_id, name))
+        if self.ws.fs.exists(staged):
+            self.ws.fs.rm(staged, recursive=True)
         if self.ws.exists(f"{_scan_dir(self.scan_id)}/{name}.rows.parquet"):
             yield from self._from_tar(name)
         else:
@@ -212,7 +215,7 @@ class ShardAndDecode(beam.DoFn):
                 if chunk[0] and sum(p.shape[0] * p.shape[1] for p in chunk[1]) + decoded.width * decoded.height > CHUNK_PIXELS:
                     yield CHUNK_OUT, chunk
                     chunk = ([], [])
-                chunk[0].append(Item(name, key, row["image_id"], uri, decoded.format in JPEG_FORMATS))
+                chunk[0].append(Item(name, key))
                 chunk[1].append(decoded.pixels)
                 del decoded
                 if len(chunk[0]) >= size:
@@ -240,7 +243,7 @@ class ShardAndDecode(beam.DoFn):
                     handle.seek(offset)
                     decoded = decode_image(handle.read(length), r["uri"])
                     pixels.append(decoded.pixels)
-                    items.append(Item(name, r["key"], r["image_id"], r["uri"], decoded.format in JPEG_FORMATS))
+                    items.append(Item(name, r["key"]))
                 yield CHUNK_OUT, (items, pixels)
 
 
@@ -366,8 +369,52 @@ class EmbedderHandler(ModelHandler):
         return False
 
 
+def staged_dir(scan_id: str, shard: str) -> str:
+    """Where a shard's embeddings wait for the images table, one file per chunk (removed once attributed)."""
+    return f"{_scan_dir(scan_id)}/{shard}.staged"
+
+
+class StageEmbeddings(beam.DoFn):
+    """(items, embeddings) of one chunk -> written beside the shard's tar; emits (shard, count) only.
+
+    The embeddings do not travel to the per-shard join: held in the local runner's group-by
+    until every shard committed, they made a scan's memory grow with its size (about 3 KB an
+    image; docs/performance.md). The file is named after the chunk's first key, so a retried
+    chunk overwrites its own file; the shard stage clears what an earlier run left.
+    """
+
+    def __init__(self, workspace: str, scan_id: str):
+        self.workspace, self.scan_id = workspace, scan_id
+
+    def setup(self) -> None:
+        self.ws = Workspace(self.workspace)
+
+    def process(self, element):
+        items, vectors = element
+        if not items:
+            return
+        shard = items[0].shard
+        buffer = io.BytesIO()
+        np.savez(buffer, keys=np.asarray([item.key for item in items]), embeddings=np.asarray(vectors, dtype=np.float32))
+        self.ws.write_bytes(f"{staged_dir(self.scan_id, shard)}/{items[0].key}.npz", buffer.getvalue())
+        yield shard, len(items)
+
+
+def read_staged(ws: Workspace, scan_id: str, shard: str, keys: frozenset[str]) -> dict[str, np.ndarray]:
+    """The staged embeddings of these keys (a retried bundle's chunks may overlap: same model, same vectors)."""
+    found: dict[str, np.ndarray] = {}
+    for path in sorted(ws.ls(staged_dir(scan_id, shard))):
+        if not path.endswith(".npz") or path.rsplit("/", 1)[-1].startswith("."):
+            continue  # a temporary file of an interrupted write
+        with ws.fs.open(path, "rb") as handle, np.load(io.BytesIO(handle.read()), allow_pickle=False) as data:
+            for key, vector in zip(data["keys"].tolist(), data["embeddings"], strict=True):
+                if key in keys:
+                    found[key] = vector
+    return found
+
+
 class Attribute(beam.DoFn):
-    """(shard, [ShardFinal, (Item, embedding)...]) -> the shard's embeddings and attributions rows, written out."""
+    """(shard, [ShardFinal, chunk counts...]) -> the shard's embeddings and attributions rows, written out."""
 
     def __init__(self, workspace: str, scan_id: str, model_version: str, device: str = "cpu"):
         self.workspace, self.scan_id, self.model_version, self.device = workspace, scan_id, model_version, device
@@ -389,35 +436,39 @@ class Attribute(beam.DoFn):
         finals = [v for v in values if isinstance(v, ShardFinal)]
         if len(finals) != 1:
             raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(finals)} images-table verdicts, expected 1")
-        ok = finals[0].ok_keys
         # A shard's images that the images table made duplicates of another shard's are not attributed.
-        pairs = sorted((v for v in values if not isinstance(v, ShardFinal) and v[0].key in ok), key=lambda p: p[0].key)
-        items = [p[0] for p in pairs]
-        emb = np.asarray([p[1] for p in pairs], dtype=np.float32)
-        if len(items) != len(ok):
-            raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(items)} embeddings for {len(ok)} images")
-        if items and self.index is not None and self.index.index.ntotal:
+        ok = finals[0].ok_keys
+        staged = read_staged(self.ws, self.scan_id, shard, ok)
+        if len(staged) != len(ok):
+            raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(staged)} embeddings for {len(ok)} images")
+        rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{_scan_dir(self.scan_id)}/{shard}.rows.parquet")),
+                             columns=["uri", "image_id", "key", "format"]).to_pylist()
+        rows = sorted((r for r in rows if r["key"] in ok), key=lambda r: r["key"])
+        emb = np.asarray([staged[r["key"]] for r in rows], dtype=np.float32)
+        if rows and self.index is not None and self.index.index.ntotal:
             k = min(self.index.index.ntotal, max(self.decider.k, self.decider.top_k) * 8)
             sims, ids = self.index.search(emb, k, self.model_version)
         else:
-            sims, ids = np.zeros((len(items), 0), np.float32), np.zeros((len(items), 0), np.int64)
+            sims, ids = np.zeros((len(rows), 0), np.float32), np.zeros((len(rows), 0), np.int64)
         now = utc_now()
         attributions, embeddings = [], []
-        for row, item in enumerate(items):
-            labels = [self.index.sources[j] for j in ids[row] if j >= 0] if self.index else []
-            decision = self.decider.decide_from_similarities(emb[row], sims[row][: len(labels)], labels, item.jpeg)
-            attributions.append({"scan_id": self.scan_id, "uri": item.uri, "image_id": item.image_id, **decision,
+        for i, r in enumerate(rows):
+            labels = [self.index.sources[j] for j in ids[i] if j >= 0] if self.index else []
+            decision = self.decider.decide_from_similarities(emb[i], sims[i][: len(labels)], labels, r["format"] in JPEG_FORMATS)
+            attributions.append({"scan_id": self.scan_id, "uri": r["uri"], "image_id": r["image_id"], **decision,
                                  "model_version": self.model_version, "index_version": self.index_version,
                                  "fingerprint": self.fingerprint, "scanned_at": now})
-            if item.image_id not in self.embedded:  # one row per image and model, whichever scan saw it first
-                embeddings.append({"image_id": item.image_id, "model_version": self.model_version,
-                                   "fingerprint": self.fingerprint, "embedding": emb[row].tolist()})
+            if r["image_id"] not in self.embedded:  # one row per image and model, whichever scan saw it first
+                embeddings.append({"image_id": r["image_id"], "model_version": self.model_version,
+                                   "fingerprint": self.fingerprint, "embedding": emb[i].tolist()})
         if embeddings:  # a shard of errors, repeats and images embedded before has no embeddings file
             self._write("embeddings", f"model_version={self.model_version}/scan-{self.scan_id}-{shard}.parquet",
                         embeddings, emb.shape[1], drop="model_version")
         # Attributions last, even when empty: their presence marks the shard done.
         self._write("attributions", attributions_part(self.scan_id, shard), attributions, None, drop="scan_id")
-        yield shard, len(items)
+        with contextlib.suppress(OSError):  # only disk space is at stake: a later run of this scan skips the shard
+            self.ws.fs.rm(self.ws.path(staged_dir(self.scan_id, shard)), recursive=True)
+        yield shard, len(rows)
 
     def _write(self, table_name: str, rel: str, rows: list[dict], dim: int | None, drop: str) -> None:
         table = schemas.validate(pa.Table.from_pylist(rows, schema=schemas.schema(table_name, dim)) if rows
@@ -445,8 +496,9 @@ def embedded_elsewhere(ws: Workspace, model_version: str, scan_id: str) -> froze
 class EmbedAndAttribute(beam.PTransform):
     """(chunks of decoded images, the images table's per-shard verdicts) -> embeddings and attributions, per shard.
 
-    The embedding runs where the shard was decoded (fused, no hand-off of pixels); the verdicts
-    join the embeddings in one group per shard, so attribution waits for the images table.
+    The embedding runs where the shard was decoded (fused, no hand-off of pixels) and its
+    vectors are staged beside the shard's tar; only chunk counts join the verdicts in one group
+    per shard, so attribution waits for the images table without holding every embedding.
     """
 
     def __init__(self, workspace: str, scan_id: str, model_version: str, batch_size: int = 32, threads: int = 1,
@@ -458,13 +510,13 @@ class EmbedAndAttribute(beam.PTransform):
     def expand(self, inputs):
         chunks, verdicts = inputs
         handler = EmbedderHandler(self.workspace, self.model_version, self.batch_size, self.threads, self.device).with_no_batching()
-        embedded = (
+        staged = (
             chunks
             | "Embed" >> RunInference(handler)
-            | "PerImage" >> beam.FlatMap(lambda kv: [(item.shard, (item, vector)) for item, vector in zip(kv[0], kv[1], strict=True)])
+            | "Stage" >> beam.ParDo(StageEmbeddings(self.workspace, self.scan_id))
         )
         return (
-            (embedded, verdicts)
+            (staged, verdicts)
             | "WithVerdicts" >> beam.Flatten()
             | "GroupShard" >> beam.GroupByKey()
             | "Attribute" >> beam.ParDo(Attribute(self.workspace, self.scan_id, self.model_version, self.device))

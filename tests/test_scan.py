@@ -184,6 +184,27 @@ def test_rerunning_a_scan_adds_nothing(workspace, hostile_dir):
     assert q(workspace, "select count(*), count(distinct uri) from {images} where scan_id = 'again'") == [(13, 13)]
 
 
+@pytest.mark.slow
+def test_embeddings_wait_beside_their_shard_and_an_earlier_runs_are_not_read(workspace, hostile_dir):
+    """Issue #15: embeddings are staged per shard, not held by the join; stale staged files do not leak in.
+
+    A file staged by an interrupted run (here: another model's vectors, all ones) sits where
+    the shard's embeddings go. The scan must attribute exactly as a clean scan of the same
+    files does, and leave nothing staged behind.
+    """
+    run_lida(workspace, "scan", str(hostile_dir), "--scan-id", "stage-clean")
+    stale = Path(workspace) / "shards" / "stage-stale" / "000000.staged"
+    stale.mkdir(parents=True)
+    keys = np.asarray([f"000000_{i:05d}" for i in range(20)])
+    np.savez(stale / "zz-interrupted.npz", keys=keys, embeddings=np.ones((len(keys), 256), np.float32))
+    run_lida(workspace, "scan", str(hostile_dir), "--scan-id", "stage-stale")
+    columns = "uri, predicted_source, is_generated, real_score, top1_similarity"
+    clean = q(workspace, f"select {columns} from {{attributions}} where scan_id = 'stage-clean' order by uri")
+    assert len(clean) == 8
+    assert q(workspace, f"select {columns} from {{attributions}} where scan_id = 'stage-stale' order by uri") == clean
+    assert not list((Path(workspace) / "shards").glob("*/*.staged"))
+
+
 def test_repeats_across_shards_are_duplicates_and_attributed_once(workspace, hostile_dir, tmp_path):
     """Shards of 2: repeats land in other shards than their first copy, errors and all."""
     inbox = tmp_path / "repeats"
