@@ -436,6 +436,10 @@ class Attribute(beam.DoFn):
         finals = [v for v in values if isinstance(v, ShardFinal)]
         if len(finals) != 1:
             raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(finals)} images-table verdicts, expected 1")
+        if self.ws.exists(f"{TABLES}/attributions/{attributions_part(self.scan_id, shard)}"):
+            # A retry of a bundle that had finished (its staged embeddings are gone): the shard is done.
+            yield shard, 0
+            return
         # A shard's images that the images table made duplicates of another shard's are not attributed.
         ok = finals[0].ok_keys
         staged = read_staged(self.ws, self.scan_id, shard, ok)
