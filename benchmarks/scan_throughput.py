@@ -71,11 +71,12 @@ def decode_floor(paths: list[str]) -> float:
         return time.perf_counter() - started
 
 
-def timed_scan(ws: Path, inbox: Path, scan_id: str) -> dict:
+def timed_scan(ws: Path, inbox: Path, scan_id: str, runner_options: list[str] = ()) -> dict:
     """The scan as a user runs it: seconds, seconds to the first committed shard, peak RSS of its process tree."""
     shards = ws / "shards" / scan_id
     started = time.perf_counter()
-    process = subprocess.Popen([LIDA, "--workspace", str(ws), "--json", "scan", str(inbox), "--scan-id", scan_id],
+    options = [f"--runner-option={o}" for o in runner_options]
+    process = subprocess.Popen([LIDA, "--workspace", str(ws), "--json", *options, "scan", str(inbox), "--scan-id", scan_id],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root, peak, first = psutil.Process(process.pid), 0, None
     while process.poll() is None:
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--profile", default="srm", help="the workspace's profile (default srm, the CPU default)")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark's folder (printed)")
+    parser.add_argument("--runner-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to lida scan (mode=multi_threading forces worker threads at any size)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="lida-bench-"))
     try:
@@ -157,7 +160,7 @@ def measure(args: argparse.Namespace, work: Path) -> int:
         paths = write_inputs(inbox, count, args.size, args.format)
         written += count
         floor = count / decode_floor(paths)
-        scan = timed_scan(ws, inbox, f"bench-{count}")
+        scan = timed_scan(ws, inbox, f"bench-{count}", args.runner_option)
         rate = count / scan["seconds"]
         rows.append({"images": count, "floor_img_s": floor, "scan_img_s": rate, "ratio": rate / floor,
                      "first_shard_s": scan["first_shard_seconds"], "peak_rss_gib": scan["peak_rss_bytes"] / 2**30,
