@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,6 +21,7 @@ from lida_core.inputs import InputReadError, input_info, read_input
 from lida_core.workspace import TABLES, Workspace
 
 HASH_CACHE = "runs/flows/hashes.parquet"
+HASH_THREADS = min(16, 2 * (os.cpu_count() or 1))  # file reads wait on storage; hashing uses every core
 # Seconds between task retries (a busy workspace, a flaky store); tests set LIDA_RETRY_DELAY_S=0.
 RETRY_DELAY_S = float(os.environ.get("LIDA_RETRY_DELAY_S", "30"))
 
@@ -41,7 +43,8 @@ def content_hashes(ws: Workspace, uris: Iterable[str], progress: Callable[[int, 
             cached[uri] = (size, stamp, image_id)
     out: dict[str, str] = {}
     fresh: dict[str, tuple[int, str, str]] = {}
-    for n, uri in enumerate(uris, 1):
+    to_read: list[tuple[str, int, str]] = []
+    for uri in uris:
         try:
             size, stamp = input_info(uri)
         except InputReadError:
@@ -54,17 +57,33 @@ def content_hashes(ws: Workspace, uris: Iterable[str], progress: Callable[[int, 
         hit = cached.get(uri)
         if hit and stamp and hit[0] == size and hit[1] == stamp:
             out[uri] = hit[2]
+            fresh[uri] = hit
         else:
-            try:
-                out[uri] = hashlib.sha256(read_input(uri)).hexdigest()
-            except InputReadError:
-                out[uri] = hashlib.sha256(uri.encode()).hexdigest()
-                continue
-            except OSError:
-                continue
-        fresh[uri] = (size, stamp, out[uri])
-        if progress and (n % 500 == 0 or n == len(uris)):
-            progress(n, len(uris))
+            to_read.append((uri, size, stamp))
+
+    def digest(job: tuple[str, int, str]) -> tuple[str | None, bool]:
+        """(image_id or None when the file is gone, whether to cache it)."""
+        try:
+            return hashlib.sha256(read_input(job[0])).hexdigest(), True
+        except InputReadError:  # an error row under the id of its name, as above; read again next time
+            return hashlib.sha256(job[0].encode()).hexdigest(), False
+        except OSError:
+            return None, False
+
+    # Reading and hashing release the GIL: threads overlap file reads (local disks, object
+    # stores) and share the hashing among the cores. Blocks keep the queue of futures short.
+    done = len(uris) - len(to_read)
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        for start in range(0, len(to_read), 500):
+            block = to_read[start : start + 500]
+            for (uri, size, stamp), (image_id, keep) in zip(block, pool.map(digest, block), strict=True):
+                if image_id is not None:
+                    out[uri] = image_id
+                if keep:
+                    fresh[uri] = (size, stamp, image_id)
+            done += len(block)
+            if progress:
+                progress(done, len(uris))
     if fresh and any(cached.get(u) != v for u, v in fresh.items()):
         merged = {**cached, **fresh}
         names = sorted(merged)

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -277,3 +278,34 @@ def test_nightly_does_not_block_on_a_fifo_and_takes_names_that_are_not_utf8(pref
     assert names["pipe.png"] == "error" and names["night\\xff.png"] in ("ok", "error")
     again = nightly_scan(str(ws))
     assert again["new_files"] == 0
+
+
+def test_content_hashes_read_in_parallel_are_each_files_sha256_and_cached(tmp_path):
+    """Issue #14: inbox hashing runs on threads; every file keeps its own hash, and unchanged files are not read again."""
+    import hashlib
+
+    from flows.common import HASH_CACHE, content_hashes
+
+    ws = Workspace(str(tmp_path / "ws"))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    uris = []
+    for i in range(1203):  # more than one block of 500, and a partial last block
+        path = inbox / f"f{i:05d}.bin"
+        path.write_bytes(os.urandom(64) + i.to_bytes(4, "little"))
+        uris.append(str(path))
+    uris.append(str(inbox / "gone.bin"))  # listed, then removed: no hash, no cache entry
+    seen = []
+    hashes = content_hashes(ws, uris, lambda n, total: seen.append((n, total)))
+    assert hashes == {u: hashlib.sha256(Path(u).read_bytes()).hexdigest() for u in uris[:-1]}
+    assert seen[-1] == (len(uris), len(uris)) and len(seen) == 3
+    assert ws.exists(HASH_CACHE)
+    Path(uris[7]).write_bytes(b"changed, and longer than before")
+    # Same size and stamp: taken from the cache, so the old hash comes back although the bytes changed.
+    stamp = os.stat(uris[3])
+    Path(uris[3]).write_bytes(b"x" * stamp.st_size)
+    os.utime(uris[3], ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    again = content_hashes(ws, uris[:-1])
+    assert again[uris[7]] == hashlib.sha256(b"changed, and longer than before").hexdigest()
+    assert again[uris[3]] == hashes[uris[3]]
+    assert {u: again[u] for u in uris[8:-1]} == {u: hashes[u] for u in uris[8:-1]}
