@@ -1,0 +1,196 @@
+"""Candidate descriptors on `../shared/devset`, fitted and decided as the `srm` profile does, with a content control.
+
+`eval_devset.py` measures the shipped profile through the real command (a minute a run).
+This script answers a narrower question quickly: would another fixed descriptor, dropped
+into the same closed-form path, do better, and is its gain generator noise or content?
+Each descriptor is a rich model (neighbour pairs along and across seven high-pass
+kernels, and the colour triple, over the whole image; `lida_core.srm` states it) read
+from one view of the pixels:
+
+- `low`: the kept low 3 bits, residuals modulo 8 (what the shipped `srm` profile reads);
+- `whole`: the whole 8-bit value, residuals truncated (not wrapped);
+- `content`: the high 5 bits only (`x >> 3`), residuals truncated: the content and none of
+  the generator noise. A descriptor that does not clearly beat it reads content;
+
+each at truncation T (`low:2`, `whole:3`...). The fit and the decisions are the product's own
+(`lida_core.statistical.fit_head` with the profile's rank, `QuadraticDetector`, a JPEG copy of
+every reference image, one conformal real threshold per format from 30% of the pre-training
+photographs held out), so only the descriptor changes. Mean ± sd over K-shot draws:
+
+    .venv/bin/python benchmarks/descriptor_lab.py [--data DIR] [--descriptors low:2 whole:3 content:2]
+        [--shots 5] [--seeds 0 1 2 3 4] [--sources stable_diffusion_v1 dit_xl2]
+
+`--sources` keeps those generators (and `real`): the devset's sources whose content varies
+are Stable Diffusion v1 and DiT-XL/2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT  # noqa: E402  (benchmarks/common.py puts the project on sys.path)
+
+from lida_core.statistical import JPEG_QUALITIES, QuadraticDetector, fit_head  # noqa: E402
+from lida_core.training import REAL, calibrate_real_threshold  # noqa: E402
+
+RANK = 128  # the srm profile's embedding width
+CALIBRATION_SHARE = 0.3  # the srm profile's share of pre-training photographs held out
+
+
+def _residuals(v: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """The seven kernels of `lida_core.srm` on H x W x 3 integers: (residual, axis of its direction)."""
+    c = v[1:-1, 1:-1]
+    kb = (-v[:-2, :-2] + 2 * v[:-2, 1:-1] - v[:-2, 2:] + 2 * v[1:-1, :-2] - 4 * c + 2 * v[1:-1, 2:]
+          - v[2:, :-2] + 2 * v[2:, 1:-1] - v[2:, 2:])
+    return [(v[:, 1:] - v[:, :-1], 1), (v[1:] - v[:-1], 0),
+            (v[:, :-2] - 2 * v[:, 1:-1] + v[:, 2:], 1), (v[:-2] - 2 * v[1:-1] + v[2:], 0),
+            (-v[:, :-3] + 3 * v[:, 1:-2] - 3 * v[:, 2:-1] + v[:, 3:], 1), (-v[:-3] + 3 * v[1:-2] - 3 * v[2:-1] + v[3:], 0),
+            (kb, 1)]
+
+
+def describe(pixels: np.ndarray, view: str, truncation: int) -> np.ndarray:
+    """The rich model of one view of H x W x 3 uint8 pixels (square-rooted normalised histograms)."""
+    values = {"low": pixels & 7, "whole": pixels, "content": pixels >> 3}[view].astype(np.int16)
+    width = 2 * truncation + 1
+    parts = []
+    for residual, axis in _residuals(values):
+        if view == "low":
+            residual = ((residual + 4) & 7) - 4  # modulo 8, wrapped to [-4, 4)
+        q = (np.clip(residual, -truncation, truncation) + truncation).astype(np.int64)
+        for direction in (axis, 1 - axis):
+            a = q if direction == 1 else q.transpose(1, 0, 2)
+            parts.append(np.bincount((a[:, :-1] * width + a[:, 1:]).ravel(), minlength=width**2))
+        parts.append(np.bincount(((q[..., 0] * width + q[..., 1]) * width + q[..., 2]).ravel(), minlength=width**3))
+    return np.sqrt(np.concatenate([p / max(p.sum(), 1) for p in parts]))
+
+
+def jpeg_copy(pixels: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _one(job):
+    path, quality, descriptors = job
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    copy = jpeg_copy(pixels, quality)
+    return ([describe(pixels, v, t) for v, t in descriptors], [describe(copy, v, t) for v, t in descriptors])
+
+
+def load(folder: Path, descriptors, pool) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Per descriptor: (N x D of the files, N x D of their JPEG copies), and each file's source folder."""
+    rng = np.random.default_rng(7)
+    low, high = JPEG_QUALITIES
+    files = [(f, d.name) for d in sorted(p for p in folder.iterdir() if p.is_dir()) for f in sorted(d.iterdir()) if f.is_file()]
+    jobs = [(str(f), int(rng.integers(low, high + 1)), descriptors) for f, _ in files]
+    done = pool.map(_one, jobs, chunksize=4)
+    plain = [np.array([d[0][i] for d in done]) for i in range(len(descriptors))]
+    copies = [np.array([d[1][i] for d in done]) for i in range(len(descriptors))]
+    return plain, copies, np.array([s for _, s in files])
+
+
+def split(labels: np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    gallery, queries = [], []
+    for source in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == source)
+        rng.shuffle(idx)
+        gallery += idx[:shots].tolist()
+        queries += idx[shots:].tolist()
+    return np.array(gallery), np.array(queries)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def evaluate(feats, copies, labels, pre, pre_copies, jpeg: bool, shots: int, seed: int) -> dict:
+    """One K-shot draw through the srm profile's fit and decisions."""
+    gallery, queries = split(labels, shots, seed)
+    order = np.random.default_rng(100 + seed).permutation(len(pre))
+    cal, train = order[: int(round(CALIBRATION_SHARE * len(pre)))], order[int(round(CALIBRATION_SHARE * len(pre))):]
+    g_labels = labels[gallery]
+    real = np.vstack([pre[train], pre_copies[train], feats[gallery][g_labels == REAL], copies[gallery][g_labels == REAL]])
+    is_gen = g_labels != REAL
+    generated = np.vstack([feats[gallery][is_gen], copies[gallery][is_gen]])
+    gen_labels = np.concatenate([g_labels[is_gen], g_labels[is_gen]])
+    mean, weight = fit_head(real, generated, gen_labels, RANK)
+
+    def embed(x):
+        return normalise((x - mean) @ weight)
+
+    detector = QuadraticDetector.fit(embed(real), embed(generated), gen_labels)
+    threshold = calibrate_real_threshold(detector.scores(embed(pre_copies[cal] if jpeg else pre[cal])))
+    q_emb, q_labels = embed(feats[queries]), labels[queries]
+    rank1 = float(np.mean(g_labels[(q_emb @ embed(feats[gallery]).T).argmax(1)] == q_labels))
+    scores = detector.scores(q_emb)
+    called = scores < threshold
+    sources = sorted(set(gen_labels.tolist()))
+    centroids = normalise(np.stack([embed(generated)[gen_labels == s].mean(0) for s in sources]))
+    source = np.array(sources)[(q_emb @ centroids.T).argmax(1)]
+    truth_gen = q_labels != REAL
+    positive, negative = -scores[truth_gen], -scores[~truth_gen]
+    auroc = float(np.mean(positive[:, None] > negative[None, :]) + 0.5 * np.mean(positive[:, None] == negative[None, :]))
+    return {
+        "rank1": rank1,
+        "attribution": float(np.mean(np.where(called, source, REAL) == q_labels)),
+        "balanced": float(0.5 * (np.mean(called[truth_gen]) + np.mean(~called[~truth_gen]))),
+        "auroc": auroc,
+        "fpr": float(np.mean(called[~truth_gen])),
+        **{f"detected {s}": float(np.mean(called[q_labels == s])) for s in sources},
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "devset")
+    parser.add_argument("--descriptors", nargs="+", default=["low:2", "whole:3", "content:2"], help="VIEW:T, VIEW in low, whole, content")
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--parts", nargs="+", default=["png", "jpeg90"])
+    parser.add_argument("--sources", nargs="+", help="keep only these generators (and real)")
+    args = parser.parse_args(argv)
+    if not (args.data / "pretrain" / "real").is_dir():
+        parser.error(f"{args.data} is not the devset (no pretrain/real folder)")
+    descriptors = []
+    for d in args.descriptors:
+        view, _, t = d.partition(":")
+        if view not in ("low", "whole", "content") or not t.isdigit() or not 1 <= int(t) <= 4:
+            parser.error(f"descriptor {d!r}: VIEW:T with VIEW low, whole or content and T 1-4")
+        descriptors.append((view, int(t)))
+    started = time.perf_counter()
+    with Pool(os.cpu_count() or 1) as pool:
+        pre, pre_copies, _ = load(args.data / "pretrain", descriptors, pool)
+        parts = {p: load(args.data / p, descriptors, pool) for p in args.parts}
+    print(f"descriptors computed in {time.perf_counter() - started:.0f} s; {args.shots}-shot, seeds {args.seeds}"
+          + (f", sources {args.sources} and real" if args.sources else ""))
+    print("| descriptor | part | Rank-1 | attribution | balanced | AUROC | FPR | detected, per generator |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, (view, t) in enumerate(descriptors):
+        for part, (feats, copies, labels) in parts.items():
+            keep = np.isin(labels, [*args.sources, REAL]) if args.sources else np.ones(len(labels), bool)
+            runs = [evaluate(feats[i][keep], copies[i][keep], labels[keep], pre[i], pre_copies[i], part != "png",
+                             args.shots, seed) for seed in args.seeds]
+            mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
+            sd = {k: np.std([r[k] for r in runs]) for k in runs[0]}
+            detected = ", ".join(f"{k.split(' ', 1)[1]} {v:.2f}" for k, v in mean.items() if k.startswith("detected"))
+            print(f"| {view}:{t} | {part} | {mean['rank1']:.3f} | {mean['attribution']:.3f} ± {sd['attribution']:.3f} | "
+                  f"{mean['balanced']:.3f} | {mean['auroc']:.3f} | {mean['fpr']:.3f} | {detected} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
