@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +32,37 @@ def offline_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def prefect_console_logging(level: int) -> None:
+    """Prefect's own console lines (flow and task run names, states) on stderr, at `level`.
+
+    `lida` configures the root logger before Prefect is imported, and Prefect then leaves the
+    root alone: its records reached the plain root handler ("INFO:prefect.task_runs:...") with
+    no run or task names. Its console handler and formatter go on the `prefect` logger
+    instead, with the formats from Prefect's logging settings (so `PREFECT_LOGGING_*`
+    overrides still apply).
+    """
+    import logging
+
+    # Prefect (re)configures its loggers' levels when it sets up logging: its own setting
+    # carries the level, unless the user set one.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", logging.getLevelName(level))
+    from prefect.logging.configuration import DEFAULT_LOGGING_SETTINGS_PATH, ensure_logging_setup, load_logging_config
+    from prefect.logging.formatters import PrefectFormatter
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()  # first, or its set-up would drop the handler added here
+    settings = load_logging_config(DEFAULT_LOGGING_SETTINGS_PATH)["formatters"]["standard"]
+    handler = PrefectConsoleHandler(stream=sys.stderr)
+    handler.setFormatter(PrefectFormatter(settings["format"], settings.get("datefmt"), flow_run_fmt=settings.get("flow_run_fmt"),
+                                          task_run_fmt=settings.get("task_run_fmt")))
+    logger = logging.getLogger("prefect")
+    for old in [h for h in logger.handlers if isinstance(h, PrefectConsoleHandler)]:
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 def content_hashes(ws: Workspace, uris: Iterable[str], progress: Callable[[int, int], None] | None = None) -> dict[str, str]:

@@ -401,9 +401,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_flow(args: argparse.Namespace) -> int:
     import logging
 
+    from flows.common import prefect_console_logging
     from lida_core.workspace import Workspace
 
-    logging.getLogger("prefect").setLevel(logging.INFO if not args.json else logging.WARNING)
+    prefect_console_logging(logging.INFO if not args.json else logging.WARNING)
     ws = Workspace(args.workspace).require()
     device = _device(args)
     if args.name == "nightly":
@@ -423,8 +424,13 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from flows.common import prefect_console_logging
     from flows.serve import serve
     from lida_core.workspace import Workspace
+
+    prefect_console_logging(logging.INFO)
 
     serve(Workspace(args.workspace), args.runner, args.runner_option, _device(args))
     return 0

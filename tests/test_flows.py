@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -242,6 +243,13 @@ def test_flow_verb_runs_a_flow_from_the_command_line(prefect_api, flow_ws):
     result = run_lida(ws, "flow", "reindex", env={"PREFECT_API_URL": prefect_api})
     out = json.loads(result.stdout)
     assert out["index_version"] == Workspace(str(ws)).read_bytes("indexes/CURRENT").decode().strip()
+    assert "Task run" not in result.stderr  # --json: the answer on stdout, no chatter
+    # Without --json, Prefect's own console lines: run and task names, and their states (issue #14).
+    said = subprocess.run([LIDA, "--workspace", str(ws), "flow", "reindex"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PREFECT_API_URL=prefect_api))
+    assert said.returncode == 0, said.stderr[-2000:]
+    assert re.search(r"\| INFO +\| Flow run '[\w-]+' - Beginning flow run", said.stderr), said.stderr[-2000:]
+    assert re.search(r"\| INFO +\| Task run 'rebuild-index-\w+' - Finished in state Completed", said.stderr), said.stderr[-2000:]
 
 
 def _prefect_servers():
