@@ -21,7 +21,7 @@ $(STAMP): setup.py requirements.lock
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q --durations=12 -m "not slow" tests
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow tests
