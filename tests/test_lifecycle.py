@@ -97,6 +97,7 @@ def test_gallery_add_refuses_bad_input(trained, tmp_path):
     assert r.returncode == 2 and "no lida workspace" in r.stderr and r.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_adapt_promotes_only_a_candidate_that_is_not_worse(trained):
     before = current(trained)
     r = json_out(run_lida(trained, "adapt", "--epochs", "3"))
