@@ -120,7 +120,7 @@ def embed_into_gallery(ws: Workspace, source: str, uris: Sequence[str], model_ve
     run = f"runs/gallery-add/{utc_stamp()}-{uuid.uuid4().hex[:6]}"
     chunks = [(n, list(uris[i : i + CHUNK])) for n, i in enumerate(range(0, len(uris), CHUNK))]
     handler = EmbedderHandler(ws.url, model_version).with_no_batching()
-    with (pipeline_options(runner, runner_options, files=len(uris), beam_args=beam_args) as options,
+    with (pipeline_options(runner, runner_options, beam_args=beam_args) as options,
           beam.Pipeline(options=options) as pipeline):
         _ = (pipeline
              | "Chunks" >> beam.Create(chunks)

@@ -1,12 +1,14 @@
 """Beam runner selection: the pipeline code never knows which runner executes it.
 
 - local: Beam's FnApiRunner (DirectRunner) with one worker per core, fully offline (the default
-  runner would first try to download a Prism binary). For jobs under THREADS_BELOW_FILES files
-  on up to THREADS_UP_TO_CORES cores the workers are threads: no per-worker interpreter, torch
-  and model start-up, and torch, Pillow and hashlib release the GIL. On 2 cores, 600 images
-  took 12.8-13.7 s instead of 15.2 s, and 3,000 took 42.0 s instead of 47.2 s. At 20,000, the
-  GIL costs more (328 s and 1.35 GiB against 281 s and 0.60 GiB), so larger jobs and larger
-  machines use processes.
+  runner would first try to download a Prism binary). On up to THREADS_UP_TO_CORES cores the
+  workers are threads: no per-worker interpreter, torch and model start-up, and torch, Pillow,
+  hashlib and the compiled srm counting release the GIL. On 2 cores, 600 images took 12.8-13.7 s
+  instead of 15.2 s. At 20,000 JPEGs (srm, session 8) threads scanned 106 img/s in 1.15 GiB,
+  processes 117 img/s in 2.54 GiB: a tenth slower for less than half the memory, which a small
+  machine needs more. Until session 8 scans of 5,000 files and more used processes, because the
+  local runner's group-by grew without bound in threads mode (24 GB at 20,000 files); it now
+  holds only chunk counts (docs/performance.md). Larger machines use processes.
   `mode=` overrides.
 - dask: Beam's DaskRunner; `--runner-option dask_address=HOST:PORT`, or a local cluster when
   no address is given.
@@ -25,7 +27,6 @@ from collections.abc import Iterator, Sequence
 from apache_beam.options.pipeline_options import PipelineOptions
 
 THREADS_UP_TO_CORES = 4
-THREADS_BELOW_FILES = 5000  # larger scans use worker processes: the GIL costs more than their start-up
 
 RUNNERS = {"local": "DirectRunner", "dask": "apache_beam.runners.dask.dask_runner.DaskRunner", "flink": "FlinkRunner", "spark": "SparkRunner", "dataflow": "DataflowRunner"}
 
@@ -53,11 +54,10 @@ def parse_runner_options(items: Sequence[str]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def pipeline_options(runner: str = "local", runner_options: Sequence[str] = (), workers: int | None = None,
-                     files: int | None = None, beam_args: Sequence[str] | None = None,
-                     partitions: int | None = None) -> Iterator[PipelineOptions]:
+                     beam_args: Sequence[str] | None = None, partitions: int | None = None) -> Iterator[PipelineOptions]:
     """PipelineOptions for `runner`; a local Dask cluster lives as long as the context.
 
-    `files`, when known, picks the local mode: threads for a small job on a few cores.
+    The local mode: threads on a few cores, processes on more (the module's docstring says why).
     `beam_args` (Beam's own flags, from a job's `run(argv)`) replace all of that when they name a
     runner; without one they are added after lida's local choice, so every flag reaches Beam.
     """
@@ -73,8 +73,7 @@ def pipeline_options(runner: str = "local", runner_options: Sequence[str] = (), 
     if runner == "local":
         n = int(extra.pop("workers", workers or os.cpu_count() or 1))
         few_cores = (os.cpu_count() or 1) <= THREADS_UP_TO_CORES
-        small = files is not None and files < THREADS_BELOW_FILES
-        mode = "in_memory" if n == 1 else ("multi_threading" if few_cores and small else "multi_processing")
+        mode = "in_memory" if n == 1 else ("multi_threading" if few_cores else "multi_processing")
         flags += [f"--direct_num_workers={n}", "--direct_running_mode=" + extra.pop("mode", mode)]
     elif runner == "dask":
         address = extra.pop("dask_address", None)

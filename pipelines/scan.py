@@ -627,7 +627,7 @@ def run_scan(
         # One pipeline, so worker start-up is paid once. Each shard is written and its images
         # embedded in one pass (decoded once); the images table, written when every shard is
         # committed, then joins the embeddings per shard for attribution.
-        with pipeline_options(runner, runner_options, files=files, beam_args=beam_args, partitions=len(todo)) as options:
+        with pipeline_options(runner, runner_options, beam_args=beam_args, partitions=len(todo)) as options:
             pipeline = beam.Pipeline(options=options)
             committed, chunks = pipeline | "Shard" >> Shard(ws.url, scan_id, [i for i, _ in todo])
             verdicts = (
