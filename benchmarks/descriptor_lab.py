@@ -27,7 +27,6 @@ are Stable Diffusion v1 and DiT-XL/2.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT  # noqa: E402  (benchmarks/common.py puts the project on sys.path)
 
-from lida_core.statistical import JPEG_QUALITIES, QuadraticDetector, fit_head  # noqa: E402
+from lida_core.statistical import JPEG_QUALITIES, QuadraticDetector, fit_head, jpeg_copy  # noqa: E402
 from lida_core.training import REAL, calibrate_real_threshold  # noqa: E402
 
 RANK = 128  # the srm profile's embedding width
@@ -73,14 +72,6 @@ def describe(pixels: np.ndarray, view: str, truncation: int) -> np.ndarray:
             parts.append(np.bincount((a[:, :-1] * width + a[:, 1:]).ravel(), minlength=width**2))
         parts.append(np.bincount(((q[..., 0] * width + q[..., 1]) * width + q[..., 2]).ravel(), minlength=width**3))
     return np.sqrt(np.concatenate([p / max(p.sum(), 1) for p in parts]))
-
-
-def jpeg_copy(pixels: np.ndarray, quality: int) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=int(quality))
-    buffer.seek(0)
-    with Image.open(buffer) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def _one(job):
