@@ -156,10 +156,6 @@ class ShardAndDecode(beam.DoFn):
 
     def process(self, index: int):
         name = shard_name(index)
-        # Embeddings staged by an interrupted earlier run may come from another model: this run stages its own.
-        staged = self.ws.path(staged_dir(self.scan_id, name))
-        if self.ws.fs.exists(staged):
-            self.ws.fs.rm(staged, recursive=True)
         if self.ws.exists(f"{_scan_dir(self.scan_id)}/{name}.rows.parquet"):
             yield from self._from_tar(name)
         else:
@@ -369,9 +365,16 @@ class EmbedderHandler(ModelHandler):
         return False
 
 
-def staged_dir(scan_id: str, shard: str) -> str:
-    """Where a shard's embeddings wait for the images table, one file per chunk (removed once attributed)."""
-    return f"{_scan_dir(scan_id)}/{shard}.staged"
+def staged_dir(scan_id: str, shard: str, model_version: str | None = None) -> str:
+    """Where a shard's embeddings wait for the images table, one file per chunk and a folder per model.
+
+    Per model: an interrupted run may have staged another model's vectors, and they must not be
+    read. (Clearing the folder when the shard stage starts does not work: Beam's DaskRunner
+    runs that stage once per consumer, and the second run cleared what the first had staged.)
+    The whole shard folder is removed once the shard is attributed.
+    """
+    base = f"{_scan_dir(scan_id)}/{shard}.staged"
+    return f"{base}/{model_version}" if model_version else base
 
 
 class StageEmbeddings(beam.DoFn):
@@ -380,11 +383,11 @@ class StageEmbeddings(beam.DoFn):
     The embeddings do not travel to the per-shard join: held in the local runner's group-by
     until every shard committed, they made a scan's memory grow with its size (about 3 KB an
     image; docs/performance.md). The file is named after the chunk's first key, so a retried
-    chunk overwrites its own file; the shard stage clears what an earlier run left.
+    chunk overwrites its own file.
     """
 
-    def __init__(self, workspace: str, scan_id: str):
-        self.workspace, self.scan_id = workspace, scan_id
+    def __init__(self, workspace: str, scan_id: str, model_version: str):
+        self.workspace, self.scan_id, self.model_version = workspace, scan_id, model_version
 
     def setup(self) -> None:
         self.ws = Workspace(self.workspace)
@@ -396,14 +399,14 @@ class StageEmbeddings(beam.DoFn):
         shard = items[0].shard
         buffer = io.BytesIO()
         np.savez(buffer, keys=np.asarray([item.key for item in items]), embeddings=np.asarray(vectors, dtype=np.float32))
-        self.ws.write_bytes(f"{staged_dir(self.scan_id, shard)}/{items[0].key}.npz", buffer.getvalue())
+        self.ws.write_bytes(f"{staged_dir(self.scan_id, shard, self.model_version)}/{items[0].key}.npz", buffer.getvalue())
         yield shard, len(items)
 
 
-def read_staged(ws: Workspace, scan_id: str, shard: str, keys: frozenset[str]) -> dict[str, np.ndarray]:
-    """The staged embeddings of these keys (a retried bundle's chunks may overlap: same model, same vectors)."""
+def read_staged(ws: Workspace, scan_id: str, shard: str, model_version: str, keys: frozenset[str]) -> dict[str, np.ndarray]:
+    """This model's staged embeddings of these keys (an earlier attempt's chunks may overlap: same model, same vectors)."""
     found: dict[str, np.ndarray] = {}
-    for path in sorted(ws.ls(staged_dir(scan_id, shard))):
+    for path in sorted(ws.ls(staged_dir(scan_id, shard, model_version))):
         if not path.endswith(".npz") or path.rsplit("/", 1)[-1].startswith("."):
             continue  # a temporary file of an interrupted write
         with ws.fs.open(path, "rb") as handle, np.load(io.BytesIO(handle.read()), allow_pickle=False) as data:
@@ -442,7 +445,7 @@ class Attribute(beam.DoFn):
             return
         # A shard's images that the images table made duplicates of another shard's are not attributed.
         ok = finals[0].ok_keys
-        staged = read_staged(self.ws, self.scan_id, shard, ok)
+        staged = read_staged(self.ws, self.scan_id, shard, self.model_version, ok)
         if len(staged) != len(ok):
             raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(staged)} embeddings for {len(ok)} images")
         rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{_scan_dir(self.scan_id)}/{shard}.rows.parquet")),
@@ -517,7 +520,7 @@ class EmbedAndAttribute(beam.PTransform):
         staged = (
             chunks
             | "Embed" >> RunInference(handler)
-            | "Stage" >> beam.ParDo(StageEmbeddings(self.workspace, self.scan_id))
+            | "Stage" >> beam.ParDo(StageEmbeddings(self.workspace, self.scan_id, self.model_version))
         )
         return (
             (staged, verdicts)

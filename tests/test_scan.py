@@ -188,12 +188,12 @@ def test_rerunning_a_scan_adds_nothing(workspace, hostile_dir):
 def test_embeddings_wait_beside_their_shard_and_an_earlier_runs_are_not_read(workspace, hostile_dir):
     """Issue #15: embeddings are staged per shard, not held by the join; stale staged files do not leak in.
 
-    A file staged by an interrupted run (here: another model's vectors, all ones) sits where
-    the shard's embeddings go. The scan must attribute exactly as a clean scan of the same
+    A file staged by an interrupted run under another model (vectors of all ones) sits beside
+    where the shard's embeddings go. The scan must attribute exactly as a clean scan of the same
     files does, and leave nothing staged behind.
     """
     run_lida(workspace, "scan", str(hostile_dir), "--scan-id", "stage-clean")
-    stale = Path(workspace) / "shards" / "stage-stale" / "000000.staged"
+    stale = Path(workspace) / "shards" / "stage-stale" / "000000.staged" / "v9999"
     stale.mkdir(parents=True)
     keys = np.asarray([f"000000_{i:05d}" for i in range(20)])
     np.savez(stale / "zz-interrupted.npz", keys=keys, embeddings=np.ones((len(keys), 256), np.float32))
