@@ -431,7 +431,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lida_core.workspace import Workspace
 
     prefect_console_logging(logging.INFO)
-
     serve(Workspace(args.workspace), args.runner, args.runner_option, _device(args))
     return 0
 

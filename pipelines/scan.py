@@ -227,7 +227,7 @@ class ShardAndDecode(beam.DoFn):
 
     def _from_tar(self, name: str):
         base = f"{_scan_dir(self.scan_id)}/{name}"
-        rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{base}.rows.parquet")), columns=["uri", "image_id", "status", "key"])
+        rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{base}.rows.parquet")), columns=["uri", "status", "key"])
         rows = [r for r in rows.to_pylist() if r["status"] == "ok"]
         offsets = self.ws.read_json(f"{base}.members.json")
         size = chunk_size(len(rows))
