@@ -33,7 +33,9 @@ setup(
     package_data={"schemas": ["*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "dev": ["pytest>=8,<10", "pytest-timeout>=2.3", "ruff>=0.8"],
+        # OpenCV only in tests: the `paper` fingerprint restates its bilinear resize in integers,
+        # and tests/test_fingerprint.py checks that restatement against cv2 itself.
+        "dev": ["pytest>=8,<10", "pytest-timeout>=2.3", "ruff>=0.8", "opencv-python-headless>=4.10,<6"],
         # object-store workspaces and inputs (fsspec's own backends, same release line as fsspec)
         "s3": ["s3fs>=2026.9.0"],
         "gcs": ["gcsfs>=2026.9.0"],

@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fingerprint", choices=("scale", "binary"),
                    help="low bits scaled, (x & 7) * 36 (the authors' released code and the default), or binarised, "
                         "255 where any is set (the paper's equation); network profiles only")
+    p.add_argument("--patch", choices=("max", "min", "random"),
+                   help="read one 32x32 patch instead of the whole image: the highest or lowest gradient complexity, "
+                        "or a seeded random one (profile paper: the authors' patch mode, chosen on the 256x256 fingerprint)")
+    p.add_argument("--patch-seed", type=whole_number, default=0, help="the seed of --patch random (default 0)")
 
     p = verbs["pretrain"]
     p.add_argument("paths", nargs="+", metavar="PATH", help="real images: files, folders, fsspec URLs")
@@ -236,7 +240,8 @@ def _errors_text(errors: list) -> str:
 def cmd_init(args: argparse.Namespace) -> int:
     from lida_core.lifecycle import init_workspace
 
-    r = init_workspace(args.workspace, args.profile, args.checkpoint, fingerprint_mode=args.fingerprint)
+    r = init_workspace(args.workspace, args.profile, args.checkpoint, fingerprint_mode=args.fingerprint,
+                       patch_select=args.patch, patch_seed=args.patch_seed)
     return _emit(args, r, f"workspace {r['workspace']}: profile {r['profile']}, fingerprint {r['fingerprint']}, "
                           f"model {r['model_version']} ({r['weights']} weights)")
 

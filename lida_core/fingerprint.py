@@ -8,14 +8,20 @@ fingerprint keeps only `x & (2**bits - 1)` of the decoded pixels, before any res
 
 Region and fit bring it to the model's square input size without touching the bits:
 
-- `region=full`  the whole image; `region=patch` one `patch` x `patch` tile of a
-  non-overlapping grid, picked by gradient complexity of the *content* (sum of absolute
-  horizontal, vertical and both diagonal differences over the tile, all channels):
-  `max` (richest texture), `min` (flattest) or `random` (a pick seeded by `seed` and the
-  grid size, so a fingerprint stays a pure function of pixels and settings);
-- `fit=resize`   Pillow's BILINEAR resize of the scaled bit image (the authors' path,
-  reproduced exactly in integers); `fit=crop` a centre crop, tiling (wrapping) any side
-  shorter than the output, which leaves every kept bit untouched.
+- `fit=resize`   the authors' path, reproduced exactly in integers: the scaled bit image of
+  the whole picture resized to size x size, by Pillow's BILINEAR (with antialias), or by
+  OpenCV's bilinear `cv2.resize` when its shorter side is under 32 px (`AUTHORS_SMALL_SIDE`).
+  `region=patch` then scores every `patch` x `patch` tile of the size x size grid by the
+  gradient complexity of its *low bits* (sum of absolute horizontal, vertical and both
+  diagonal differences over the tile, all channels), keeps `max` (the first highest), `min`
+  (the first lowest) or `random` (Python's `random.Random(seed).choice` over the tiles, the
+  authors' `random.choice` right after `random.seed(seed)`), and enlarges it back to size x size
+  with `cv2.resize` (`authors_patch`);
+- `fit=crop`     no resampling at all: a centre crop, tiling (wrapping) any side shorter than
+  the output, which leaves every kept bit untouched. `region=patch` here takes the tile on the
+  original image, scored by the complexity of its *content*, and `random` is a numpy pick
+  seeded by `seed` and the grid size. Either way a fingerprint is a pure function of pixels
+  and settings.
 
 Two implementations give bit-identical uint8 results: `fingerprint_bits` (numpy, one
 image) and `fingerprint_batch` (torch, CPU or CUDA, a list of images of any sizes). Both
@@ -25,6 +31,7 @@ use only integer arithmetic, so they cannot drift apart on different hardware.
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -43,6 +50,8 @@ __all__ = [
     "fingerprint_file_bytes",
     "fit_to_size",
     "low_bits",
+    "authors_patch",
+    "cv2_bilinear_resize",
     "patch_box",
     "pillow_bilinear_resize",
     "to_model_input",
@@ -157,12 +166,13 @@ def random_tile(seed: int, rows: int, cols: int) -> int:
 
 
 def patch_box(pixels, settings: FingerprintSettings, complexity=None) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of the region the fingerprint reads, for one image.
+    """(top, left, height, width) of the region of the original image the fingerprint reads.
 
-    An image smaller than one patch in either direction is read whole.
+    An image smaller than one patch in either direction is read whole. A resize fit reads the
+    whole image: its patch is chosen after the resize (`authors_patch`).
     """
     height, width = pixels.shape[0], pixels.shape[1]
-    if settings.region == "full":
+    if settings.region == "full" or settings.fit == "resize":
         return 0, 0, height, width
     p = settings.patch
     rows, cols = height // p, width // p
@@ -265,11 +275,102 @@ def pillow_bilinear_resize(x, height: int, width: int):
     return x
 
 
+AUTHORS_SMALL_SIDE = 32  # the authors resize an image whose shorter side is under this with OpenCV, not Pillow
+_CV_COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE: 11-bit fixed-point weights for 8-bit images
+
+
+@lru_cache(maxsize=256)
+def cv2_bilinear_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's INTER_LINEAR taps for one axis: (first index, second index, first weight, second weight).
+
+    The source position (dx + 0.5) * in / out - 0.5 in float32, its floor and fraction; the two
+    weights (1 - fraction, fraction) rounded to 11 bits separately; both taps clamped to the
+    image (the border pixel repeats, with the unclamped weights).
+    """
+    position = ((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5).astype(np.float32)
+    first = np.floor(position).astype(np.int64)
+    fraction = (position - first.astype(np.float32)).astype(np.float32)
+    scale = np.float32(_CV_COEF_SCALE)
+    w1 = np.rint(fraction * scale).astype(np.int64)
+    w0 = np.rint((np.float32(1) - fraction) * scale).astype(np.int64)
+    return np.clip(first, 0, in_size - 1), np.clip(first + 1, 0, in_size - 1), w0, w1
+
+
+def cv2_bilinear_resize(x, height: int, width: int):
+    """Exactly `cv2.resize(x, (width, height))` (INTER_LINEAR) on uint8 RGB when enlarging; numpy or torch.
+
+    Rows first in 32-bit integers (pixel x 11-bit weights), then columns as OpenCV's vector
+    code does it: each row value shifted right by 4, multiplied by its 11-bit weight keeping
+    the high 16 bits, the two summed, then (sum + 2) >> 2. Checked against OpenCV 4.14 and
+    5.0 (`tests/test_fingerprint.py`).
+    """
+    is_np = isinstance(x, np.ndarray)
+    i0, i1, a0, a1 = cv2_bilinear_coefficients(x.shape[-2], width)
+    j0, j1, b0, b1 = cv2_bilinear_coefficients(x.shape[-3], height)
+    if is_np:
+        v = x.astype(np.int64)
+        rows = np.take(v, i0, axis=-2) * a0[:, None] + np.take(v, i1, axis=-2) * a1[:, None]
+        top, bottom = np.take(rows, j0, axis=-3) >> 4, np.take(rows, j1, axis=-3) >> 4
+        out = ((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16)
+        return np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
+    torch = _torch()
+
+    def t(a):
+        return torch.from_numpy(a).to(x.device)
+
+    v = x.to(torch.int64)
+    rows = v.index_select(v.ndim - 2, t(i0)) * t(a0)[:, None] + v.index_select(v.ndim - 2, t(i1)) * t(a1)[:, None]
+    top = rows.index_select(rows.ndim - 3, t(j0)) >> 4
+    bottom = rows.index_select(rows.ndim - 3, t(j1)) >> 4
+    out = ((top * t(b0)[:, None, None]) >> 16) + ((bottom * t(b1)[:, None, None]) >> 16)
+    return ((out + 2) >> 2).clamp_(0, 255).to(torch.uint8)
+
+
+def resize_as_authors(region, size: int):
+    """The authors' resize of the low-bit image to size x size: OpenCV under 32 px on the shorter side, else Pillow."""
+    if min(region.shape[-3], region.shape[-2]) < AUTHORS_SMALL_SIDE:
+        return cv2_bilinear_resize(region, size, size)
+    return pillow_bilinear_resize(region, size, size)
+
+
+def authors_tile(seed: int, count: int) -> int:
+    """The authors' `random` rule: `random.choice` over the tiles, right after `random.seed(seed)`."""
+    return random.Random(seed).choice(range(count))
+
+
+def authors_patch(resized, settings: FingerprintSettings):
+    """The authors' patch mode on the resized low-bit image(s) (S x S x 3, or N x S x S x 3; numpy or torch).
+
+    Every `patch` x `patch` tile of the grid is scored by `tile_complexity`; `max` keeps the
+    first highest, `min` the first lowest, `random` the seeded pick; the tile is enlarged back
+    to S x S with `cv2_bilinear_resize`.
+    """
+    size, p = resized.shape[-3], settings.patch
+    rows, cols = size // p, resized.shape[-2] // p
+    if rows == 0 or cols == 0:
+        return resized
+    single = resized.ndim == 3
+    batch = resized[None] if single else resized
+    n = batch.shape[0]
+    if settings.patch_select == "random":
+        index = [authors_tile(settings.seed, rows * cols)] * n
+    else:
+        flat = tile_complexity(batch, p).reshape(n, -1)
+        # argmax/argmin return the first extreme in both numpy and torch: ties keep the earlier tile.
+        index = flat.argmax(1) if settings.patch_select == "max" else flat.argmin(1)
+        index = [int(i) for i in index]
+    tiles = [batch[k, (i // cols) * p : (i // cols) * p + p, (i % cols) * p : (i % cols) * p + p] for k, i in enumerate(index)]
+    stacked = np.stack(tiles) if isinstance(batch, np.ndarray) else _torch().stack(tiles)
+    out = cv2_bilinear_resize(stacked, size, resized.shape[-2])
+    return out[0] if single else out
+
+
 def fit_to_size(region, settings: FingerprintSettings):
     """Bring a region (H x W x 3 uint8, numpy or torch) to size x size by the settings' fit rule."""
     size = settings.size
     if settings.fit == "resize":
-        return pillow_bilinear_resize(region, size, size)
+        resized = resize_as_authors(region, size)
+        return authors_patch(resized, settings) if settings.region == "patch" else resized
     if region.shape[-3] >= size and region.shape[-2] >= size:  # a plain centre crop: a view, no gather
         top, left = (region.shape[-3] - size) // 2, (region.shape[-2] - size) // 2
         return region[..., top : top + size, left : left + size, :]
@@ -379,7 +480,7 @@ def _fingerprint_same_size(batch, settings: FingerprintSettings):
     n, height, width, _ = batch.shape
     p = settings.patch
     rows, cols = height // p, width // p
-    if settings.region == "patch" and rows > 0 and cols > 0:
+    if settings.region == "patch" and settings.fit == "crop" and rows > 0 and cols > 0:
         if settings.patch_select == "random":
             index = torch.full((n,), random_tile(settings.seed, rows, cols), device=batch.device)
         else:

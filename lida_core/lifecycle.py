@@ -184,16 +184,19 @@ def publish(ws: Workspace, model: Embedder, meta: dict, make_current: bool) -> s
 
 
 def init_workspace(url: str, profile: str | None = None, checkpoint: str | None = None, seed: int = 0,
-                   fingerprint_mode: str | None = None) -> dict:
+                   fingerprint_mode: str | None = None, patch_select: str | None = None, patch_seed: int = 0) -> dict:
     """Create the workspace and model version 0. `fingerprint_mode` "binary" takes the paper's
-    binarised low bits instead of the profile's scaled ones (the authors' released code)."""
+    binarised low bits instead of the profile's scaled ones (the authors' released code);
+    `patch_select` (max, min, random with `patch_seed`) reads one 32 x 32 patch instead of the
+    whole image (for `paper`, the authors' patch mode: `fingerprint.authors_patch`)."""
     ws = Workspace(url)
     if ws.is_initialised():
         raise WorkspaceError(f"{url} is already a lida workspace (current model {ws.current_model_version()})")
     profile = profile or default_profile()
-    settings = get_profile(profile).fingerprint
-    if fingerprint_mode is not None:
-        settings = replace(settings, mode=fingerprint_mode)
+    overrides: dict = {} if fingerprint_mode is None else {"mode": fingerprint_mode}
+    if patch_select is not None:
+        overrides.update(region="patch", patch_select=patch_select, seed=patch_seed if patch_select == "random" else 0)
+    settings = replace(get_profile(profile).fingerprint, **overrides)
     torch.manual_seed(seed)
     source = "random"
     try:
@@ -206,8 +209,11 @@ def init_workspace(url: str, profile: str | None = None, checkpoint: str | None 
                     raise
                 model = load_upstream_weights(checkpoint)
                 source = "upstream LIDA .pth"
-            if fingerprint_mode is not None and model.fingerprint.mode != fingerprint_mode:
-                raise WorkspaceError(f"the checkpoint was trained on {model.fingerprint.mode} low bits, not {fingerprint_mode}")
+                # the .pth holds weights only: its fingerprint is whatever the user says it was trained on
+                model.fingerprint = replace(model.fingerprint, **overrides)
+            if model.fingerprint != replace(model.fingerprint, **overrides):
+                raise WorkspaceError(f"the checkpoint was trained on fingerprints {model.fingerprint}, not "
+                                     f"{replace(model.fingerprint, **overrides)}")
         else:
             model = build_model(profile, settings)
     except (CheckpointError, ValueError) as exc:

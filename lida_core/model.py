@@ -160,11 +160,14 @@ class _LowBitStem(nn.Module):
     """A weightless stem that reads the low-bit values back from a scaled fingerprint."""
 
     kind = "low-bit"
+    whole_image = False  # True where the stem's statistics need the whole image, not one small patch
 
     def __init__(self, settings: FingerprintSettings):
         super().__init__()
         if settings.mode != "scale":
             raise ValueError(f"the {self.kind} stem needs scaled low bits (mode 'scale'), not binary ones")
+        if self.whole_image and settings.region != "full":
+            raise ValueError(f"the {self.kind} stem reads statistics of the whole image, not of one patch")
         self.levels = 2**settings.bits
         self.step = settings.scale_factor / 255.0
 
@@ -221,6 +224,7 @@ class StatsStem(_LowBitStem):
     """
 
     kind = "statistics"
+    whole_image = True
 
     def __init__(self, settings: FingerprintSettings):
         super().__init__(settings)
@@ -280,6 +284,7 @@ class SrmStem(_LowBitStem):
     """
 
     kind = "SRM"
+    whole_image = True
 
     def __init__(self, settings: FingerprintSettings):
         super().__init__(settings)

@@ -1,6 +1,7 @@
 """Low-bit fingerprints: settings, the authors' formula, patch rules, numpy == torch."""
 
 import itertools
+import random
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from PIL import Image
 
 from lida_core.fingerprint import (
     FingerprintSettings,
+    cv2_bilinear_resize,
+    decode_image,
     fingerprint_batch,
     fingerprint_bits,
     pillow_bilinear_resize,
@@ -160,3 +163,86 @@ def test_bad_pixel_arrays_are_refused():
         fingerprint_bits(np.zeros((4, 4), np.uint8), FingerprintSettings())
     with pytest.raises(ValueError):
         fingerprint_bits(np.zeros((4, 4, 3), np.float32), FingerprintSettings())
+
+
+# ---------------------------------------------------------------- the authors' code, restated
+
+AUTHORS_SIZES = [(32, 32), (32, 45), (40, 300), (64, 64), (100, 77), (128, 256), (200, 200), (255, 257),
+                 (256, 256), (300, 199), (384, 512), (500, 333), (512, 512), (640, 480), (700, 1024),
+                 (1024, 1024), (1024, 768), (33, 1000), (256, 100), (480, 640), (96, 128), (1000, 40)]
+AUTHORS_MODES = ["RGB", "L", "RGBA", "P", "RGB", "CMYK", "LA", "RGB"]
+
+
+def authors_test_images(folder, rng) -> list:
+    """22 files: PNG and JPEG, 32 to 1024 px, several pixel modes; smooth content plus noise, so tiles differ."""
+    paths = []
+    for i, (h, w) in enumerate(AUTHORS_SIZES):
+        yy, xx = np.mgrid[0:h, 0:w]
+        smooth = 128 + 100 * np.sin(xx / (7 + i)) * np.cos(yy / (11 + i))
+        noise = rng.normal(0, 2 + (xx > w // 2) * 10 + (yy > h // 3) * 5, (3, h, w))  # more texture in some regions
+        pixels = np.clip(smooth[None] + noise, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        mode = AUTHORS_MODES[i % len(AUTHORS_MODES)]
+        jpeg = i % 2 == 1 and mode in ("RGB", "L", "CMYK")
+        image = Image.fromarray(pixels).convert(mode)
+        path = folder / f"img{i:02d}.{'jpg' if jpeg else 'png'}"
+        image.save(path, quality=90) if jpeg else image.save(path)
+        paths.append(path)
+    return paths
+
+
+def authors_fingerprint(path, select=None, seed=0):
+    """The released code's preprocessing (../shared/reference/lida-method.md), written out on its own."""
+    cv2 = pytest.importorskip("cv2")
+    x = np.array(Image.open(path).convert("RGB"))
+    low = ((x & 7) * 36).astype(np.uint8)
+    if min(x.shape[:2]) < 32:
+        img = cv2.resize(low, (256, 256))
+    else:  # torchvision Resize((256, 256)) on a PIL image is Pillow's bilinear resize
+        img = np.array(Image.fromarray(low).resize((256, 256), Image.BILINEAR))
+    if select is None:
+        return img
+    patches = [img[i : i + 32, j : j + 32] for i in range(0, 256, 32) for j in range(0, 256, 32)]
+
+    def complexity(p):
+        p = p.astype(np.int64)
+        return (np.abs(p[:, :-1] - p[:, 1:]).sum() + np.abs(p[:-1, :] - p[1:, :]).sum()
+                + np.abs(p[:-1, :-1] - p[1:, 1:]).sum() + np.abs(p[1:, :-1] - p[:-1, 1:]).sum())
+
+    if select == "random":
+        random.seed(seed)
+        chosen = random.choice(patches)
+    else:
+        order = sorted(range(len(patches)), key=lambda k: complexity(patches[k]), reverse=select == "max")
+        chosen = patches[order[0]]
+    return cv2.resize(chosen, (256, 256))
+
+
+def test_paper_patches_equal_the_authors_on_22_images(tmp_path, rng):
+    pytest.importorskip("cv2", reason="opencv-python-headless (the dev extra) restates the authors' resize")
+    paths = authors_test_images(tmp_path, rng)
+    assert {p.suffix for p in paths} == {".png", ".jpg"} and len(paths) == 22
+    cases = [("max", 0), ("min", 0), ("random", 0), ("random", 3), ("random", 11)]
+    picked = set()
+    for path in paths:
+        pixels = decode_image(path.read_bytes(), path.name).pixels
+        np.testing.assert_array_equal(fingerprint_bits(pixels, FingerprintSettings()), authors_fingerprint(path))
+        for select, seed in cases:
+            settings = FingerprintSettings(region="patch", patch_select=select, seed=seed)
+            expected = authors_fingerprint(path, select, seed)
+            np.testing.assert_array_equal(fingerprint_bits(pixels, settings), expected, err_msg=f"{path.name} {settings}")
+            np.testing.assert_array_equal(fingerprint_batch([pixels], settings)[0].numpy(), expected)
+            if select != "random":
+                picked.add((select, fingerprint_bits(pixels, settings).tobytes()))
+    assert len(picked) > 30  # max and min pick different tiles on different images: the rule is exercised
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (8, 300), (31, 31), (20, 40), (31, 700)])
+def test_images_under_32_pixels_are_resized_as_opencv_does(shape, tmp_path, rng):
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (the dev extra) restates the authors' resize")
+    x = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    path = tmp_path / "small.png"
+    Image.fromarray(x).save(path)
+    np.testing.assert_array_equal(fingerprint_bits(x, FingerprintSettings()), authors_fingerprint(path))
+    for size in (64, 256):  # the restatement holds for any enlargement, not only to 256
+        np.testing.assert_array_equal(cv2_bilinear_resize(x, size, size + 3), cv2.resize(x, (size + 3, size)))
+    np.testing.assert_array_equal(cv2_bilinear_resize(torch.from_numpy(x), 256, 256).numpy(), cv2.resize(x, (256, 256)))

@@ -68,6 +68,14 @@ def test_init_offers_the_papers_binarised_fingerprint(tmp_path):
     assert bad.returncode == 2 and "scaled low bits" in bad.stderr and not (tmp_path / "s" / "config.json").exists()
 
 
+def test_init_offers_the_patch_modes_where_the_model_can_read_a_patch(tmp_path):
+    r = json_out(run_lida(tmp_path / "p", "init", "--profile", "small", "--patch", "random", "--patch-seed", "7"))
+    assert r["fingerprint"] == "b3-scale-patch32randoms7-crop128"
+    assert Workspace(str(tmp_path / "p")).model_meta("v0000")["fingerprint"] == r["fingerprint"]
+    bad = run_lida(tmp_path / "s", "init", "--profile", "srm", "--patch", "max", check=False)
+    assert bad.returncode == 2 and "not of one patch" in bad.stderr and not (tmp_path / "s" / "config.json").exists()
+
+
 def test_gallery_add_is_retrievable_immediately(trained, sample_dirs, tmp_path):
     ws = Workspace(str(trained))
     listing = json_out(run_lida(trained, "gallery", "list"))
