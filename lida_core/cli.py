@@ -133,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = verbs["eval"]
-    p.add_argument("directory", metavar="DIR", help="one sub-folder per source, 'real' among them")
+    p.add_argument("directory", metavar="DIR", help="one sub-folder per source, 'real' among them; or GenImage's layout, "
+                   "<generator>/{train,val}/{ai,nature} (gallery from train, queries from val, nature = real)")
     p.add_argument("--shots", type=positive_int, default=5)
+    p.add_argument("--queries", type=positive_int, metavar="N", help="at most N query images per source (a seeded draw)")
+    p.add_argument("--perturb", action="append", default=[], metavar="KIND:V,...",
+                   help="also score the queries perturbed, e.g. jpeg:95,90,85 or blur:1 (Gaussian sigma, px); repeatable")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-adapt", action="store_true", help="evaluate the current model as it is")
     p.add_argument("--epochs", type=positive_int, help="adaptation epochs on the K-shot gallery (network profiles; srm fits in closed form)")
@@ -200,6 +204,9 @@ class _Progress:
             print("  " + ", ".join(parts), file=sys.stderr, flush=True)
         elif stage == "resume":
             print(f"  resuming at epoch {info['epoch']}/{info['epochs']}", file=sys.stderr, flush=True)
+        elif stage == "perturb":
+            print(f"  perturbation {info['done'] + 1}/{info['total']}: {info['perturbation']} on {info['images']} queries",
+                  file=sys.stderr, flush=True)
 
     def _close(self) -> None:
         if self.bar is not None:
@@ -290,12 +297,18 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lida_core.lifecycle import evaluate, evaluation_markdown, save_evaluation
+    from lida_core.perturb import parse_perturbations
     from lida_core.workspace import Workspace
 
     ws = Workspace(args.workspace)
     if args.shots < 1:
         raise UserError("--shots must be at least 1")
-    r = evaluate(ws, args.directory, args.shots, args.seed, not args.no_adapt, args.input, args.epochs, _Progress(args.json))
+    try:
+        perturbations = parse_perturbations(args.perturb)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    r = evaluate(ws, args.directory, args.shots, args.seed, not args.no_adapt, args.input, args.epochs, _Progress(args.json),
+                 perturbations=perturbations, max_queries=args.queries)
     r["saved"] = save_evaluation(ws, r)
     return _emit(args, r, evaluation_markdown(r) + f"\nsaved: {r['saved']['markdown']}")
 

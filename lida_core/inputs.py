@@ -174,3 +174,43 @@ def labelled_folders(root: str) -> dict[str, list[str]]:
     if not out:
         raise InputError(f"{root}: expected one sub-folder of images per source, found none")
     return out
+
+
+GENIMAGE_SPLITS = ("train", "val")
+GENIMAGE_CLASSES = {"ai": None, "nature": "real"}  # None: the generator's own folder name
+
+
+def genimage_folders(root: str) -> dict[str, dict[str, list[str]]] | None:
+    """GenImage's layout, DIR/<generator>/{train,val}/{ai,nature}/ -> {split: {source: [image URIs]}}.
+
+    `ai` images are labelled by their generator's folder; every generator's `nature` images are
+    one source, `real`. None when DIR is not laid out so (then it is one sub-folder per source).
+    """
+    fs, base = fsspec.core.url_to_fs(root)
+    if not fs.isdir(base):
+        raise InputError(f"{root}: not a folder")
+
+    def children(path: str) -> dict[str, str]:
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["name"] for e in fs.ls(path, detail=True)
+                if e["type"] == "directory" and not e["name"].rstrip("/").rsplit("/", 1)[-1].startswith(".")}
+
+    generators = children(base)
+    layout = {g: {s: children(p) for s, p in children(path).items() if s in GENIMAGE_SPLITS} for g, path in generators.items()}
+    laid_out = {g for g, splits in layout.items() if any(set(c) & set(GENIMAGE_CLASSES) for c in splits.values())}
+    if not laid_out:
+        return None
+    if laid_out != set(generators):
+        raise InputError(f"{root}: mixes GenImage folders (<generator>/{{train,val}}/{{ai,nature}}) with others: "
+                         f"{', '.join(sorted(set(generators) - laid_out))}")
+    if "real" in generators:
+        raise InputError(f"{root}: a generator folder named 'real' would be mixed with the nature images")
+    out: dict[str, dict[str, list[str]]] = {}
+    for generator, splits in sorted(layout.items()):
+        for split, classes in splits.items():
+            for cls, path in classes.items():
+                if cls not in GENIMAGE_CLASSES:
+                    continue
+                files = list_inputs([path if "://" not in root else fs.unstrip_protocol(path)])
+                if files:
+                    out.setdefault(split, {}).setdefault(GENIMAGE_CLASSES[cls] or generator, []).extend(files)
+    return {split: dict(sorted(groups.items())) for split, groups in out.items()}

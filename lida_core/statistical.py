@@ -30,15 +30,14 @@ Measured on `../shared/devset` (`benchmarks/eval_devset.py`, docs/results.md).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from lida_core.allocator import keep_freed_memory
 from lida_core.model import Embedder
+from lida_core.perturb import jpeg_copy
 from lida_core.training import REAL, tile_sums
 
 HEAD_SHRINK = 0.5
@@ -46,15 +45,6 @@ DETECTOR_SHRINK = 0.8
 REAL_SHRINK = 1.0
 JPEG_QUALITIES = (70, 95)  # inclusive range of re-encoding qualities
 MAX_REFERENCE = 1000  # real descriptors kept in a model (pre-training images and their JPEG copies)
-
-
-def jpeg_copy(pixels: np.ndarray, quality: int) -> np.ndarray:
-    """The image as Pillow writes and reads it back at this JPEG quality (the one decoder, both ways)."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=int(quality))
-    buffer.seek(0)
-    with Image.open(buffer) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 class _WithCopies(Sequence):

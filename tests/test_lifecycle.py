@@ -220,10 +220,15 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     assert json_out(run_lida(ws, "init"))["profile"] == "srm"
     pre = json_out(run_lida(ws, "pretrain", str(sample_dirs / "pretrain")))
     assert pre["epochs"] == 0 and pre["calibration"] == 8  # a closed-form fit: no epochs; 30% (at least 8) held out
-    r = json_out(run_lida(ws, "eval", str(sample_dirs / "labelled"), "--shots", "3"))
+    r = json_out(run_lida(ws, "eval", str(sample_dirs / "labelled"), "--shots", "3", "--perturb", "jpeg:90", "--perturb", "blur:1.5"))
     # 7 sources, 3 queries each: chance is 1/7 for Rank-1 and 0.5 for balanced accuracy.
     assert r["detection"] == "quadratic" and r["rank1"] >= 0.5 and r["balanced_accuracy"] >= 0.85, r
     assert r["adapted"]["fit"] == "closed-form" and len(r["decisions"]) == r["query_images"]
+    # the robustness runs re-score the same queries: a blur wipes out the low bits the fingerprint reads
+    assert [row["perturbation"] for row in r["perturbations"]] == ["jpeg:90", "blur:1.5"]
+    blurred = r["perturbations"][1]
+    assert blurred["rank1"] < r["rank1"] - 0.2 and blurred["attribution_accuracy"] < r["attribution_accuracy"], r["perturbations"]
+    assert "| blur:1.5 |" in Path(r["saved"]["markdown"]).read_text()
     for source in samples.sample_sources():
         run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
     adapted = json_out(run_lida(ws, "adapt"))
@@ -280,3 +285,34 @@ def test_a_stale_lock_is_never_held_by_two_processes_at_once(tmp_path):
     spans = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines())
     assert len(spans) == 40  # every process got the lock once
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:], strict=False))
+
+
+def test_eval_reads_genimage_folders_gallery_from_train_queries_from_val(tmp_path, sample_dirs):
+    """<generator>/{train,val}/{ai,nature}: K shots from train, queries from val, every nature folder is `real`."""
+    import shutil
+
+    root = tmp_path / "genimage"
+    labelled = sample_dirs / "labelled"
+    generators = sorted(d.name for d in labelled.iterdir() if d.is_dir() and d.name != "real")[:3]
+    real = sorted((labelled / "real").iterdir())
+    for i, generator in enumerate(generators):
+        files = sorted((labelled / generator).iterdir())
+        for split, part in (("train", files[:3]), ("val", files[3:])):
+            (root / generator / split / "ai").mkdir(parents=True)
+            (root / generator / split / "nature").mkdir(parents=True)
+            for f in part:
+                shutil.copy(f, root / generator / split / "ai" / f.name)
+        shutil.copy(real[i], root / generator / "train" / "nature" / real[i].name)
+        shutil.copy(real[3 + i], root / generator / "val" / "nature" / real[3 + i].name)
+    ws = tmp_path / "ws"
+    run_lida(ws, "init")
+    run_lida(ws, "pretrain", str(sample_dirs / "pretrain"))
+    r = json_out(run_lida(ws, "eval", str(root), "--shots", "2", "--queries", "2"))
+    assert r["layout"] == "genimage" and r["gallery_images"] == 2 * 4 and r["query_images"] == 2 * 4
+    assert {row["source"] for row in r["per_source"]} == {*generators, "real"}
+    train = {str(p) for p in root.glob("*/train/*/*")}
+    assert all(d["uri"] not in train and "/val/" in d["uri"] for d in r["decisions"])
+    (root / "other").mkdir()
+    (root / "other" / "x.png").write_bytes((labelled / "real" / real[0].name).read_bytes())
+    mixed = run_lida(ws, "eval", str(root), check=False)
+    assert mixed.returncode == 2 and "mixes GenImage folders" in mixed.stderr and "other" in mixed.stderr
