@@ -530,7 +530,18 @@ def worker_error(exc: BaseException) -> tuple[str, str]:
         found = re.findall(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Mismatch)): (.+?)(?: \[while running '.*'\])?$", text, re.M)
         if found:
             return found[-1]
-    return type(exc).__name__, text.splitlines()[0] if text else ""
+    return type(exc).__name__, one_line(text)
+
+
+def one_line(text: str, limit: int = 600) -> str:
+    """A message as one line: a first line that introduces a list ("...errors:") keeps the list, joined by '; '."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if not lines[0].endswith(":") or len(lines) == 1:
+        return lines[0]
+    joined = f"{lines[0]} {'; '.join(lines[1:])}"
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
 
 
 def run() -> None:

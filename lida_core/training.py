@@ -281,26 +281,39 @@ def calibrate_real_threshold(real_scores: np.ndarray, target_fpr: float = 0.05) 
     return float(scores[max(k, 1) - 1])
 
 
-def leave_one_out_similarities(embeddings: np.ndarray, labels: Sequence[str]) -> np.ndarray:
-    """Each image's best similarity to another image of its own label (NaN when it is alone)."""
+def leave_one_out_similarities(embeddings: np.ndarray, labels: Sequence[str], rows: np.ndarray | None = None,
+                               block: int = 1024) -> np.ndarray:
+    """Each image's (or each of `rows`') best similarity to another image of its own label (NaN when it is alone).
+
+    Computed `block` rows at a time, so memory grows with the gallery, not with its square.
+    """
     labels = np.asarray(labels)
-    if len(labels) == 0:
-        return np.zeros(0, dtype=np.float64)
-    sim = embeddings @ embeddings.T
-    np.fill_diagonal(sim, -np.inf)
-    same = labels[:, None] == labels[None, :]
-    best = np.where(same, sim, -np.inf).max(1)
+    rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
+    best = np.full(len(rows), -np.inf)
+    for start in range(0, len(rows), block):
+        chunk = rows[start : start + block]
+        sim = embeddings[chunk] @ embeddings.T
+        sim[np.arange(len(chunk)), chunk] = -np.inf
+        best[start : start + block] = np.where(labels[chunk][:, None] == labels[None, :], sim, -np.inf).max(1, initial=-np.inf)
     return np.where(np.isfinite(best), best, np.nan)
+
+
+UNKNOWN_CALIBRATION_QUERIES = 5000  # gallery images whose nearest same-source neighbour calibrates `unknown`
 
 
 def calibrate_unknown_threshold(embeddings: np.ndarray, labels: Sequence[str], accept: float = 0.95) -> float | None:
     """Similarity below which a generated image is `unknown`: keeps `accept` of known ones.
 
-    Calibrated leave-one-out on generator gallery images; None when no source has two images.
+    Calibrated leave-one-out on generator gallery images (a seeded sample of at most
+    UNKNOWN_CALIBRATION_QUERIES of them, each against the whole gallery); None when no source
+    has two images.
     """
     labels = np.asarray(labels)
     mask = labels != REAL
-    best = leave_one_out_similarities(embeddings[mask], labels[mask])
+    rows = None
+    if mask.sum() > UNKNOWN_CALIBRATION_QUERIES:
+        rows = np.sort(np.random.default_rng(0).choice(int(mask.sum()), UNKNOWN_CALIBRATION_QUERIES, replace=False))
+    best = leave_one_out_similarities(embeddings[mask], labels[mask], rows)
     best = best[np.isfinite(best)]
     if best.size == 0:
         return None

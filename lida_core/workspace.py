@@ -75,6 +75,7 @@ class WorkspaceConfig:
         default_factory=lambda: {"scan": "0 2 * * *", "reindex": "0 3 * * 0", "adapt": "0 4 * * 0"}
     )
     timezone: str = "UTC"  # the zone the schedules' cron strings are read in (an IANA name)
+    index_memory_mb: int = 4096  # the attribution index's memory: over it, compressed codes (pipelines/index.choose_index)
     created_at: str = ""
 
     @classmethod
@@ -94,6 +95,8 @@ class WorkspaceConfig:
             raise WorkspaceError("config.json: inboxes must be a list of paths or URLs")
         if not isinstance(config.adapt_min_new, int) or config.adapt_min_new < 1:
             raise WorkspaceError("config.json: adapt_min_new must be a positive integer")
+        if not isinstance(config.index_memory_mb, int) or isinstance(config.index_memory_mb, bool) or config.index_memory_mb < 1:
+            raise WorkspaceError("config.json: index_memory_mb must be a positive integer (MiB)")
         if not isinstance(config.schedules, dict) or set(config.schedules) - {"scan", "reindex", "adapt"}:
             raise WorkspaceError("config.json: schedules maps scan, reindex and adapt to cron strings")
         for name, value in (("k", config.k), ("top_k", config.top_k)):

@@ -33,7 +33,7 @@ def reindex(ws: Workspace, version: str | None = None, staged: pa.Table | None =
     else:  # an empty gallery still gets an (empty) index of the model's dimension
         vectors = np.zeros((0, lifecycle.load_model(ws, version).model.embedding_dim), np.float32)
     manifest = gallery_index.build_index(ws, version, config.fingerprint, table["image_id"].to_pylist(),
-                                         table["source"].to_pylist(), vectors, config.unknown_accept)
+                                         table["source"].to_pylist(), vectors, config.unknown_accept, config.index_memory_mb)
     return {k: manifest[k] for k in ("index_version", "model_version", "count", "dimension", "kind", "unknown_threshold")}
 
 
@@ -206,6 +206,8 @@ def _index_with(ws: Workspace, version: str, staged) -> dict:
             new.append(i)
     if not new:
         return {"index_version": current.version, "count": len(current.image_ids), "incremental": True}
+    if not gallery_index.fits_after_adding(current, len(new), config.index_memory_mb):
+        return reindex(ws, version, staged)  # the gallery outgrew its index type (or the budget changed): rebuild
     vectors = np.asarray([table["embedding"][i].as_py() for i in new], dtype=np.float32)
     manifest = gallery_index.add_to_index(ws, current, [table["image_id"][i].as_py() for i in new],
                                           [table["source"][i].as_py() for i in new], vectors, config.unknown_accept)

@@ -1,10 +1,14 @@
 """The attribution index: FAISS over the gallery table of one model version.
 
-Exact inner product over L2-normalised float32 vectors (= cosine) by default; above
-`ivf_threshold` vectors an IVF index (nlist ~ 4 sqrt(n), nprobe set for recall) keeps search
-fast within memory, as autofaiss reasons. Ids go through IndexIDMap2; the manifest maps
-ids back to (image id, source) and records model version, index version, count, dimension,
-fingerprint settings, calibrated open-set threshold and build time.
+Inner product over L2-normalised float32 vectors (= cosine). The index type follows the
+vector count and the workspace's memory budget (`index_memory_mb`, `choose_index`), as
+autofaiss reasons: exact (`IndexFlatIP`) while the vectors fit and number under
+IVF_THRESHOLD; IVF over full vectors (`IndexIVFFlat`, nlist ~ 4 sqrt(n)) above it; and, when
+full vectors would not fit, IVF over product-quantised codes (`IndexIVFPQ`, m bytes a vector,
+the largest m that fits). Row ids go through IndexIDMap2; a sidecar `ids.parquet` maps them
+back to (image id, source), so a reader loads two Arrow columns instead of JSON lists. The
+manifest records model version, index version, kind, the memory it was sized for, count,
+dimension, fingerprint settings, calibrated open-set threshold and build time.
 
 Publication is atomic: a version folder `indexes/iNNNN/` is written whole under a staging
 name, renamed, and only then does `indexes/CURRENT` move. A reader opens one version and
@@ -13,6 +17,7 @@ never sees a partial index.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,6 +28,8 @@ from dataclasses import dataclass, replace
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lida_core.training import Decider, calibrate_unknown_threshold
 from lida_core.workspace import INDEXES, Workspace, WorkspaceConfig, WorkspaceError, utc_now
@@ -75,27 +82,70 @@ class GalleryIndex:
         return self.index.search(queries, k)
 
 
-def _build_faiss(vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+PQ_MIN_VECTORS = 39 * 256  # a product quantiser's 256 centroids per sub-vector: FAISS asks for 39 points each
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """Which FAISS index a gallery gets, and the memory it is estimated to take."""
+
+    kind: str  # IndexFlatIP | IndexIVFFlat | IndexIVFPQ
+    nlist: int = 0
+    m: int = 0  # IndexIVFPQ: bytes per vector (sub-quantisers of 8 bits)
+    bytes: int = 0
+
+
+def choose_index(n: int, dim: int, budget_bytes: int) -> IndexPlan:
+    """The index for n vectors of `dim` within `budget_bytes` (vectors or codes, ids, centroids, codebooks).
+
+    Raises WorkspaceError when not even the smallest codes fit: the budget is then the user's to raise.
+    """
+    ids = 8 * n  # IndexIDMap2's int64 ids
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # FAISS wants ~39 training points per centroid
+    flat = 4 * n * dim + ids
+    if n < IVF_THRESHOLD and flat <= budget_bytes:
+        return IndexPlan("IndexFlatIP", bytes=flat)
+    centroids = 4 * nlist * dim
+    if flat + centroids <= budget_bytes:
+        return IndexPlan("IndexIVFFlat", nlist=nlist, bytes=flat + centroids)
+    if n >= PQ_MIN_VECTORS:
+        for m in sorted((m for m in range(1, dim // 2 + 1) if dim % m == 0), reverse=True):  # >= 2 dimensions a byte
+            need = n * (m + 8) + centroids + 4 * 256 * dim  # codes and ids, coarse centroids, PQ codebooks
+            if need <= budget_bytes:
+                return IndexPlan("IndexIVFPQ", nlist=nlist, m=m, bytes=need)
+    raise WorkspaceError(f"a gallery of {n} vectors of {dim} dimensions does not fit in index_memory_mb "
+                         f"{budget_bytes / 2**20:.0f}; raise it ('lida config index_memory_mb N')")
+
+
+def _build_faiss(vectors: np.ndarray, ids: np.ndarray, plan: IndexPlan | None = None) -> faiss.Index:
     n, dim = vectors.shape
-    if n >= IVF_THRESHOLD:
-        nlist = int(4 * math.sqrt(n))
-        quantizer = faiss.IndexFlatIP(dim)
-        base = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        base.train(vectors)
-        base.nprobe = max(8, nlist // 16)
-    else:
+    plan = plan or IndexPlan("IndexFlatIP")
+    if plan.kind == "IndexFlatIP":
         base = faiss.IndexFlatIP(dim)
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+        if plan.kind == "IndexIVFPQ":
+            base = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.m, 8, faiss.METRIC_INNER_PRODUCT)
+        else:
+            base = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+        base.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        base.nprobe = min(plan.nlist, max(8, plan.nlist // 16))
     index = faiss.IndexIDMap2(base)
     if n:
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
     return index
 
 
-def _publish(ws: Workspace, index: faiss.Index, manifest: dict) -> str:
+IDS_FILE = "ids.parquet"
+
+
+def _publish(ws: Workspace, index: faiss.Index, manifest: dict, image_ids: list[str], sources: list[str]) -> str:
     staging = ws.path(INDEXES, f".staging-{uuid.uuid4().hex}")
     ws.fs.makedirs(staging, exist_ok=True)
     with ws.fs.open(f"{staging}/index.faiss", "wb") as handle:
         handle.write(faiss.serialize_index(index).tobytes())
+    with ws.fs.open(f"{staging}/{IDS_FILE}", "wb") as handle:  # row id i -> (image_ids[i], sources[i])
+        pq.write_table(pa.table({"image_id": pa.array(image_ids, pa.string()), "source": pa.array(sources, pa.string())}), handle)
     while True:
         existing = versions(ws)
         version = f"i{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
@@ -156,26 +206,37 @@ def versions(ws: Workspace) -> list[str]:
     return sorted((n for n in names if n.startswith("i") and n[1:].isdigit()), key=lambda n: int(n[1:]))
 
 
+def _source_counts(sources: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in sources:
+        out[s] = out.get(s, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def build_index(ws: Workspace, model_version: str, fingerprint: str, image_ids: list[str], sources: list[str],
-                vectors: np.ndarray, unknown_accept: float) -> dict:
-    """Full rebuild from gallery rows; returns the manifest."""
+                vectors: np.ndarray, unknown_accept: float, memory_mb: int | None = None) -> dict:
+    """Full rebuild from gallery rows, of the type `choose_index` picks for the budget; returns the manifest."""
     started = time.perf_counter()
     vectors = np.asarray(vectors, dtype=np.float32)
     vectors = vectors.reshape(len(image_ids), vectors.shape[-1] if vectors.ndim == 2 else -1)
-    index = _build_faiss(vectors, np.arange(len(image_ids)))
+    budget = (memory_mb if memory_mb is not None else WorkspaceConfig.index_memory_mb) * 2**20
+    plan = choose_index(len(image_ids), int(vectors.shape[1]), budget)
+    index = _build_faiss(vectors, np.arange(len(image_ids)), plan)
     manifest = {
         "model_version": model_version,
         "count": len(image_ids),
         "dimension": int(vectors.shape[1]),
         "fingerprint": fingerprint,
-        "kind": type(faiss.downcast_index(index.index)).__name__,  # IndexFlatIP or IndexIVFFlat (SWIG says "Index")
-        "sources": sources,
-        "image_ids": image_ids,
+        "kind": type(faiss.downcast_index(index.index)).__name__,  # the real type (SWIG alone says "Index")
+        "memory_budget_mb": budget // 2**20,
+        "estimated_bytes": plan.bytes,
+        "ids": IDS_FILE,
+        "source_counts": _source_counts(sources),
         "unknown_threshold": calibrate_unknown_threshold(vectors, sources, unknown_accept) if len(vectors) else None,
         "built_at": utc_now().isoformat(),
         "build_seconds": time.perf_counter() - started,
     }
-    manifest["index_version"] = _publish(ws, index, manifest)
+    manifest["index_version"] = _publish(ws, index, manifest, list(image_ids), list(sources))
     return manifest
 
 
@@ -187,19 +248,29 @@ def add_to_index(ws: Workspace, current: GalleryIndex, image_ids: list[str], sou
     vectors = np.asarray(vectors, dtype=np.float32)
     index.add_with_ids(vectors, np.arange(start, start + len(image_ids), dtype=np.int64))
     all_sources = current.sources + list(sources)
-    all_vectors = np.vstack([index.reconstruct(i) for i in range(len(all_sources))]) if len(all_sources) <= 50_000 else None
+    exact = isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
+    all_vectors = np.vstack([index.reconstruct(i) for i in range(len(all_sources))]) if exact and len(all_sources) <= 50_000 else None
     manifest = {
-        **current.manifest,
+        **{k: v for k, v in current.manifest.items() if k not in ("sources", "image_ids")},  # older manifests held them
         "count": len(all_sources),
-        "sources": all_sources,
-        "image_ids": current.image_ids + list(image_ids),
+        "ids": IDS_FILE,
+        "source_counts": _source_counts(all_sources),
         "unknown_threshold": calibrate_unknown_threshold(all_vectors, all_sources, unknown_accept)
         if all_vectors is not None else current.manifest.get("unknown_threshold"),
         "built_at": utc_now().isoformat(),
         "parent_index": current.version,
     }
-    manifest["index_version"] = _publish(ws, index, manifest)
+    manifest["index_version"] = _publish(ws, index, manifest, current.image_ids + list(image_ids), all_sources)
     return manifest
+
+
+def fits_after_adding(current: GalleryIndex, added: int, memory_mb: int) -> bool:
+    """Whether the current index's type is still the one `choose_index` picks with `added` more vectors."""
+    try:
+        plan = choose_index(current.index.ntotal + added, current.manifest["dimension"], memory_mb * 2**20)
+    except WorkspaceError:
+        return False
+    return plan.kind == current.manifest.get("kind") and current.manifest.get("memory_budget_mb", memory_mb) == memory_mb
 
 
 def open_index(ws: Workspace, version: str | None = None) -> GalleryIndex | None:
@@ -222,7 +293,15 @@ def open_index(ws: Workspace, version: str | None = None) -> GalleryIndex | None
     except ValueError:
         raise WorkspaceError(f"index {version}: its manifest is not valid JSON") from None
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    return GalleryIndex(version, manifest, index, manifest["sources"], manifest["image_ids"])
+    if "image_ids" in manifest:  # published before the ids moved to their sidecar
+        return GalleryIndex(version, manifest, index, manifest["sources"], manifest["image_ids"])
+    try:
+        ids = pq.read_table(io.BytesIO(ws.read_bytes(INDEXES, version, manifest.get("ids", IDS_FILE))))
+    except FileNotFoundError:
+        raise WorkspaceError(f"index {version} is missing its ids file") from None
+    if ids.num_rows != index.ntotal:
+        raise WorkspaceError(f"index {version}: {ids.num_rows} ids for {index.ntotal} vectors")
+    return GalleryIndex(version, manifest, index, ids["source"].to_pylist(), ids["image_id"].to_pylist())
 
 
 def index_for_model(ws: Workspace, model_version: str) -> GalleryIndex | None:

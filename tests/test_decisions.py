@@ -50,6 +50,18 @@ def test_unknown_threshold_keeps_most_known_images():
     assert calibrate_unknown_threshold(gallery[[0, 2, 4]], ["g1", "g2", "real"]) is None
 
 
+def test_leave_one_out_in_blocks_and_on_sampled_rows_agrees_with_the_whole_matrix(rng):
+    x = rng.normal(size=(300, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = rng.choice(["a", "b", "c"], 300)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    whole = np.where(labels[:, None] == labels[None, :], sim, -np.inf).max(1)
+    np.testing.assert_allclose(leave_one_out_similarities(x, labels, block=7), whole)
+    rows = np.array([3, 50, 299])
+    np.testing.assert_allclose(leave_one_out_similarities(x, labels, rows, block=2), whole[rows])
+
+
 def test_decider_says_real_generated_or_unknown():
     gallery = unit([1, 0, 0, 0], [0.98, 0.2, 0, 0], [0, 1, 0, 0], [0, 0.98, 0.2, 0], [0, 0, 0, 1], [0, 0, 0.2, 0.98])
     labels = ["g1", "g1", "g2", "g2", "real", "real"]

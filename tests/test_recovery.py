@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import json_out, run_lida
@@ -25,8 +26,11 @@ def gallery_counts(ws):
 
 def index_counts(ws):
     root = Path(ws) / "indexes"
-    manifest = json.loads((root / (root / "CURRENT").read_text().strip() / "manifest.json").read_text())
-    return manifest["model_version"], {s: manifest["sources"].count(s) for s in set(manifest["sources"])}
+    version = root / (root / "CURRENT").read_text().strip()
+    manifest = json.loads((version / "manifest.json").read_text())
+    sources = pq.read_table(version / manifest["ids"]).column("source").to_pylist()
+    assert manifest["source_counts"] == {s: sources.count(s) for s in set(sources)}
+    return manifest["model_version"], manifest["source_counts"]
 
 
 def scan_lineage(ws, scan_id):

@@ -465,3 +465,57 @@ def test_scan_shows_a_shard_bar_on_a_terminal_only(workspace, sample_dirs):
     plain = subprocess.run([LIDA, "--workspace", str(workspace), "scan", folder, "--scan-id", "bar-plain"],
                            capture_output=True, text=True, timeout=600)
     assert plain.returncode == 0 and "shards:" not in plain.stderr and "done" in plain.stderr
+
+
+def test_a_runners_validation_errors_reach_the_user_whole(workspace, sample_dirs):
+    """Dataflow without its GCP options: Beam lists what is missing after a colon; the one error line keeps the list."""
+    r = run_lida(workspace, "--runner", "dataflow", "scan", str(sample_dirs / "labelled" / "real"), "--scan-id", "df", check=False)
+    error = [line for line in r.stderr.splitlines() if line.startswith("lida: error:")]
+    assert r.returncode == 1 and len(error) == 1, r.stderr
+    assert "Pipeline has validations errors:" in error[0] and "Missing required option: project" in error[0], error
+
+
+def _shard_stage(ws: Workspace, scan_id: str, shards: list[int]) -> None:
+    """The scan's Shard transform alone, in Beam's TestPipeline, with assert_that on both of its outputs."""
+    import apache_beam as beam
+    import pyarrow.parquet as pq
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from lida_core.decode import decode_image
+    from lida_core.inputs import read_input
+    from pipelines.scan import Shard, shard_name
+
+    def expected_keys():  # read when the pipeline checks, after the shards are committed
+        return sorted(row["key"] for i in shards for row in pq.read_table(
+            ws.path(f"shards/{scan_id}/{shard_name(i)}.rows.parquet")).to_pylist() if row["status"] == "ok")
+
+    def pixels_match(chunks):
+        plan = ws.read_json(f"shards/{scan_id}/plan.json")["shards"]
+        for items, pixels in chunks:
+            for item, array in zip(items, pixels, strict=True):
+                uri = plan[int(item.shard)][int(item.key.rsplit("_", 1)[1])]
+                np.testing.assert_array_equal(array, decode_image(read_input(uri), uri).pixels)
+        keys = sorted(item.key for items, _ in chunks for item in items)
+        assert keys == expected_keys() and keys, keys
+
+    with TestPipeline(runner=FnApiRunner()) as p:
+        committed, chunks = p | Shard(ws.url, scan_id, shards)
+        assert_that(committed, equal_to(shards), label="EveryShardCommitted")
+        assert_that(chunks | beam.combiners.ToList(), lambda got: pixels_match(got[0]), label="DecodedAsTheFilesAre")
+
+
+def test_shard_stage_in_a_test_pipeline_writes_then_rereads_from_its_tars(workspace, hostile_dir):
+    """Errors and duplicates stay out of the chunks; a committed shard is decoded again from its own tar."""
+    from pipelines.scan import plan_scan
+
+    ws = Workspace(str(workspace))
+    plan = plan_scan(ws, "testpipeline", [str(hostile_dir)], shard_size=3)
+    shards = list(range(len(plan["shards"])))
+    assert len(shards) >= 3
+    _shard_stage(ws, "testpipeline", shards)  # first run: reads the files, writes tars and rows
+    tars = {p.name: p.stat().st_mtime_ns for p in (workspace / "shards" / "testpipeline").glob("*.tar")}
+    assert len(tars) == len(shards)
+    _shard_stage(ws, "testpipeline", shards)  # committed: the same chunks, read back from the tars
+    assert {p.name: p.stat().st_mtime_ns for p in (workspace / "shards" / "testpipeline").glob("*.tar")} == tars
