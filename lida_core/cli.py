@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, int]] = {
     "demo": ("the main job on bundled sample data in a fresh workspace", 5),
     "flow": ("run one Prefect flow now, no server needed: nightly (scan the inboxes), reindex, adapt", 5),
     "config": ("show or change workspace settings (inboxes, labelled_inbox, schedules, thresholds)", 5),
+    "compact": ("merge finished scans' small Parquet files into large ones, exactly once", 14),
 }
 
 
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs["query"]
     p.add_argument("sql", metavar="SQL", help="views: images, embeddings, attributions, gallery")
+
+    verbs["compact"].add_argument("--scan-id", action="append", metavar="ID", dest="scan_ids",
+                                  help="only this finished scan (repeatable); default: every finished scan")
 
     verbs["attribute"].add_argument("paths", nargs="+", metavar="FILE", help="images (files, folders, fsspec URLs)")
 
@@ -371,6 +375,15 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0 if all("error" not in r for r in results) else 3
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from lida_core.compact import compact
+    from lida_core.workspace import Workspace
+
+    r = compact(Workspace(args.workspace), args.scan_ids)
+    return _emit(args, r, f"compacted {r['scans']} finished scans: {r['files_before']} files -> {r['files_after']}"
+                          + (f" ({r['recovered']} interrupted compactions finished)" if r["recovered"] else ""))
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from lida_core.query import run_query
     from lida_core.workspace import Workspace
@@ -472,7 +485,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"init": cmd_init, "pretrain": cmd_pretrain, "gallery": cmd_gallery, "adapt": cmd_adapt, "eval": cmd_eval,
-                 "reindex": cmd_reindex, "scan": cmd_scan, "query": cmd_query,
+                 "reindex": cmd_reindex, "scan": cmd_scan, "query": cmd_query, "compact": cmd_compact,
                  "attribute": cmd_attribute, "report": cmd_report, "demo": cmd_demo, "flow": cmd_flow,
                  "serve": cmd_serve, "config": cmd_config}
 

@@ -35,6 +35,7 @@ from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 import schemas
+from lida_core import compact as compaction
 from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
 from lida_core.inputs import list_inputs, read_input
 from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, utc_now
@@ -620,7 +621,11 @@ def run_scan(
         check_ready(ws, model_version)
         plan = plan_scan(ws, scan_id, paths)
         shards = list(enumerate(plan["shards"]))
+        # A `lida compact` that died mid-swap is finished first; shards it merged count as done.
+        compaction.recover(ws, f"{TABLES}/attributions/scan_id={scan_id}")
+        compaction.recover(ws, f"{TABLES}/embeddings/model_version={model_version}")
         attributed = {p.rsplit("/", 1)[-1] for p in ws.ls(TABLES, "attributions", f"scan_id={scan_id}")}
+        attributed |= {attributions_part(scan_id, s).rsplit("/", 1)[-1] for s in compaction.covered_shards(ws, scan_id)}
         todo = [(i, uris) for i, uris in shards if attributions_part(scan_id, shard_name(i)).rsplit("/", 1)[-1] not in attributed]
         files = sum(len(u) for _, u in shards)
         say(f"scan {scan_id}: {files} files in {len(shards)} shards; {len(todo)} shards to do")
