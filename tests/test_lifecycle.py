@@ -287,6 +287,7 @@ def test_a_stale_lock_is_never_held_by_two_processes_at_once(tmp_path):
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:], strict=False))
 
 
+@pytest.mark.slow  # 17 s; make test runs near its 15-minute budget
 def test_eval_reads_genimage_folders_gallery_from_train_queries_from_val(tmp_path, sample_dirs):
     """<generator>/{train,val}/{ai,nature}: K shots from train, queries from val, every nature folder is `real`."""
     import shutil
