@@ -718,8 +718,8 @@ def evaluate(
     g_emb = model.embed(gallery.pixels)
     q_emb = model.embed(queries.pixels)
     decider = _decider_for(model, ws, gallery.pixels, g_src, config, fitted) if adapt or current.decider is None else current.decider
-    decider = replace(decider, unknown_threshold=training.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept),
-                      method=config.decision, k=config.k, top_k=config.top_k)
+    decider = replace(decider, unknown_threshold=training.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept)
+                      ).configured(config)
     metrics, decisions = _scores(decider, q_emb, q_src, g_emb, g_src, queries.jpeg)
     robustness = []
     for i, perturbation in enumerate(perturbations):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -355,6 +355,13 @@ class Decider:
     # JPEG inputs score lower than PNG ones under the same rule (their low bits are the codec's), so
     # they get a threshold calibrated on JPEG images alone: each format keeps the target rate.
     jpeg_threshold: float | None = None
+
+    def configured(self, config) -> Decider:
+        """This decider under a workspace's decision settings: vote, k, top-k, and a fixed threshold if one is set."""
+        out = replace(self, method=config.decision, k=config.k, top_k=config.top_k)
+        if config.real_threshold is not None:  # the paper's way: one hand-set threshold, for every format
+            out = replace(out, real_threshold=float(config.real_threshold), jpeg_threshold=None)
+        return out
 
     def threshold(self, jpeg: bool = False) -> float:
         return self.jpeg_threshold if jpeg and self.jpeg_threshold is not None else self.real_threshold

@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -75,6 +76,9 @@ class WorkspaceConfig:
         default_factory=lambda: {"scan": "0 2 * * *", "reindex": "0 3 * * 0", "adapt": "0 4 * * 0"}
     )
     timezone: str = "UTC"  # the zone the schedules' cron strings are read in (an IANA name)
+    # A fixed detection threshold in place of the calibrated one: the paper hand-sets 0.85 on the
+    # similarity to the real prototype (`lida config detection prototype`, `lida config real_threshold 0.85`).
+    real_threshold: float | None = None
     index_memory_mb: int = 4096  # the attribution index's memory: over it, compressed codes (pipelines/index.choose_index)
     created_at: str = ""
 
@@ -105,6 +109,9 @@ class WorkspaceConfig:
         for job, cron in config.schedules.items():
             _check_cron(job, cron)
         _check_timezone(config.timezone)
+        if config.real_threshold is not None and (isinstance(config.real_threshold, bool) or not isinstance(config.real_threshold, (int, float))
+                                                  or not math.isfinite(config.real_threshold)):
+            raise WorkspaceError("config.json: real_threshold must be a finite number or null (calibrated)")
         if config.decision not in ("knn", "centroid"):
             raise WorkspaceError("config.json: decision must be 'knn' or 'centroid'")
         if config.detection is not None and config.detection not in DETECTIONS:
@@ -420,6 +427,11 @@ def set_config_value(ws: Workspace, key: str, values: list[str]) -> WorkspaceCon
             raise WorkspaceError(f"{key} takes one value")
         elif head in ("labelled_inbox", "detection"):  # optional settings: "none" clears them
             data[head] = None if values[0] == "none" else values[0]
+        elif head == "real_threshold":
+            try:
+                data[head] = None if values[0] == "none" else float(values[0])
+            except ValueError:
+                raise WorkspaceError(f"{key}: {values[0]!r} is not a number") from None
         else:
             kind = type(current)
             try:

@@ -336,4 +336,4 @@ def query_decider(ws: Workspace, model_version: str, meta: dict, config: Workspa
         raise WorkspaceError("the current model has no real prototype yet: run 'lida pretrain' or 'lida adapt' first")
     base = Decider.from_dict(meta["decider"])
     unknown = index.manifest.get("unknown_threshold") if index else None
-    return replace(base, unknown_threshold=unknown, method=config.decision, k=config.k, top_k=config.top_k), index
+    return replace(base, unknown_threshold=unknown).configured(config), index

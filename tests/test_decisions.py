@@ -117,3 +117,24 @@ def test_tiles_are_disjoint_and_start_at_the_centre(rng):
     assert len(views) == 4 and all(v.shape == (128, 128, 3) for v in views)
     assert len({v.tobytes() for v in views}) == 4
     assert tile_views(image[:100, :100], 128, 4)[0].shape == (100, 100, 3)
+
+
+def test_a_fixed_threshold_replaces_the_calibrated_ones_for_every_format():
+    """The paper's hand-set 0.85 on the similarity to the real prototype, as a workspace setting."""
+    from dataclasses import asdict, replace
+
+    from lida_core.workspace import WorkspaceConfig, WorkspaceError
+
+    prototype = unit([1, 0, 0])[0]
+    decider = Decider(prototype, real_threshold=0.5, unknown_threshold=None, jpeg_threshold=0.4)
+    config = WorkspaceConfig(profile="paper", fingerprint="b3-scale-full-resize256", real_threshold=0.85, k=3)
+    fixed = decider.configured(config)
+    assert fixed.threshold(jpeg=False) == fixed.threshold(jpeg=True) == 0.85 and fixed.k == 3
+    query = unit([0.8, 0.6, 0])  # cosine 0.8 to the real prototype
+    gallery, labels = unit([0, 1, 0], [1, 0, 0]), ["g1", "real"]
+    assert fixed.decide(query, gallery, labels)[0]["is_generated"]
+    assert not decider.configured(replace(config, real_threshold=None)).decide(query, gallery, labels, [True])[0]["is_generated"]
+    assert decider.configured(replace(config, real_threshold=None)).threshold(jpeg=True) == 0.4
+    for bad in ("high", float("nan"), True):
+        with pytest.raises(WorkspaceError, match="real_threshold"):
+            WorkspaceConfig.from_dict({**asdict(config), "real_threshold": bad})
