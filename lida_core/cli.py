@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "<generator>/{train,val}/{ai,nature} (gallery from train, queries from val, nature = real)")
     p.add_argument("--shots", type=positive_int, default=5)
     p.add_argument("--queries", type=positive_int, metavar="N", help="at most N query images per source (a seeded draw)")
+    p.add_argument("--holdout", type=float, metavar="SHARE", help="share of the K shots held out to pick the adaptation's "
+                   "epoch (default 0.2); 0 trains on every shot for all epochs, as the paper does (network profiles)")
     p.add_argument("--perturb", action="append", default=[], metavar="KIND:V,...",
                    help="also score the queries perturbed, e.g. jpeg:95,90,85 or blur:1 (Gaussian sigma, px); repeatable")
     p.add_argument("--seed", type=int, default=0)
@@ -307,12 +309,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ws = Workspace(args.workspace)
     if args.shots < 1:
         raise UserError("--shots must be at least 1")
+    if args.holdout is not None and not 0 <= args.holdout < 1:
+        raise UserError(f"--holdout: a share from 0 to below 1, got {args.holdout}")
     try:
         perturbations = parse_perturbations(args.perturb)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     r = evaluate(ws, args.directory, args.shots, args.seed, not args.no_adapt, args.input, args.epochs, _Progress(args.json),
-                 perturbations=perturbations, max_queries=args.queries)
+                 perturbations=perturbations, max_queries=args.queries, holdout=args.holdout)
     r["saved"] = save_evaluation(ws, r)
     return _emit(args, r, evaluation_markdown(r) + f"\nsaved: {r['saved']['markdown']}")
 

@@ -59,10 +59,12 @@ ADAPT_DEFAULTS = {"small": {"epochs": 60, "lr": 1e-3, "view_size": 64, "views_pe
                   "stats": {"epochs": 100, "lr": 1e-3, "view_size": 0, "views_per_image": 4, "lam": 0.0, "beta": 0.0}}
 
 
-def adapt_config(profile: str, epochs: int | None, lr: float | None, seed: int, input_kind: str) -> training.AdaptConfig:
-    """The profile's adaptation defaults, with the user's epochs and learning rate where given."""
+def adapt_config(profile: str, epochs: int | None, lr: float | None, seed: int, input_kind: str,
+                 holdout: float | None = None) -> training.AdaptConfig:
+    """The profile's adaptation defaults, with the user's epochs, learning rate and held-out share where given."""
     defaults = ADAPT_DEFAULTS.get(profile, ADAPT_DEFAULTS["small"])
-    return training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"], seed=seed, input_kind=input_kind,
+    extra = {} if holdout is None else {"holdout": holdout}
+    return training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"], seed=seed, input_kind=input_kind, **extra,
                                 view_size=defaults["view_size"], views_per_image=defaults["views_per_image"],
                                 **{k: defaults[k] for k in ("lam", "beta", "loss", "prototype") if k in defaults})
 
@@ -690,6 +692,7 @@ def evaluate(
     progress: Progress = _quiet,
     perturbations: Sequence[Perturbation] = (),
     max_queries: int | None = None,
+    holdout: float | None = None,
 ) -> dict:
     """K-shot evaluation on DIR/<source>/... (or GenImage's layout; `_draw`), then each perturbation of the queries.
 
@@ -711,7 +714,7 @@ def evaluate(
     model = LoadedModel(current.version, copy.deepcopy(current.model), current.meta)
     adapt_info, fitted = None, None
     if adapt:
-        cfg = adapt_config(config.profile, epochs, None, seed, model.input_kind)
+        cfg = adapt_config(config.profile, epochs, None, seed, model.input_kind, holdout)
         result, fitted = _fit(model, gallery.pixels, g_src, cfg, progress)
         adapt_info = {"best_epoch": result.best_epoch, "holdout_accuracy": result.best_holdout_accuracy,
                       "fit": model.model.fit}

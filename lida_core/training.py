@@ -501,7 +501,7 @@ class AdaptResult:
 
 
 def split_holdout(labels: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Per source, hold out round(fraction x n) images (at least one where a source has 3+)."""
+    """Per source, hold out round(fraction x n) images (at least one where a source has 3+; none at fraction 0)."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     train, held = [], []
@@ -509,7 +509,7 @@ def split_holdout(labels: Sequence[str], fraction: float, seed: int) -> tuple[li
         idx = np.flatnonzero(labels == source)
         rng.shuffle(idx)
         n_hold = int(round(fraction * len(idx)))
-        if len(idx) >= 3:
+        if fraction > 0 and len(idx) >= 3:
             n_hold = max(1, n_hold)
         n_hold = min(n_hold, len(idx) - 1)
         held += idx[:n_hold].tolist()

@@ -138,3 +138,13 @@ def test_a_fixed_threshold_replaces_the_calibrated_ones_for_every_format():
     for bad in ("high", float("nan"), True):
         with pytest.raises(WorkspaceError, match="real_threshold"):
             WorkspaceConfig.from_dict({**asdict(config), "real_threshold": bad})
+
+
+def test_holdout_zero_trains_on_every_shot_as_the_paper_does():
+    from lida_core.training import split_holdout
+
+    labels = ["real"] * 5 + ["g1"] * 5 + ["g2"] * 2
+    train, held = split_holdout(labels, 0.0, seed=3)
+    assert held == [] and train == list(range(12))
+    train, held = split_holdout(labels, 0.2, seed=3)
+    assert sorted(labels[i] for i in held) == ["g1", "real"] and len(train) == 10  # 5-shot trains on 4; 2 images keep both
