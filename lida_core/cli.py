@@ -1,6 +1,9 @@
-"""The `lida` command (see shared/CONTRACT.md). Thin: parses, dispatches, prints one-line errors.
+"""The `lida` command (README.md, "Using it"). Thin: parses, dispatches, prints one-line errors.
 
 Heavy modules (torch, Beam, Prefect) are imported inside the verbs so `lida --help` is fast.
+
+Over 400 lines on purpose: every verb's arguments, help and one-line output sit in one file, so
+the whole surface of the command (README.md's table) can be read and checked in one place.
 """
 
 from __future__ import annotations
@@ -11,23 +14,23 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# verb -> (help, issue that delivered it); the contract's verbs in its order, then lida's additions.
-VERBS: dict[str, tuple[str, int]] = {
-    "init": ("create the workspace and model version 0", 3),
-    "pretrain": ("unsupervised pre-training on real images only", 3),
-    "gallery": ("register or list labelled images per source", 4),
-    "adapt": ("few-shot attribution adaptation on the gallery", 3),
-    "reindex": ("rebuild the FAISS attribution index", 4),
-    "scan": ("the nightly job: shard, fingerprint, embed, attribute, write tables", 4),
-    "attribute": ("attribute a few images now, one JSON object per image (exit 3 if any file failed)", 5),
-    "eval": ("labelled evaluation: Rank-1, mAP, detection accuracy, confusion matrix", 3),
-    "report": ("self-contained HTML report for a scan", 5),
-    "query": ("DuckDB SQL over the workspace tables", 5),
-    "serve": ("register and serve the Prefect deployments on their schedules", 5),
-    "demo": ("the main job on bundled sample data in a fresh workspace", 5),
-    "flow": ("run one Prefect flow now, no server needed: nightly (scan the inboxes), reindex, adapt", 5),
-    "config": ("show or change workspace settings (inboxes, labelled_inbox, schedules, thresholds)", 5),
-    "compact": ("merge finished scans' small Parquet files into large ones, exactly once", 14),
+# verb -> help; the contract's verbs in its order, then lida's additions.
+VERBS: dict[str, str] = {
+    "init": "create the workspace and model version 0",
+    "pretrain": "unsupervised pre-training on real images only",
+    "gallery": "register or list labelled images per source",
+    "adapt": "few-shot attribution adaptation on the gallery",
+    "reindex": "rebuild the FAISS attribution index",
+    "scan": "the nightly job: shard, fingerprint, embed, attribute, write tables",
+    "attribute": "attribute a few images now, one JSON object per image (exit 3 if any file failed)",
+    "eval": "labelled evaluation: Rank-1, mAP, detection accuracy, confusion matrix",
+    "report": "self-contained HTML report for a scan",
+    "query": "DuckDB SQL over the workspace tables",
+    "serve": "register and serve the Prefect deployments on their schedules",
+    "demo": "the main job on bundled sample data in a fresh workspace",
+    "flow": "run one Prefect flow now, no server needed: nightly (scan the inboxes), reindex, adapt",
+    "config": "show or change workspace settings (inboxes, labelled_inbox, schedules, thresholds)",
+    "compact": "merge finished scans' small Parquet files into large ones, exactly once",
 }
 
 
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     after = argparse.ArgumentParser(add_help=False)
     _global_options(after, *[argparse.SUPPRESS] * 5)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    verbs = {verb: sub.add_parser(verb, help=text, description=text, parents=[after]) for verb, (text, _) in VERBS.items()}
+    verbs = {verb: sub.add_parser(verb, help=text, description=text, parents=[after]) for verb, text in VERBS.items()}
 
     p = verbs["init"]
     p.add_argument("--profile", choices=("small", "phase", "stats", "srm", "paper"), help="default: paper with CUDA, else srm (co-occurrences of low-bit SRM residuals + a closed-form "
@@ -126,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("paths", nargs="+", metavar="PATH")
     gsub.add_parser("list", help="sources, image counts, model and index versions", parents=[after])
 
-    verbs["reindex"].set_defaults()
 
     p = verbs["adapt"]
     p.add_argument("--epochs", type=positive_int)

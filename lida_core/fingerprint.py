@@ -23,9 +23,13 @@ Region and fit bring it to the model's square input size without touching the bi
   seeded by `seed` and the grid size. Either way a fingerprint is a pure function of pixels
   and settings.
 
-Two implementations give bit-identical uint8 results: `fingerprint_bits` (numpy, one
-image) and `fingerprint_batch` (torch, CPU or CUDA, a list of images of any sizes). Both
-use only integer arithmetic, so they cannot drift apart on different hardware.
+Two paths give bit-identical uint8 results, in integer arithmetic only, so they cannot drift
+apart on different hardware: `fingerprint_bits` (numpy, one image: the reference) and the
+production split, `prepare_low_bits` in CPU workers then `accel.finish` on a batch on the device
+(`fit_to_size` and `authors_patch` take numpy arrays and torch tensors alike).
+
+Over 400 lines on purpose: Pillow's and OpenCV's resamplers are restated here step by step,
+because a fingerprint that differs from the authors' in one low bit is another fingerprint.
 """
 
 from __future__ import annotations
@@ -33,21 +37,18 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
 
-from lida_core.decode import DecodedImage, DecodeError, decode_image
+from lida_core.decode import DecodeError, decode_image
 
 __all__ = [
     "FingerprintSettings",
     "DecodeError",
     "decode_image",
     "fingerprint_bits",
-    "fingerprint_batch",
-    "fingerprint_file_bytes",
     "fit_to_size",
     "low_bits",
     "authors_patch",
@@ -392,12 +393,6 @@ def fingerprint_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.nd
     return np.ascontiguousarray(fit_to_size(region, settings))
 
 
-def fingerprint_file_bytes(data: bytes, settings: FingerprintSettings, name: str = "<bytes>") -> tuple[np.ndarray, DecodedImage]:
-    """Decode with the one decoder, then fingerprint."""
-    decoded = decode_image(data, name)
-    return fingerprint_bits(decoded.pixels, settings), decoded
-
-
 def prepare_low_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.ndarray:
     """CPU half: the kept low bits (`x & mask`, uint8) of the region the fingerprint reads."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -451,53 +446,6 @@ def _torch():
     import torch  # heavy import kept out of module import time
 
     return torch
-
-
-def fingerprint_batch(images: Sequence, settings: FingerprintSettings, device=None):
-    """Fingerprints of many images at once, on CPU or CUDA: N x S x S x 3 uint8 tensor.
-
-    `images` are H x W x 3 uint8 arrays or tensors of any sizes; images of one size are
-    processed together. Bit-identical to `fingerprint_bits` on each image.
-    """
-    torch = _torch()
-    device = torch.device(device) if device is not None else None
-    out = torch.empty((len(images), settings.size, settings.size, 3), dtype=torch.uint8, device=device or "cpu")
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, image in enumerate(images):
-        if tuple(image.shape[2:]) != (3,) or len(image.shape) != 3:
-            raise ValueError(f"image {i}: expected H x W x 3 uint8, got shape {tuple(image.shape)}")
-        groups.setdefault((int(image.shape[0]), int(image.shape[1])), []).append(i)
-    for members in groups.values():
-        batch = torch.stack([torch.as_tensor(images[i]) for i in members]).to(out.device)
-        if batch.dtype != torch.uint8:
-            raise ValueError("fingerprint_batch expects uint8 pixels")
-        out[torch.tensor(members, device=out.device)] = _fingerprint_same_size(batch, settings)
-    return out
-
-
-def _fingerprint_same_size(batch, settings: FingerprintSettings):
-    torch = _torch()
-    n, height, width, _ = batch.shape
-    p = settings.patch
-    rows, cols = height // p, width // p
-    if settings.region == "patch" and settings.fit == "crop" and rows > 0 and cols > 0:
-        if settings.patch_select == "random":
-            index = torch.full((n,), random_tile(settings.seed, rows, cols), device=batch.device)
-        else:
-            scores = tile_complexity(batch, p).reshape(n, -1)
-            index = scores.argmax(dim=1) if settings.patch_select == "max" else scores.argmin(dim=1)
-        top = (index // cols) * p
-        left = (index % cols) * p
-        offsets = torch.arange(p, device=batch.device)
-        ys = (top[:, None] + offsets[None, :])[:, :, None]
-        xs = (left[:, None] + offsets[None, :])[:, None, :]
-        batch = batch[torch.arange(n, device=batch.device)[:, None, None], ys, xs]
-    kept = torch.bitwise_and(batch, settings.mask)
-    if settings.mode == "binary":
-        region = (kept != 0).to(torch.uint8) * 255
-    else:
-        region = (kept.to(torch.int16) * settings.scale_factor).to(torch.uint8)
-    return fit_to_size(region, settings)
 
 
 def to_model_input(fingerprints):

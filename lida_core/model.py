@@ -18,6 +18,9 @@ settings. `build_model(name)` returns an `Embedder`: float N x 3 x S x S in [0, 
 
 Checkpoints are plain dicts of tensors and strings, read with `torch.load(weights_only=True)`,
 and carry the profile and fingerprint settings they were trained with.
+
+Over 400 lines on purpose: the registry, the networks and stems it names, and the checkpoint
+format that records them change together; a profile is read here from top to bottom.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@
 A local path or any fsspec URL works. Locally, publication is atomic (write under a temporary
 name, then `os.replace`/`rename`); on object stores the pointer is written last, so readers
 follow the pointer and never see a half-written version.
+
+Over 400 lines on purpose: every path, the lock, the config's checks and version publication
+are the one place that knows the layout above.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Exactly-once by construction, whatever crashes when:
   shards resolved by content hash: the first URI is `ok`, the others `duplicate`).
 - Embeddings and attributions are written per shard under deterministic names, so a re-run
   overwrites rather than adds; shards whose attributions exist are skipped.
+
+Over 400 lines on purpose: the stages share the names, markers and retry rules above, and the
+exactly-once argument has to be checked against all of them at once.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from lida_core.fingerprint import (
     FingerprintSettings,
     cv2_bilinear_resize,
     decode_image,
-    fingerprint_batch,
     fingerprint_bits,
     pillow_bilinear_resize,
     tile_complexity,
@@ -35,21 +34,22 @@ def odd_images(rng, count=9):
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes[:count]]
 
 
+def _production(images, settings):
+    """The production path: CPU workers keep the low bits (`accel.prepare`), the device finishes a batch."""
+    from lida_core import accel
+
+    kept = torch.stack([torch.from_numpy(accel.prepare(x, settings)) for x in images])
+    return accel.finish(kept, settings).numpy()
+
+
 @pytest.mark.parametrize("settings", ALL_SETTINGS, ids=str)
-def test_torch_batch_is_bit_identical_to_numpy(settings, rng):
-    images = odd_images(rng)
-    images.append(images[3].copy())  # two images of one size go through one batch
-    expected = np.stack([fingerprint_bits(image, settings) for image in images])
-    got = fingerprint_batch(images, settings)
-    assert got.dtype == torch.uint8 and tuple(got.shape) == (len(images), settings.size, settings.size, 3)
-    np.testing.assert_array_equal(got.numpy(), expected)
-
-
-def test_torch_accepts_tensors_on_the_requested_device(rng):
-    settings = FingerprintSettings(fit="crop", size=64)
-    images = [torch.from_numpy(x) for x in odd_images(rng, 4)]
-    got = fingerprint_batch(images, settings, device="cpu")
-    np.testing.assert_array_equal(got.numpy(), np.stack([fingerprint_bits(x.numpy(), settings) for x in images]))
+def test_production_finish_of_a_batch_is_bit_identical_to_numpy(settings, rng):
+    for image in odd_images(rng):
+        other = rng.integers(0, 256, image.shape, dtype=np.uint8)  # a second image of the size: its own patch, its own bits
+        got = _production([image, other], settings)
+        assert got.dtype == np.uint8 and got.shape == (2, settings.size, settings.size, 3)
+        for x, out in zip((image, other), got, strict=True):
+            np.testing.assert_array_equal(out, fingerprint_bits(x, settings))
 
 
 def test_scale_mode_is_the_authors_formula_before_a_pillow_resize(rng):
@@ -230,7 +230,7 @@ def test_paper_patches_equal_the_authors_on_22_images(tmp_path, rng):
             settings = FingerprintSettings(region="patch", patch_select=select, seed=seed)
             expected = authors_fingerprint(path, select, seed)
             np.testing.assert_array_equal(fingerprint_bits(pixels, settings), expected, err_msg=f"{path.name} {settings}")
-            np.testing.assert_array_equal(fingerprint_batch([pixels], settings)[0].numpy(), expected)
+            np.testing.assert_array_equal(_production([pixels], settings)[0], expected)
             if select != "random":
                 picked.add((select, fingerprint_bits(pixels, settings).tobytes()))
     assert len(picked) > 30  # max and min pick different tiles on different images: the rule is exercised
