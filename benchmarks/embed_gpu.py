@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lida_core import accel  # noqa: E402
+from lida_core import accel, embed  # noqa: E402
 from lida_core.decode import decode_image  # noqa: E402
 from lida_core.fingerprint import FingerprintSettings, fingerprint_bits, load_tile_bits, pillow_bilinear_resize  # noqa: E402
 from lida_core.model import build_model  # noqa: E402
@@ -120,10 +120,9 @@ def checks(model, embedder: accel.DeviceEmbedder, paths: list[str]) -> dict:
             kept = torch.from_numpy(accel.prepare(pixels, settings))[None].to(embedder.device)
             same &= bool(np.array_equal(accel.finish(kept, settings)[0].cpu().numpy(), fingerprint_bits(pixels, settings)))
     results["fingerprint_identical"] = same
-    from lida_core import training
 
     sample = [decode_image(Path(p).read_bytes(), p).pixels for p in paths[:32]]
-    reference = training.embed(model.to("cpu").float(), sample)
+    reference = embed.embed(model.to("cpu").float(), sample)
     device_emb = embedder.embed(sample)
     results["embedding_min_cosine"] = float(np.min(np.sum(reference * device_emb, axis=1)))
     import faiss

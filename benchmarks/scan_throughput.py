@@ -101,8 +101,8 @@ def model_rate(ws: Path, paths: list[str]) -> float:
     from lida_core.accel import DeviceEmbedder
     from lida_core.allocator import keep_freed_memory
     from lida_core.decode import decode_image
+    from lida_core.embed import embed
     from lida_core.lifecycle import load_model
-    from lida_core.training import embed
     from lida_core.workspace import Workspace
 
     keep_freed_memory()

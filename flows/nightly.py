@@ -14,8 +14,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import RETRY_DELAY_S, content_hashes, offline_prefect, table_image_ids
+from lida_core import decide
 from lida_core.inputs import InputError, list_inputs
-from lida_core.workspace import TABLES, Workspace, WorkspaceError, utc_now
+from lida_core.workspace import TABLES, Workspace, WorkspaceError, utc_stamp
 
 PREFIX = "nightly-"
 
@@ -23,7 +24,7 @@ PREFIX = "nightly-"
 @task(name="find-new-files", retries=2, retry_delay_seconds=RETRY_DELAY_S)
 def find_new_files(workspace: str) -> dict:
     """Inbox files whose content no finished scan has seen yet, one per distinct content."""
-    from pipelines.scan import scan_ids
+    from lida_core.workspace import scan_ids
 
     log = get_run_logger()
     ws = Workspace(workspace).require()
@@ -64,7 +65,7 @@ def beam_scan(workspace: str, uris: list[str], scan_id: str, runner: str, runner
 @task(name="unknown-clusters")
 def unknown_clusters(workspace: str, scan_id: str, min_size: int = 2) -> list[dict]:
     """Groups of `unknown` images that resemble each other: candidates for a new generator."""
-    from pipelines.index import query_decider
+    from lida_core.index import query_decider
 
     ws = Workspace(workspace)
     table = ws.read_parquet(TABLES, "attributions", f"scan_id={scan_id}",
@@ -96,27 +97,8 @@ def unknown_clusters(workspace: str, scan_id: str, min_size: int = 2) -> list[di
     except WorkspaceError:  # the index moved on to a newer model since the scan
         threshold = None
     threshold = 0.9 if threshold is None else float(threshold)
-    parent = list(range(len(ids)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for start in range(0, len(ids), 1024):  # blocks keep memory bounded on large nights
-        sims = emb[start : start + 1024] @ emb.T
-        for a, b in zip(*np.nonzero(sims >= threshold), strict=True):
-            ra, rb = find(start + int(a)), find(int(b))
-            if ra != rb:
-                parent[ra] = rb
-    groups: dict[int, list[int]] = {}
-    for i in range(len(ids)):
-        groups.setdefault(find(i), []).append(i)
     clusters = []
-    for members in sorted(groups.values(), key=lambda m: (-len(m), ids[m[0]])):
-        if len(members) < min_size:
-            continue
+    for members in decide.unknown_clusters(emb, threshold, min_size):
         centre = emb[members].mean(axis=0)
         cohesion = float(np.mean(emb[members] @ centre / (np.linalg.norm(centre) + 1e-12)))
         clusters.append({"size": len(members), "cohesion": cohesion, "threshold": float(threshold),
@@ -159,7 +141,8 @@ def nightly_markdown(scan: dict | None, found: dict, clusters: list[dict], resum
 def nightly_scan(workspace: str, runner: str = "local", runner_options: list[str] | None = None,
                  device: str = "cpu") -> dict:
     """Scan what is new in the workspace's inboxes; publish counts, clusters, errors and throughput."""
-    from pipelines.scan import planned_uris, scan_ids
+    from lida_core.workspace import scan_ids
+    from pipelines.scan import planned_uris
 
     ws = Workspace(workspace).require()
     options = list(runner_options or [])
@@ -171,11 +154,11 @@ def nightly_scan(workspace: str, runner: str = "local", runner_options: list[str
     found = find_new_files(workspace)
     scan, clusters = None, []
     if found["new"]:
-        scan_id = PREFIX + utc_now().strftime("%Y%m%dT%H%M%SZ")
+        scan_id = PREFIX + utc_stamp()
         scan = beam_scan(workspace, found["new"], scan_id, runner, options, device)
         clusters = unknown_clusters(workspace, scan_id)
     markdown = nightly_markdown(scan, found, clusters, resumed)
-    name = scan["scan_id"] if scan else "nothing-new-" + utc_now().strftime("%Y%m%dT%H%M%SZ")
+    name = scan["scan_id"] if scan else "nothing-new-" + utc_stamp()
     ws.write_bytes(f"reports/nightly/{name}.md", markdown.encode())
     create_markdown_artifact(markdown, key="lida-nightly-scan", description=f"lida nightly scan of {ws.url}")
     return {"scan": scan, "new_files": len(found["new"]), "already_scanned": found["already_scanned"],

@@ -52,7 +52,7 @@ def pick_batch_size(device: torch.device, input_size: int) -> int:
 
 
 class DeviceEmbedder:
-    """Embeds decoded images on `device` with the CPU/device split above; same output as training.embed."""
+    """Embeds decoded images on `device` with the CPU/device split above; same output as embed.embed."""
 
     def __init__(self, model: Embedder, device: str | torch.device = "cpu", batch_size: int | None = None,
                  compile: bool = False, autocast: bool | None = None):
@@ -127,7 +127,7 @@ class DeviceEmbedder:
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """L2-normalised N x D float32 embeddings of decoded images, tiles averaged as in training.embed."""
+        """L2-normalised N x D float32 embeddings of decoded images, tiles averaged as in embed.embed."""
         return self.run((v for i, image in enumerate(images) for v in self.views(i, image)), len(images))
 
     def embed_files(self, uris: Sequence[str], workers: int | None = None) -> tuple[np.ndarray, dict[int, str]]:

@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from lida_core.errors import UserError
+
 # verb -> help; the contract's verbs in its order, then lida's additions.
 VERBS: dict[str, str] = {
     "init": "create the workspace and model version 0",
@@ -33,9 +35,6 @@ VERBS: dict[str, str] = {
     "compact": "merge finished scans' small Parquet files into large ones, exactly once",
 }
 
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
 
 
 def _whole(text: str, least: int, bound: str) -> int:
@@ -274,10 +273,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
+    from lida_core.index import open_index
     from lida_core.lifecycle import gallery_summary
     from lida_core.workspace import Workspace
     from pipelines import gallery
-    from pipelines.index import open_index
 
     ws = Workspace(args.workspace)
     if args.gallery_verb == "add":
@@ -304,7 +303,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lida_core.lifecycle import evaluate, evaluation_markdown, save_evaluation
+    from lida_core.evaluate import evaluate, evaluation_markdown, save_evaluation
     from lida_core.perturb import parse_perturbations
     from lida_core.workspace import Workspace
 
@@ -529,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("LIDA_DEBUG"):
             raise
         name, detail = worker_error(exc)
-        if name in {e.__name__ for e in user_errors()} | {"IndexMismatch"}:
+        if name in {e.__name__ for e in user_errors()}:
             _fail(args, detail)
             return 2
         _fail(args, f"{name}: {detail} (set LIDA_DEBUG=1 for the traceback)")

@@ -1,15 +1,18 @@
-"""Model lifecycle in a workspace: init, pre-train, gallery, adapt, evaluate.
+"""Model lifecycle in a workspace: init, pre-train, gallery rows, adapt (evaluation: `evaluate.py`).
 
 These are the verbs' logic without the command line. Every step that publishes holds the
 workspace lock. A model version is published whole and `models/CURRENT` only moves after
 it, so a crash (even kill -9) leaves the current model untouched and usable.
+
+Over 400 lines on purpose: every step here makes or carries a model version, and they share
+its meta format, its decider and the gallery it is published with; one file keeps a version's
+whole life readable in order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as dt
 import hashlib
 import io
 import json
@@ -24,10 +27,10 @@ import pyarrow.parquet as pq
 import torch
 
 import schemas
-from lida_core import failpoints, statistical, training
+from lida_core import decide, failpoints, statistical, training
 from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
-from lida_core.inputs import genimage_folders, labelled_folders, list_inputs, read_input
-from lida_core.metrics import auroc, balanced_accuracy, confusion_matrix, per_source_table, retrieval_metrics
+from lida_core.embed import embed
+from lida_core.inputs import labelled_folders, list_inputs, read_input
 from lida_core.model import (
     CheckpointError,
     Embedder,
@@ -37,7 +40,6 @@ from lida_core.model import (
     load_checkpoint,
     load_upstream_weights,
 )
-from lida_core.perturb import Perturbation
 from lida_core.workspace import MODELS, TABLES, Workspace, WorkspaceConfig, WorkspaceError, utc_now
 
 Progress = Callable[[str, dict], None]
@@ -153,12 +155,12 @@ class LoadedModel:
         return self.meta.get("input", "fingerprint")
 
     @property
-    def decider(self) -> training.Decider | None:
+    def decider(self) -> decide.Decider | None:
         data = self.meta.get("decider")
-        return training.Decider.from_dict(data) if data else None
+        return decide.Decider.from_dict(data) if data else None
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        return training.embed(self.model, images, input_kind=self.input_kind)
+        return embed(self.model, images, input_kind=self.input_kind)
 
 
 def default_profile() -> str:
@@ -371,15 +373,15 @@ def pretrain_version(
         if closed_form:
             real = statistical.embeddings_from_descriptors(model, reference)
             detector = statistical.QuadraticDetector.fit(real, real[:0], [])
-            prototype = training.real_prototype(real)
+            prototype = decide.real_prototype(real)
             cal_scores = detector.scores(loaded.embed(statistical.with_jpeg_copies(cal_images, seed)))
             threshold, jpeg_threshold = _thresholds(cal_scores, cal_jpeg + [True] * len(cal_images), config.target_fpr)
         else:
-            prototype = training.real_prototype(loaded.embed(train_images))
+            prototype = decide.real_prototype(loaded.embed(train_images))
             cal_scores = loaded.embed(cal_images) @ prototype
-            threshold = training.calibrate_real_threshold(cal_scores, config.target_fpr)
+            threshold = decide.calibrate_real_threshold(cal_scores, config.target_fpr)
         calibration_ids = [ws.put_blob(decoded.raw[i]) for i in cal_idx]
-        decider = training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k,
+        decider = decide.Decider(prototype, threshold, None, config.decision, config.k, config.top_k,
                                    quadratic=detector.to_dict() if closed_form else None, jpeg_threshold=jpeg_threshold)
         meta = {
             "kind": "pretrain",
@@ -474,9 +476,6 @@ def gallery_images(ws: Workspace, version: str) -> tuple[list[np.ndarray], list[
     return [decode_image(ws.get_blob(i), i).pixels for i in ids], sources, ids
 
 
-# ---------------------------------------------------------------- decisions
-
-
 # ---------------------------------------------------------------- adaptation
 
 
@@ -497,12 +496,12 @@ def _thresholds(scores: np.ndarray, jpeg: Sequence[bool], target_fpr: float) -> 
     calibration image falls back to the pooled threshold.
     """
     scores, jpeg = np.asarray(scores, dtype=np.float64), np.asarray(jpeg, dtype=bool)
-    pooled = training.calibrate_real_threshold(scores, target_fpr)
-    other = training.calibrate_real_threshold(scores[~jpeg], target_fpr) if (~jpeg).any() else pooled
-    return other, training.calibrate_real_threshold(scores[jpeg], target_fpr) if jpeg.any() else None
+    pooled = decide.calibrate_real_threshold(scores, target_fpr)
+    other = decide.calibrate_real_threshold(scores[~jpeg], target_fpr) if (~jpeg).any() else pooled
+    return other, decide.calibrate_real_threshold(scores[jpeg], target_fpr) if jpeg.any() else None
 
 
-def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: WorkspaceConfig, fitted: dict | None = None) -> training.Decider:
+def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: WorkspaceConfig, fitted: dict | None = None) -> decide.Decider:
     """Prototype from the real gallery images; threshold from the held-out calibration images.
 
     With contrast detection the generator prototypes come from the same gallery images, and
@@ -518,25 +517,25 @@ def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Wor
         real = statistical.embeddings_from_descriptors(model.model, fitted["real"])
         generated = statistical.embeddings_from_descriptors(model.model, fitted["generated"])
         detector = statistical.QuadraticDetector.fit(real, generated, fitted["labels"])
-        found = training.generator_prototypes(generated, fitted["labels"])
+        found = decide.generator_prototypes(generated, fitted["labels"])
         threshold, jpeg_threshold = _thresholds(detector.scores(model.embed(calibration)), calibration_jpeg, config.target_fpr)
-        return training.Decider(training.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
+        return decide.Decider(decide.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
                                 np.stack(list(found.values())) if found else None, quadratic=detector.to_dict(),
                                 jpeg_threshold=jpeg_threshold)
     emb = model.embed(images)
     real = emb[np.asarray(sources) == training.REAL]
-    prototype = training.real_prototype(real)
+    prototype = decide.real_prototype(real)
     generators = None
     if calibration:
         if rule == "contrast":
-            found = training.generator_prototypes(emb, sources)
+            found = decide.generator_prototypes(emb, sources)
             generators = np.stack(list(found.values())) if found else None
-        scores = training.detection_scores(model.embed(calibration), prototype, generators)
+        scores = decide.detection_scores(model.embed(calibration), prototype, generators)
     else:  # no held-out real images: the prototype rule, with leave-one-out gallery scores
-        scores = training.leave_one_out_similarities(real, [training.REAL] * len(real))
+        scores = decide.leave_one_out_similarities(real, [training.REAL] * len(real))
         scores = scores[np.isfinite(scores)]
-    threshold = training.calibrate_real_threshold(scores, config.target_fpr) if len(scores) else -1.0
-    return training.Decider(prototype, threshold, None, config.decision, config.k, config.top_k, generators)
+    threshold = decide.calibrate_real_threshold(scores, config.target_fpr) if len(scores) else -1.0
+    return decide.Decider(prototype, threshold, None, config.decision, config.k, config.top_k, generators)
 
 
 def _fit(model: LoadedModel, images, sources, cfg: training.AdaptConfig, progress: Progress) -> tuple[training.AdaptResult, dict | None]:
@@ -612,184 +611,3 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             failpoints.reached("adapt:current")
     return {"model_version": version, "parent": current.version, "promoted": promoted,
             "holdout_accuracy_before": before, "holdout_accuracy_after": after, "best_epoch": result.best_epoch}
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def _draw(directory: str, shots: int, seed: int, max_queries: int | None) -> tuple[list, list, list, list, str]:
-    """(gallery URIs, their sources, query URIs, their sources, layout) for a K-shot evaluation of DIR.
-
-    One sub-folder per source: K images of each are the gallery, the rest the queries. GenImage's
-    layout (<generator>/{train,val}/{ai,nature}): K of each source's `train` images are the
-    gallery and its `val` images the queries (both from `val` where there is no `train`).
-    """
-    splits = genimage_folders(directory)
-    if splits is None:
-        bank, held, layout = labelled_folders(directory), None, "folders"
-    else:
-        if "val" not in splits:
-            raise WorkspaceError(f"{directory}: GenImage layout without a val split")
-        layout = "genimage"
-        bank, held = (splits["train"], splits["val"]) if "train" in splits else (splits["val"], None)
-        if held is not None and set(held) - set(bank):
-            raise WorkspaceError(f"{directory}: {', '.join(sorted(set(held) - set(bank)))}: val images without train images")
-    if training.REAL not in bank:
-        raise WorkspaceError(f"{directory}: needs a 'real' sub-folder" if layout == "folders" else f"{directory}: no nature images")
-    rng = np.random.default_rng(seed)
-    gallery_uris, gallery_src, pools = [], [], {}
-    for source, files in bank.items():
-        files = list(files)
-        rng.shuffle(files)
-        if len(files) < shots + (held is None):
-            raise WorkspaceError(f"{directory}/{source}: {len(files)} images, need "
-                                 f"{'more than' if held is None else 'at least'} --shots {shots}")
-        gallery_uris += files[:shots]
-        gallery_src += [source] * shots
-        pools[source] = files[shots:]
-    if held is not None:
-        pools = {}
-        for source, files in held.items():
-            files = list(files)
-            rng.shuffle(files)
-            pools[source] = files
-    query_uris, query_src = [], []
-    for source, files in pools.items():
-        files = files[:max_queries] if max_queries else files
-        query_uris += files
-        query_src += [source] * len(files)
-    return gallery_uris, gallery_src, query_uris, query_src, layout
-
-
-def _scores(decider: training.Decider, q_emb: np.ndarray, q_src: list[str], g_emb: np.ndarray, g_src: list[str],
-            jpeg: Sequence[bool]) -> tuple[dict, list[dict]]:
-    """Retrieval and decision metrics of these query embeddings, and the decisions themselves."""
-    retrieval = retrieval_metrics(q_emb @ g_emb.T, q_src, g_src)
-    decisions = decider.decide(q_emb, g_emb, g_src, jpeg)
-    predicted = [d["predicted_source"] for d in decisions]
-    truth_generated = [s != training.REAL for s in q_src]
-    real_scores = np.array([d["real_score"] for d in decisions])
-    return {
-        "rank1": retrieval["rank1"],
-        "mAP": retrieval["mAP"],
-        "attribution_accuracy": float(np.mean([p == t for p, t in zip(predicted, q_src, strict=True)])),
-        "balanced_accuracy": balanced_accuracy(truth_generated, [d["is_generated"] for d in decisions]),
-        # Real queries called generated, at the threshold calibrated on pre-training's held-out images.
-        "false_positive_rate": float(np.mean([d["is_generated"] for d, t in zip(decisions, q_src, strict=True) if t == training.REAL]))
-        if training.REAL in q_src else float("nan"),
-        "auroc": auroc(-real_scores, truth_generated),
-    }, decisions
-
-
-def evaluate(
-    ws: Workspace,
-    directory: str,
-    shots: int = 5,
-    seed: int = 0,
-    adapt: bool = True,
-    input_kind: str | None = None,
-    epochs: int | None = None,
-    progress: Progress = _quiet,
-    perturbations: Sequence[Perturbation] = (),
-    max_queries: int | None = None,
-    holdout: float | None = None,
-) -> dict:
-    """K-shot evaluation on DIR/<source>/... (or GenImage's layout; `_draw`), then each perturbation of the queries.
-
-    The gallery and the fit stay clean; each perturbation re-scores the same queries
-    (`lida_core.perturb`: the paper's robustness runs).
-    """
-    config = ws.config()
-    current = load_model(ws)
-    if input_kind and input_kind != current.input_kind:
-        raise WorkspaceError(
-            f"the current model takes {current.input_kind} input; evaluate {input_kind} input in a workspace "
-            f"pre-trained with 'lida pretrain --input {input_kind}'"
-        )
-    gallery_uris, gallery_src, query_uris, query_src, layout = _draw(directory, shots, seed, max_queries)
-    gallery = decode_inputs(gallery_uris, progress)
-    queries = decode_inputs(query_uris, progress)
-    g_src = [s for s, u in zip(gallery_src, gallery_uris, strict=True) if u in set(gallery.uris)]
-    q_src = [s for s, u in zip(query_src, query_uris, strict=True) if u in set(queries.uris)]
-    model = LoadedModel(current.version, copy.deepcopy(current.model), current.meta)
-    adapt_info, fitted = None, None
-    if adapt:
-        cfg = adapt_config(config.profile, epochs, None, seed, model.input_kind, holdout)
-        result, fitted = _fit(model, gallery.pixels, g_src, cfg, progress)
-        adapt_info = {"best_epoch": result.best_epoch, "holdout_accuracy": result.best_holdout_accuracy,
-                      "fit": model.model.fit}
-    g_emb = model.embed(gallery.pixels)
-    q_emb = model.embed(queries.pixels)
-    decider = _decider_for(model, ws, gallery.pixels, g_src, config, fitted) if adapt or current.decider is None else current.decider
-    decider = replace(decider, unknown_threshold=training.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept)
-                      ).configured(config)
-    metrics, decisions = _scores(decider, q_emb, q_src, g_emb, g_src, queries.jpeg)
-    robustness = []
-    for i, perturbation in enumerate(perturbations):
-        progress("perturb", {"done": i, "total": len(perturbations), "perturbation": str(perturbation), "images": len(q_src)})
-        p_emb = model.embed([perturbation.apply(x) for x in queries.pixels])
-        jpeg = [perturbation.makes_jpeg or j for j in queries.jpeg]
-        robustness.append({"perturbation": str(perturbation), **_scores(decider, p_emb, q_src, g_emb, g_src, jpeg)[0]})
-    predicted = [d["predicted_source"] for d in decisions]
-    names, matrix = confusion_matrix(q_src, predicted, sorted(set(q_src) | set(predicted) | {training.UNKNOWN}))
-    return {
-        "directory": directory,
-        "layout": layout,
-        "shots": shots,
-        "seed": seed,
-        "model_version": current.version,
-        "input": model.input_kind,
-        "fingerprint": str(model.model.fingerprint),
-        "adapted": adapt_info,
-        "gallery_images": len(g_src),
-        "query_images": len(q_src),
-        "errors": gallery.errors + queries.errors,
-        **metrics,
-        "detection": decider.rule,
-        "real_threshold": decider.real_threshold,
-        "jpeg_threshold": decider.jpeg_threshold,
-        "unknown_threshold": decider.unknown_threshold,
-        "perturbations": robustness,
-        "per_source": per_source_table(q_src, predicted),
-        "decisions": [{"uri": u, "source": t, "predicted_source": d["predicted_source"], "is_generated": d["is_generated"],
-                       "real_score": d["real_score"], "top1_similarity": d["top1_similarity"]}
-                      for u, t, d in zip(queries.uris, q_src, decisions, strict=True)],
-        "confusion": {"labels": names, "matrix": matrix.tolist()},
-    }
-
-
-def evaluation_markdown(result: dict) -> str:
-    lines = [
-        f"# lida eval: {result['shots']}-shot, model {result['model_version']} ({result['input']}, {result['fingerprint']})",
-        "",
-        f"- gallery {result['gallery_images']} images, queries {result['query_images']}, errors {len(result['errors'])}",
-        f"- attribution accuracy **{result['attribution_accuracy']:.3f}** (the decisions the attributions table would hold: "
-        f"real, a source or unknown), Rank-1 **{result['rank1']:.3f}**, mAP {result['mAP']:.3f}",
-        f"- real vs generated: balanced accuracy **{result['balanced_accuracy']:.3f}**, AUROC {result['auroc']:.3f}, "
-        f"real images called generated {result.get('false_positive_rate', float('nan')):.3f} "
-        f"({result.get('detection', 'prototype')} rule, threshold {result['real_threshold']:.3f})",
-        "",
-        "| source | queries | correct | recall | precision |",
-        "|---|---|---|---|---|",
-    ]
-    for row in result["per_source"]:
-        lines.append(f"| {row['source']} | {row['count']} | {row['correct']} | {row['recall']:.3f} | {row['precision']:.3f} |")
-    if result.get("perturbations"):
-        lines += ["", "Robustness: the same queries perturbed (gallery and fit clean)", "",
-                  "| queries | Rank-1 | mAP | attribution | balanced | AUROC | real called generated |", "|---|---|---|---|---|---|---|"]
-        for row in [{"perturbation": "clean", **result}, *result["perturbations"]]:
-            lines.append(f"| {row['perturbation']} | {row['rank1']:.3f} | {row['mAP']:.3f} | {row['attribution_accuracy']:.3f} | "
-                         f"{row['balanced_accuracy']:.3f} | {row['auroc']:.3f} | {row['false_positive_rate']:.3f} |")
-    labels = result["confusion"]["labels"]
-    lines += ["", "Confusion (rows: true, columns: predicted)", "", "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    for name, row in zip(labels, result["confusion"]["matrix"], strict=True):
-        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def save_evaluation(ws: Workspace, result: dict) -> dict:
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    rel = f"evals/{stamp}-{result['shots']}shot"
-    ws.write_json(f"{rel}.json", result)
-    ws.write_bytes(f"{rel}.md", evaluation_markdown(result).encode())
-    return {"json": ws.uri(f"{rel}.json"), "markdown": ws.uri(f"{rel}.md")}

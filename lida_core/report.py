@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, utc_now
+from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, scan_ids, utc_now
 
 # real is green and unknown grey; generators take the other colours (no greens or greys among them)
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#b07aa1", "#edc948", "#9c755f", "#17becf", "#ff9da7", "#1f3a93",
@@ -156,8 +156,6 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
 
 
 def latest_scan(ws: Workspace) -> str:
-    from pipelines.scan import scan_ids
-
     finished = [s for s, done in scan_ids(ws).items() if done]
     if not finished:
         raise WorkspaceError(f"no finished scan in {ws.url} yet: run 'lida scan PATH...' first")
@@ -173,7 +171,7 @@ def latest_evaluation(ws: Workspace) -> dict | None:
 
 
 def thresholds(ws: Workspace, model_version: str) -> dict[str, float | None]:
-    from pipelines.index import open_index
+    from lida_core.index import open_index
 
     meta = ws.model_meta(model_version)
     real = (meta.get("decider") or {}).get("real_threshold")

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from lida_core.allocator import keep_freed_memory
+from lida_core.decide import REAL
+from lida_core.embed import tile_sums
 from lida_core.model import Embedder
 from lida_core.perturb import jpeg_copy
-from lida_core.training import REAL, tile_sums
 
 HEAD_SHRINK = 0.5
 DETECTOR_SHRINK = 0.8
@@ -126,7 +127,7 @@ def reference_descriptors(model: Embedder) -> np.ndarray:
 
 
 def embeddings_from_descriptors(model: Embedder, feats: np.ndarray) -> np.ndarray:
-    """What `training.embed` returns for these descriptors (single-tile images): normalised head outputs."""
+    """What `embed.embed` returns for these descriptors (single-tile images): normalised head outputs."""
     head = model.backbone
     return _normalise((feats - head.mean.double().numpy()) @ head.weight.double().numpy()).astype(np.float32)
 

@@ -59,7 +59,12 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-DETECTIONS = ("prototype", "contrast", "quadratic")  # real/generated rules (training.detection_scores)
+def utc_stamp() -> str:
+    """Now as a compact UTC stamp for names (scan ids, evaluations, runs): 20261129T131500Z."""
+    return utc_now().strftime("%Y%m%dT%H%M%SZ")
+
+
+DETECTIONS = ("prototype", "contrast", "quadratic")  # real/generated rules (decide.py)
 
 
 @dataclass
@@ -445,3 +450,13 @@ def set_config_value(ws: Workspace, key: str, values: list[str]) -> WorkspaceCon
         config = WorkspaceConfig.from_dict(data)
         ws.save_config(config)
     return config
+
+
+def scan_ids(ws: Workspace) -> dict[str, bool]:
+    """Every scan id with a plan, and whether it finished (images, embeddings and attributions written)."""
+    found = {}
+    for path in sorted(ws.ls(SHARDS)):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if ws.exists(f"{SHARDS}/{name}/plan.json"):
+            found[name] = ws.exists(f"{SHARDS}/{name}/done.json")
+    return found

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 
 from lida_core import failpoints, lifecycle
-from lida_core.workspace import TABLES, Workspace
-from pipelines import index as gallery_index
+from lida_core import index as gallery_index
+from lida_core.workspace import TABLES, Workspace, utc_stamp
 
 
 def _gallery_rows(ws: Workspace, version: str, staged: pa.Table | None) -> pa.Table:
@@ -136,12 +136,6 @@ def embed_into_gallery(ws: Workspace, source: str, uris: Sequence[str], model_ve
     return decoded, errors, run
 
 
-def utc_stamp() -> str:
-    from lida_core.workspace import utc_now
-
-    return utc_now().strftime("%Y%m%dT%H%M%SZ")
-
-
 def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress, runner: str = "local",
                 runner_options: Sequence[str] = (), beam_args: Sequence[str] | None = None) -> dict:
     import hashlib
@@ -242,12 +236,9 @@ def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
         except (DecodeError, OSError) as exc:
             results.append({"uri": uri, "error": getattr(exc, "reason", str(exc))})
     if pixels:
-        emb = loaded.embed(pixels)
-        k = min(index.index.ntotal, max(config.k, config.top_k) * 8) if index else 0
-        sims, ids = index.search(emb, k, loaded.version) if k else (np.zeros((len(emb), 0)), np.zeros((len(emb), 0), int))
-        for row, position in enumerate(good):
-            labels = [index.sources[j] for j in ids[row] if j >= 0] if k else []
-            results[position].update(decider.decide_from_similarities(emb[row], sims[row][: len(labels)], labels, jpeg[row]))
+        decisions = gallery_index.search_and_decide(decider, index, loaded.embed(pixels), jpeg, loaded.version)
+        for position, decision in zip(good, decisions, strict=True):
+            results[position].update(decision)
             results[position].update(model_version=loaded.version, index_version=index.version if index else "none",
                                      fingerprint=config.fingerprint)
     return results

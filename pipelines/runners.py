@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from lida_core.errors import RunnerError  # noqa: F401  (defined with the other user errors; raised here)
+
 THREADS_UP_TO_CORES = 4
 
 RUNNERS = {"local": "DirectRunner", "dask": "apache_beam.runners.dask.dask_runner.DaskRunner", "flink": "FlinkRunner", "spark": "SparkRunner", "dataflow": "DataflowRunner"}
@@ -33,9 +35,6 @@ RUNNERS = {"local": "DirectRunner", "dask": "apache_beam.runners.dask.dask_runne
 
 LOCAL_MODES = ("in_memory", "multi_threading", "multi_processing")  # Beam's DirectRunner running modes
 
-
-class RunnerError(ValueError):
-    """Runner options that cannot work."""
 
 
 def parse_runner_options(items: Sequence[str]) -> dict[str, str]:

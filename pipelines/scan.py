@@ -40,8 +40,10 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 import schemas
 from lida_core import compact as compaction
 from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
+from lida_core.embed import embed
+from lida_core.index import search_and_decide
 from lida_core.inputs import list_inputs, read_input
-from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, utc_now
+from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, utc_now, utc_stamp
 
 SHARD_SIZE = int(os.environ.get("LIDA_SHARD_SIZE", "256"))  # most images per shard (tests use small shards)
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
@@ -351,13 +353,12 @@ class EmbedderHandler(ModelHandler):
         DaskRunner lost them (3 in, 2 out in a minimal pipeline); chunks made by the shard
         stage keep the batch size explicit without it.
         """
-        from lida_core import training
         from lida_core.accel import DeviceEmbedder
 
         items, pixels = batch
         if isinstance(model, DeviceEmbedder):
             return [(items, model.embed(list(pixels)))]
-        return [(items, training.embed(model.model, list(pixels), batch_size=self.batch_size, input_kind=model.input_kind,
+        return [(items, embed(model.model, list(pixels), batch_size=self.batch_size, input_kind=model.input_kind,
                                        device=self.device))]
 
     def get_num_bytes(self, batch) -> int:
@@ -427,7 +428,7 @@ class Attribute(beam.DoFn):
         self.workspace, self.scan_id, self.model_version, self.device = workspace, scan_id, model_version, device
 
     def setup(self) -> None:
-        from pipelines.index import query_decider
+        from lida_core.index import query_decider
 
         self.ws = Workspace(self.workspace)
         meta = self.ws.model_meta(self.model_version)
@@ -456,16 +457,11 @@ class Attribute(beam.DoFn):
                              columns=["uri", "image_id", "key", "format"]).to_pylist()
         rows = sorted((r for r in rows if r["key"] in ok), key=lambda r: r["key"])
         emb = np.asarray([staged[r["key"]] for r in rows], dtype=np.float32)
-        if rows and self.index is not None and self.index.index.ntotal:
-            k = min(self.index.index.ntotal, max(self.decider.k, self.decider.top_k) * 8)
-            sims, ids = self.index.search(emb, k, self.model_version)
-        else:
-            sims, ids = np.zeros((len(rows), 0), np.float32), np.zeros((len(rows), 0), np.int64)
+        decisions = search_and_decide(self.decider, self.index, emb, [r["format"] in JPEG_FORMATS for r in rows],
+                                      self.model_version)
         now = utc_now()
         attributions, embeddings = [], []
-        for i, r in enumerate(rows):
-            labels = [self.index.sources[j] for j in ids[i] if j >= 0] if self.index else []
-            decision = self.decider.decide_from_similarities(emb[i], sims[i][: len(labels)], labels, r["format"] in JPEG_FORMATS)
+        for i, (r, decision) in enumerate(zip(rows, decisions, strict=True)):
             attributions.append({"scan_id": self.scan_id, "uri": r["uri"], "image_id": r["image_id"], **decision,
                                  "model_version": self.model_version, "index_version": self.index_version,
                                  "fingerprint": self.fingerprint, "scanned_at": now})
@@ -535,7 +531,7 @@ class EmbedAndAttribute(beam.PTransform):
 
 
 def new_scan_id() -> str:
-    return utc_now().strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    return utc_stamp() + "-" + uuid.uuid4().hex[:6]
 
 
 def summary(images: pa.Table, ws: Workspace, scan_id: str) -> dict:
@@ -554,8 +550,8 @@ def summary(images: pa.Table, ws: Workspace, scan_id: str) -> dict:
 def check_ready(ws: Workspace, model_version: str) -> None:
     """What the workers will need, checked here before any shard is written: the weights load, the
     model has its decisions, and the published index is this model's (one line each, exit 2)."""
+    from lida_core.index import query_decider
     from lida_core.lifecycle import load_model
-    from pipelines.index import query_decider
 
     load_model(ws, model_version)
     query_decider(ws, model_version, ws.model_meta(model_version), ws.config())
@@ -663,16 +659,6 @@ def run_scan(
         # Written last: a scan without it was interrupted and is resumed by its id.
         ws.write_json(f"{_scan_dir(scan_id)}/done.json", {**result, "finished_at": utc_now().isoformat()})
         return result
-
-
-def scan_ids(ws: Workspace) -> dict[str, bool]:
-    """Every scan id with a plan, and whether it finished (images, embeddings and attributions written)."""
-    found = {}
-    for path in sorted(ws.ls(SHARDS)):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if ws.exists(f"{SHARDS}/{name}/plan.json"):
-            found[name] = ws.exists(f"{SHARDS}/{name}/done.json")
-    return found
 
 
 def planned_uris(ws: Workspace, scan_id: str) -> list[str]:

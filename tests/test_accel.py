@@ -1,5 +1,5 @@
 """The accelerated embed path on CPU tensors: the CPU/device fingerprint split is bit-identical,
-DeviceEmbedder matches training.embed, and exact_topk finds FAISS's neighbours."""
+DeviceEmbedder matches embed.embed, and exact_topk finds FAISS's neighbours."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_fingerprint import ALL_SETTINGS
 
-from lida_core import accel, training
+from lida_core import accel, embed
 from lida_core.fingerprint import FingerprintSettings, fingerprint_bits, to_model_input
 from lida_core.model import Embedder, build_model, get_profile
 
@@ -41,7 +41,7 @@ def test_device_embedder_matches_training_embed(fingerprint):
     torch.manual_seed(0)
     model = Embedder(get_profile("small"), fingerprint)
     images = _images(3) + _images(4)
-    expected = training.embed(model, images)
+    expected = embed.embed(model, images)
     fast = accel.DeviceEmbedder(model, "cpu", batch_size=3)  # small batches: several per size group
     np.testing.assert_allclose(fast.embed(images), expected, atol=2e-5)
 
@@ -52,7 +52,7 @@ def test_srm_embedder_reads_the_kept_bits_as_the_float_path_does():
     fast = accel.DeviceEmbedder(model, "cpu", batch_size=3)
     assert fast.reads_kept
     images = _images(3) + [np.random.default_rng(6).integers(0, 256, (600, 530, 3), dtype=np.uint8)]  # 4 tiles
-    np.testing.assert_allclose(fast.embed(images), training.embed(model, images), atol=1e-6)  # batches differ
+    np.testing.assert_allclose(fast.embed(images), embed.embed(model, images), atol=1e-6)  # batches differ
     kept = torch.from_numpy(np.stack([accel.prepare(image, model.fingerprint) for image in images[:4]]))
     floats = to_model_input(accel.finish(kept, model.fingerprint))
     assert torch.equal(model.stem.from_low_bits(kept), model.stem(floats))  # the descriptors: bit for bit
@@ -81,8 +81,8 @@ def test_exact_topk_finds_the_faiss_flat_neighbours():
 
 
 def test_gallery_index_exact_search_agrees_with_faiss(tmp_path):
+    from lida_core import index as gallery_index
     from lida_core.workspace import Workspace
-    from pipelines import index as gallery_index
 
     ws = Workspace(str(tmp_path / "ws"))
     rng = np.random.default_rng(7)
@@ -117,7 +117,7 @@ def test_embed_files_decodes_in_worker_processes(tmp_path):
     fast = accel.DeviceEmbedder(model, "cpu", batch_size=2)
     emb, errors = fast.embed_files(paths, workers=2)
     assert list(errors) == [1] and "bad.png" in errors[1]
-    np.testing.assert_allclose(emb[[0, 2, 3]], training.embed(model, images), atol=2e-5)
+    np.testing.assert_allclose(emb[[0, 2, 3]], embed.embed(model, images), atol=2e-5)
     assert not emb[1].any()
 
 

@@ -105,7 +105,7 @@ def test_an_error_raised_in_a_beam_worker_is_reported_as_the_worker_raised_it():
     from lida_core.cli import worker_error
 
     wrapped = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    g()\n"
-                           "pipelines.index.IndexMismatch: the published index is for model v0002, not v0003; "
+                           "lida_core.index.IndexMismatch: the published index is for model v0002, not v0003; "
                            "run 'lida reindex' [while running 'EmbedAttribute/Attribute']")
     assert worker_error(wrapped) == ("IndexMismatch", "the published index is for model v0002, not v0003; run 'lida reindex'")
     assert worker_error(MemoryError()) == ("MemoryError", "")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lida_core.training import (
+from lida_core.decide import (
     Decider,
     calibrate_real_threshold,
     calibrate_unknown_threshold,
@@ -11,9 +11,9 @@ from lida_core.training import (
     generator_prototypes,
     leave_one_out_similarities,
     real_prototype,
-    split_holdout,
-    tile_views,
 )
+from lida_core.fingerprint import tile_views
+from lida_core.training import split_holdout
 
 
 def unit(*rows):
@@ -148,3 +148,13 @@ def test_holdout_zero_trains_on_every_shot_as_the_paper_does():
     assert held == [] and train == list(range(12))
     train, held = split_holdout(labels, 0.2, seed=3)
     assert sorted(labels[i] for i in held) == ["g1", "real"] and len(train) == 10  # 5-shot trains on 4; 2 images keep both
+
+
+def test_unknown_clusters_are_the_connected_groups_above_the_threshold():
+    from lida_core.decide import unknown_clusters
+
+    e = unit([1, 0, 0], [0.99, 0.14, 0], [0.97, 0.24, 0], [0, 1, 0], [0, 0.99, 0.1], [0, 0, 1])
+    # 0-1 and 1-2 are linked (0-2 is not needed: linking is transitive); 3-4 linked; 5 alone
+    assert unknown_clusters(e, 0.98, min_size=2, block=2) == [[0, 1, 2], [3, 4]]
+    assert unknown_clusters(e, 0.98, min_size=3) == [[0, 1, 2]]
+    assert unknown_clusters(e, 1.01) == []

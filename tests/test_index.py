@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_lida
+from lida_core import index as gallery_index
 from lida_core.workspace import Workspace, WorkspaceError
-from pipelines import index as gallery_index
 
 
 def test_index_type_follows_count_and_budget():

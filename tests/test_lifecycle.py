@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import LIDA, json_out, run_lida
+from lida_core.decide import Decider
 from lida_core.lifecycle import gallery_images, load_model
-from lida_core.training import Decider
 from lida_core.workspace import Workspace
 
 
@@ -193,7 +193,7 @@ def test_eval_reports_and_saves_metrics(trained, sample_dirs):
 
 
 def test_concurrent_gallery_adds_never_lose_index_entries(tmp_path, sample_dirs):
-    from pipelines.index import open_index
+    from lida_core.index import open_index
 
     ws = tmp_path / "w"
     run_lida(ws, "init", "--profile", "small")

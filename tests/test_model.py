@@ -333,7 +333,8 @@ def test_paper_training_views_are_preprocessed_as_queries_are():
     """`paper` resizes the whole image's low bits to 256 for a query; its training views go the same way."""
     import numpy as np
 
-    from lida_core.training import model_inputs, random_view, tile_sums
+    from lida_core.embed import model_inputs, tile_sums
+    from lida_core.training import random_view
 
     model = build_model("paper")
     settings = model.fingerprint

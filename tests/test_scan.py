@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from conftest import LIDA, json_out, run_lida
+from lida_core import index as gallery_index
 from lida_core.workspace import Workspace
-from pipelines import index as gallery_index
 from pipelines.gallery import reindex
 
 

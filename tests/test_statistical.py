@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 from lida_core import statistical
+from lida_core.decide import Decider, calibrate_real_threshold
 from lida_core.fingerprint import to_model_input
 from lida_core.model import SrmStem, build_model, load_checkpoint, save_checkpoint
-from lida_core.training import Decider, calibrate_real_threshold
 
 # The rich-model kernels as arrays (rows x columns), each with the axis its neighbour pairs run along first.
 KERNELS = [

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lida_core.training import Decider, calibrate_unknown_threshold
+from lida_core.decide import Decider, calibrate_unknown_threshold
 from lida_core.workspace import INDEXES, Workspace, WorkspaceConfig, WorkspaceError, utc_now
 
 IVF_THRESHOLD = 200_000
@@ -337,3 +337,19 @@ def query_decider(ws: Workspace, model_version: str, meta: dict, config: Workspa
     base = Decider.from_dict(meta["decider"])
     unknown = index.manifest.get("unknown_threshold") if index else None
     return replace(base, unknown_threshold=unknown).configured(config), index
+
+
+def search_and_decide(decider: Decider, index: GalleryIndex | None, embeddings: np.ndarray, jpeg: list[bool],
+                      model_version: str) -> list[dict]:
+    """Each embedding's decision against the index (searched once for all): the one search-then-decide."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    k = min(index.index.ntotal, max(decider.k, decider.top_k) * 8) if index is not None and len(embeddings) else 0
+    if k:
+        sims, ids = index.search(embeddings, k, model_version)
+    else:
+        sims, ids = np.zeros((len(embeddings), 0), np.float32), np.zeros((len(embeddings), 0), np.int64)
+    out = []
+    for row in range(len(embeddings)):
+        labels = [index.sources[j] for j in ids[row] if j >= 0] if k else []
+        out.append(decider.decide_from_similarities(embeddings[row], sims[row][: len(labels)], labels, bool(jpeg[row])))
+    return out

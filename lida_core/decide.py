@@ -1,0 +1,254 @@
+"""Decisions from embeddings: real or generated, which source, or `unknown`; and their calibration.
+
+- Real vs generated: similarity to the real prototype (the paper), that similarity minus the
+  one to the nearest generator prototype ("contrast"), or the closed-form profiles' quadratic
+  rule (`statistical.QuadraticDetector`). Each threshold is calibrated on held-out real
+  images to a target false-positive rate (a conformal quantile), one for PNG-like inputs and
+  one for JPEG ones; a workspace may fix it instead (`lida config real_threshold`).
+- Which source: a similarity-weighted vote of the k nearest gallery images, or the nearest
+  source centroid.
+- `unknown`: a generated image whose best match in its voted source is less similar than
+  `accept` of the gallery's own images are to their nearest same-source neighbour.
+- Unknown clusters: `unknown` images that resemble each other (connected components above
+  that threshold), candidates for a generator nobody registered yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import numpy as np
+
+REAL = "real"
+UNKNOWN = "unknown"
+
+
+def real_prototype(real_embeddings: np.ndarray) -> np.ndarray:
+    """Mean of normalised real features, itself normalised."""
+    if len(real_embeddings) == 0:
+        raise ValueError("the real prototype needs at least one real image")
+    mean = real_embeddings.mean(0)
+    return (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+
+
+def calibrate_real_threshold(real_scores: np.ndarray, target_fpr: float = 0.05) -> float:
+    """Score below which an image is called generated: at most `target_fpr` of new real images fall below.
+
+    The conformal (split) quantile: with n held-out real scores, the k-th smallest for
+    k = floor(target_fpr * (n + 1)). A new real image is exchangeable with them, so it falls
+    below that threshold with probability k / (n + 1) <= target_fpr. The plain empirical
+    quantile (the (floor(target_fpr * n) + 1)-th smallest) lets (floor(target_fpr * n) + 1) / (n + 1)
+    through: 7.4% instead of 5% with 26 calibration images. With fewer than 1 / target_fpr - 1
+    images the smallest score is the threshold (1 / (n + 1): nothing better can be promised).
+    """
+    scores = np.sort(np.asarray(real_scores, dtype=np.float64))
+    if scores.size == 0:
+        raise ValueError("calibration needs held-out real images")
+    k = int(math.floor(target_fpr * (scores.size + 1)))
+    return float(scores[max(k, 1) - 1])
+
+
+def leave_one_out_similarities(embeddings: np.ndarray, labels: Sequence[str], rows: np.ndarray | None = None,
+                               block: int = 1024) -> np.ndarray:
+    """Each image's (or each of `rows`') best similarity to another image of its own label (NaN when it is alone).
+
+    Computed `block` rows at a time, so memory grows with the gallery, not with its square.
+    """
+    labels = np.asarray(labels)
+    rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
+    best = np.full(len(rows), -np.inf)
+    for start in range(0, len(rows), block):
+        chunk = rows[start : start + block]
+        sim = embeddings[chunk] @ embeddings.T
+        sim[np.arange(len(chunk)), chunk] = -np.inf
+        best[start : start + block] = np.where(labels[chunk][:, None] == labels[None, :], sim, -np.inf).max(1, initial=-np.inf)
+    return np.where(np.isfinite(best), best, np.nan)
+
+
+UNKNOWN_CALIBRATION_QUERIES = 5000  # gallery images whose nearest same-source neighbour calibrates `unknown`
+
+
+def calibrate_unknown_threshold(embeddings: np.ndarray, labels: Sequence[str], accept: float = 0.95) -> float | None:
+    """Similarity below which a generated image is `unknown`: keeps `accept` of known ones.
+
+    Calibrated leave-one-out on generator gallery images (a seeded sample of at most
+    UNKNOWN_CALIBRATION_QUERIES of them, each against the whole gallery); None when no source
+    has two images.
+    """
+    labels = np.asarray(labels)
+    mask = labels != REAL
+    rows = None
+    if mask.sum() > UNKNOWN_CALIBRATION_QUERIES:
+        rows = np.sort(np.random.default_rng(0).choice(int(mask.sum()), UNKNOWN_CALIBRATION_QUERIES, replace=False))
+    best = leave_one_out_similarities(embeddings[mask], labels[mask], rows)
+    best = best[np.isfinite(best)]
+    if best.size == 0:
+        return None
+    return float(np.quantile(best, 1.0 - accept))
+
+
+def generator_prototypes(embeddings: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
+    """{generator source: its normalised mean embedding} (real left out)."""
+    labels = np.asarray(labels)
+    return {str(s): real_prototype(embeddings[labels == s]) for s in sorted(set(labels.tolist()) - {REAL})}
+
+
+def detection_scores(embeddings: np.ndarray, prototype: np.ndarray, generators: np.ndarray | None = None) -> np.ndarray:
+    """How real each embedding looks: similarity to the real prototype, minus (contrast) that to the nearest generator's."""
+    scores = np.asarray(embeddings, dtype=np.float32) @ prototype
+    if generators is not None and len(generators):
+        scores = scores - (np.asarray(embeddings, dtype=np.float32) @ np.asarray(generators, dtype=np.float32).T).max(1)
+    return scores
+
+
+@dataclass
+class Decider:
+    """The calibrated decisions applied to query embeddings.
+
+    Detection compares `detection_scores` with `real_threshold`: the similarity to the real
+    prototype (the paper), or with `generators` (one prototype per registered generator) that
+    similarity minus the one to the nearest generator prototype ("contrast"). Either way the
+    threshold is calibrated on held-out real images to the target false-positive rate.
+    """
+
+    prototype: np.ndarray
+    real_threshold: float
+    unknown_threshold: float | None
+    method: str = "knn"  # knn | centroid
+    k: int = 5
+    top_k: int = 5
+    generators: np.ndarray | None = None
+    quadratic: dict | None = None  # QuadraticDetector.to_dict(): the "quadratic" rule, which replaces the two above
+    # JPEG inputs score lower than PNG ones under the same rule (their low bits are the codec's), so
+    # they get a threshold calibrated on JPEG images alone: each format keeps the target rate.
+    jpeg_threshold: float | None = None
+
+    def configured(self, config) -> Decider:
+        """This decider under a workspace's decision settings: vote, k, top-k, and a fixed threshold if one is set."""
+        out = replace(self, method=config.decision, k=config.k, top_k=config.top_k)
+        if config.real_threshold is not None:  # the paper's way: one hand-set threshold, for every format
+            out = replace(out, real_threshold=float(config.real_threshold), jpeg_threshold=None)
+        return out
+
+    def threshold(self, jpeg: bool = False) -> float:
+        return self.jpeg_threshold if jpeg and self.jpeg_threshold is not None else self.real_threshold
+
+    @property
+    def rule(self) -> str:
+        return "quadratic" if self.quadratic is not None else "contrast" if self.generators is not None else "prototype"
+
+    def scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """How real each embedding looks under this decider's rule (compared with `real_threshold`)."""
+        if self.quadratic is not None:
+            return self._quadratic_detector.scores(embeddings)
+        return detection_scores(embeddings, self.prototype, self.generators)
+
+    @cached_property
+    def _quadratic_detector(self):
+        from lida_core.statistical import QuadraticDetector
+
+        return QuadraticDetector.from_dict(self.quadratic)
+
+    def decide(self, queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str],
+               jpeg: Sequence[bool] | None = None) -> list[dict]:
+        """Decisions against a whole gallery (exact search); `jpeg` says which queries were JPEG files."""
+        labels = np.asarray(gallery_labels)
+        sims = queries @ gallery.T if len(gallery) else np.zeros((len(queries), 0), np.float32)
+        out = []
+        for i in range(len(queries)):
+            order = np.argsort(-sims[i], kind="stable")
+            out.append(self.decide_from_similarities(queries[i], sims[i][order], labels[order].tolist(), bool(jpeg and jpeg[i])))
+        return out
+
+    def decide_from_similarities(self, query: np.ndarray, similarities: Sequence[float], labels: Sequence[str],
+                                 jpeg: bool = False) -> dict:
+        """One decision from the query's neighbours, most similar first (as an index returns them)."""
+        sims = np.asarray(similarities, dtype=np.float64)
+        labels = list(labels)
+        real_score = float(self.scores(np.asarray(query)[None])[0])
+        generated = bool(real_score < self.threshold(jpeg))
+        scores = self._source_scores(sims, labels)
+        candidates = {s: v for s, v in scores.items() if s != REAL}
+        if not generated:
+            predicted = REAL
+        elif not candidates:
+            predicted = UNKNOWN
+        else:
+            predicted = max(candidates, key=lambda s: (candidates[s], s))
+            best = max(sim for sim, label in zip(sims, labels, strict=True) if label == predicted)
+            if self.unknown_threshold is not None and best < self.unknown_threshold:
+                predicted = UNKNOWN
+        top = min(self.top_k, len(labels))
+        return {
+            "predicted_source": predicted,
+            "is_generated": generated,
+            "real_score": real_score,
+            "top1_similarity": float(sims[0]) if len(sims) else float("nan"),
+            "topk_sources": [str(label) for label in labels[:top]],
+            "topk_similarities": [float(v) for v in sims[:top]],
+        }
+
+    def _source_scores(self, sims: np.ndarray, labels: list[str]) -> dict[str, float]:
+        sources = sorted(set(labels))
+        if self.method == "centroid":
+            return {s: float(np.mean([v for v, label in zip(sims, labels, strict=True) if label == s])) for s in sources}
+        # k-NN: similarity-weighted votes of the k nearest; ties broken by the best similarity.
+        votes: dict[str, float] = {}
+        for v, label in zip(sims[: self.k], labels[: self.k], strict=True):
+            votes[label] = votes.get(label, 0.0) + float(v) + 1.0
+        best = {}
+        for v, label in zip(sims, labels, strict=True):
+            best.setdefault(label, float(v))
+        return {s: votes.get(s, 0.0) + 1e-3 * best[s] for s in sources}
+
+    def to_dict(self) -> dict:
+        return {
+            "prototype": self.prototype.tolist(),
+            "real_threshold": self.real_threshold,
+            "unknown_threshold": self.unknown_threshold,
+            "method": self.method,
+            "k": self.k,
+            "top_k": self.top_k,
+            "generators": None if self.generators is None else np.asarray(self.generators).tolist(),
+            "quadratic": self.quadratic,
+            "jpeg_threshold": self.jpeg_threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Decider:
+        return cls(
+            prototype=np.asarray(data["prototype"], dtype=np.float32),
+            real_threshold=float(data["real_threshold"]),
+            unknown_threshold=None if data.get("unknown_threshold") is None else float(data["unknown_threshold"]),
+            method=data.get("method", "knn"),
+            k=int(data.get("k", 5)),
+            top_k=int(data.get("top_k", 5)),
+            generators=None if data.get("generators") is None else np.asarray(data["generators"], dtype=np.float32),
+            quadratic=data.get("quadratic"),
+            jpeg_threshold=None if data.get("jpeg_threshold") is None else float(data["jpeg_threshold"]),
+        )
+
+
+def unknown_clusters(embeddings: np.ndarray, threshold: float, min_size: int = 2, block: int = 1024) -> list[list[int]]:
+    """Groups (row indexes, largest first) of normalised embeddings linked by similarity >= threshold.
+
+    The graph is built `block` rows at a time, so memory grows with the links, not with n squared.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(embeddings)
+    rows, cols = [], []
+    for start in range(0, n, block):
+        a, b = np.nonzero(embeddings[start : start + block] @ embeddings.T >= threshold)
+        rows.append(a + start)
+        cols.append(b)
+    rows, cols = np.concatenate(rows) if rows else np.zeros(0, int), np.concatenate(cols) if cols else np.zeros(0, int)
+    _, component = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(component.tolist()):
+        groups.setdefault(c, []).append(i)
+    return sorted((m for m in groups.values() if len(m) >= min_size), key=lambda m: (-len(m), m[0]))

@@ -1,0 +1,83 @@
+"""The one embed path on decoded pixels: fingerprint (or RGB, for the ablation) -> model -> normalised embedding.
+
+`tile_sums` is the one tiling loop: a crop-fit model reads up to `tiles` non-overlapping tiles
+of an image and an image's embedding is the normalised mean over them; a resize fit reads the
+whole image once. Training, evaluation, calibration and the scan all embed through `embed`
+(`accel.DeviceEmbedder` is its batched device twin, tested equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lida_core.allocator import keep_freed_memory
+from lida_core.fingerprint import FingerprintSettings, fingerprint_bits, fit_to_size, tile_views, to_model_input
+from lida_core.model import Embedder
+
+
+def model_inputs(images: Sequence[np.ndarray], settings: FingerprintSettings, input_kind: str = "fingerprint") -> torch.Tensor:
+    """Model input batch: fingerprints (the method), or plain RGB with the same fit (the ablation)."""
+    if input_kind == "fingerprint":
+        return to_model_input(np.stack([fingerprint_bits(image, settings) for image in images]))
+    if input_kind == "rgb":
+        return to_model_input(np.stack([np.ascontiguousarray(fit_to_size(image, settings)) for image in images]))
+    raise ValueError(f"input kind must be 'fingerprint' or 'rgb', got {input_kind!r}")
+
+
+@torch.no_grad()
+def tile_sums(
+    model: Embedder,
+    images: Sequence[np.ndarray],
+    forward: Callable[[torch.Tensor], np.ndarray],
+    dim: int,
+    batch_size: int = 64,
+    input_kind: str = "fingerprint",
+    tiles: int | None = None,
+    dtype: type = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N x dim sums of `forward` over each image's tiles, N tile counts): the one tiling loop.
+
+    Crop-fit models read up to `tiles` non-overlapping tiles of an image (None: the profile's
+    choice); a resize fit reads the whole image once. `forward` maps a model-input batch to
+    a numpy batch (an embedding, or a fixed stem's descriptor).
+    """
+    tiles = model.tiles if tiles is None else tiles
+    if model.fingerprint.fit != "crop":
+        tiles = 1
+    views, owner = [], []
+    for i, image in enumerate(images):
+        parts = tile_views(image, model.input_size, tiles)
+        views += parts
+        owner += [i] * len(parts)
+    feats = np.zeros((len(views), dim), dtype=dtype)
+    for start in range(0, len(views), batch_size):
+        feats[start : start + min(batch_size, len(views) - start)] = forward(
+            model_inputs(views[start : start + batch_size], model.fingerprint, input_kind))
+    owner = np.asarray(owner, dtype=np.int64)
+    out = np.zeros((len(images), dim), dtype=dtype)
+    np.add.at(out, owner, feats)
+    return out, np.bincount(owner, minlength=len(images))
+
+
+def embed(
+    model: Embedder,
+    images: Sequence[np.ndarray],
+    batch_size: int = 64,
+    input_kind: str = "fingerprint",
+    device: str | torch.device = "cpu",
+    tiles: int | None = None,
+) -> np.ndarray:
+    """L2-normalised embeddings (N x D float32) of decoded images, in evaluation mode.
+
+    With `tiles` > 1 (crop-fit models), an image's embedding is the normalised mean over
+    up to that many non-overlapping tiles; None takes the model profile's choice.
+    """
+    keep_freed_memory()
+    model.eval().to(device)
+    out, _ = tile_sums(model, images, lambda x: F.normalize(model(x.to(device)).float(), dim=1).cpu().numpy(),
+                       model.embedding_dim, batch_size, input_kind, tiles)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

@@ -1,0 +1,207 @@
+"""`lida eval`: K-shot evaluation of the workspace's model on labelled folders, and its robustness runs.
+
+K gallery images per source (or GenImage's train split) are fitted or adapted on, the rest
+(or the val split) are the queries; Rank-1, mAP, the decisions' accuracy, detection, per-source
+and confusion tables; each `--perturb` re-scores the same queries perturbed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from lida_core import decide, training
+from lida_core.inputs import genimage_folders, labelled_folders
+from lida_core.lifecycle import (
+    LoadedModel,
+    Progress,
+    _decider_for,
+    _fit,
+    _quiet,
+    adapt_config,
+    decode_inputs,
+    load_model,
+)
+from lida_core.metrics import auroc, balanced_accuracy, confusion_matrix, per_source_table, retrieval_metrics
+from lida_core.perturb import Perturbation
+from lida_core.workspace import Workspace, WorkspaceError, utc_stamp
+
+
+def _draw(directory: str, shots: int, seed: int, max_queries: int | None) -> tuple[list, list, list, list, str]:
+    """(gallery URIs, their sources, query URIs, their sources, layout) for a K-shot evaluation of DIR.
+
+    One sub-folder per source: K images of each are the gallery, the rest the queries. GenImage's
+    layout (<generator>/{train,val}/{ai,nature}): K of each source's `train` images are the
+    gallery and its `val` images the queries (both from `val` where there is no `train`).
+    """
+    splits = genimage_folders(directory)
+    if splits is None:
+        bank, held, layout = labelled_folders(directory), None, "folders"
+    else:
+        if "val" not in splits:
+            raise WorkspaceError(f"{directory}: GenImage layout without a val split")
+        layout = "genimage"
+        bank, held = (splits["train"], splits["val"]) if "train" in splits else (splits["val"], None)
+        if held is not None and set(held) - set(bank):
+            raise WorkspaceError(f"{directory}: {', '.join(sorted(set(held) - set(bank)))}: val images without train images")
+    if training.REAL not in bank:
+        raise WorkspaceError(f"{directory}: needs a 'real' sub-folder" if layout == "folders" else f"{directory}: no nature images")
+    rng = np.random.default_rng(seed)
+    gallery_uris, gallery_src, pools = [], [], {}
+    for source, files in bank.items():
+        files = list(files)
+        rng.shuffle(files)
+        if len(files) < shots + (held is None):
+            raise WorkspaceError(f"{directory}/{source}: {len(files)} images, need "
+                                 f"{'more than' if held is None else 'at least'} --shots {shots}")
+        gallery_uris += files[:shots]
+        gallery_src += [source] * shots
+        pools[source] = files[shots:]
+    if held is not None:
+        pools = {}
+        for source, files in held.items():
+            files = list(files)
+            rng.shuffle(files)
+            pools[source] = files
+    query_uris, query_src = [], []
+    for source, files in pools.items():
+        files = files[:max_queries] if max_queries else files
+        query_uris += files
+        query_src += [source] * len(files)
+    return gallery_uris, gallery_src, query_uris, query_src, layout
+
+
+def _scores(decider: decide.Decider, q_emb: np.ndarray, q_src: list[str], g_emb: np.ndarray, g_src: list[str],
+            jpeg: Sequence[bool]) -> tuple[dict, list[dict]]:
+    """Retrieval and decision metrics of these query embeddings, and the decisions themselves."""
+    retrieval = retrieval_metrics(q_emb @ g_emb.T, q_src, g_src)
+    decisions = decider.decide(q_emb, g_emb, g_src, jpeg)
+    predicted = [d["predicted_source"] for d in decisions]
+    truth_generated = [s != training.REAL for s in q_src]
+    real_scores = np.array([d["real_score"] for d in decisions])
+    return {
+        "rank1": retrieval["rank1"],
+        "mAP": retrieval["mAP"],
+        "attribution_accuracy": float(np.mean([p == t for p, t in zip(predicted, q_src, strict=True)])),
+        "balanced_accuracy": balanced_accuracy(truth_generated, [d["is_generated"] for d in decisions]),
+        # Real queries called generated, at the threshold calibrated on pre-training's held-out images.
+        "false_positive_rate": float(np.mean([d["is_generated"] for d, t in zip(decisions, q_src, strict=True) if t == training.REAL]))
+        if training.REAL in q_src else float("nan"),
+        "auroc": auroc(-real_scores, truth_generated),
+    }, decisions
+
+
+def evaluate(
+    ws: Workspace,
+    directory: str,
+    shots: int = 5,
+    seed: int = 0,
+    adapt: bool = True,
+    input_kind: str | None = None,
+    epochs: int | None = None,
+    progress: Progress = _quiet,
+    perturbations: Sequence[Perturbation] = (),
+    max_queries: int | None = None,
+    holdout: float | None = None,
+) -> dict:
+    """K-shot evaluation on DIR/<source>/... (or GenImage's layout; `_draw`), then each perturbation of the queries.
+
+    The gallery and the fit stay clean; each perturbation re-scores the same queries
+    (`lida_core.perturb`: the paper's robustness runs).
+    """
+    config = ws.config()
+    current = load_model(ws)
+    if input_kind and input_kind != current.input_kind:
+        raise WorkspaceError(
+            f"the current model takes {current.input_kind} input; evaluate {input_kind} input in a workspace "
+            f"pre-trained with 'lida pretrain --input {input_kind}'"
+        )
+    gallery_uris, gallery_src, query_uris, query_src, layout = _draw(directory, shots, seed, max_queries)
+    gallery = decode_inputs(gallery_uris, progress)
+    queries = decode_inputs(query_uris, progress)
+    g_src = [s for s, u in zip(gallery_src, gallery_uris, strict=True) if u in set(gallery.uris)]
+    q_src = [s for s, u in zip(query_src, query_uris, strict=True) if u in set(queries.uris)]
+    model = LoadedModel(current.version, copy.deepcopy(current.model), current.meta)
+    adapt_info, fitted = None, None
+    if adapt:
+        cfg = adapt_config(config.profile, epochs, None, seed, model.input_kind, holdout)
+        result, fitted = _fit(model, gallery.pixels, g_src, cfg, progress)
+        adapt_info = {"best_epoch": result.best_epoch, "holdout_accuracy": result.best_holdout_accuracy,
+                      "fit": model.model.fit}
+    g_emb = model.embed(gallery.pixels)
+    q_emb = model.embed(queries.pixels)
+    decider = _decider_for(model, ws, gallery.pixels, g_src, config, fitted) if adapt or current.decider is None else current.decider
+    decider = replace(decider, unknown_threshold=decide.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept)
+                      ).configured(config)
+    metrics, decisions = _scores(decider, q_emb, q_src, g_emb, g_src, queries.jpeg)
+    robustness = []
+    for i, perturbation in enumerate(perturbations):
+        progress("perturb", {"done": i, "total": len(perturbations), "perturbation": str(perturbation), "images": len(q_src)})
+        p_emb = model.embed([perturbation.apply(x) for x in queries.pixels])
+        jpeg = [perturbation.makes_jpeg or j for j in queries.jpeg]
+        robustness.append({"perturbation": str(perturbation), **_scores(decider, p_emb, q_src, g_emb, g_src, jpeg)[0]})
+    predicted = [d["predicted_source"] for d in decisions]
+    names, matrix = confusion_matrix(q_src, predicted, sorted(set(q_src) | set(predicted) | {training.UNKNOWN}))
+    return {
+        "directory": directory,
+        "layout": layout,
+        "shots": shots,
+        "seed": seed,
+        "model_version": current.version,
+        "input": model.input_kind,
+        "fingerprint": str(model.model.fingerprint),
+        "adapted": adapt_info,
+        "gallery_images": len(g_src),
+        "query_images": len(q_src),
+        "errors": gallery.errors + queries.errors,
+        **metrics,
+        "detection": decider.rule,
+        "real_threshold": decider.real_threshold,
+        "jpeg_threshold": decider.jpeg_threshold,
+        "unknown_threshold": decider.unknown_threshold,
+        "perturbations": robustness,
+        "per_source": per_source_table(q_src, predicted),
+        "decisions": [{"uri": u, "source": t, "predicted_source": d["predicted_source"], "is_generated": d["is_generated"],
+                       "real_score": d["real_score"], "top1_similarity": d["top1_similarity"]}
+                      for u, t, d in zip(queries.uris, q_src, decisions, strict=True)],
+        "confusion": {"labels": names, "matrix": matrix.tolist()},
+    }
+
+
+def evaluation_markdown(result: dict) -> str:
+    lines = [
+        f"# lida eval: {result['shots']}-shot, model {result['model_version']} ({result['input']}, {result['fingerprint']})",
+        "",
+        f"- gallery {result['gallery_images']} images, queries {result['query_images']}, errors {len(result['errors'])}",
+        f"- attribution accuracy **{result['attribution_accuracy']:.3f}** (the decisions the attributions table would hold: "
+        f"real, a source or unknown), Rank-1 **{result['rank1']:.3f}**, mAP {result['mAP']:.3f}",
+        f"- real vs generated: balanced accuracy **{result['balanced_accuracy']:.3f}**, AUROC {result['auroc']:.3f}, "
+        f"real images called generated {result.get('false_positive_rate', float('nan')):.3f} "
+        f"({result.get('detection', 'prototype')} rule, threshold {result['real_threshold']:.3f})",
+        "",
+        "| source | queries | correct | recall | precision |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["per_source"]:
+        lines.append(f"| {row['source']} | {row['count']} | {row['correct']} | {row['recall']:.3f} | {row['precision']:.3f} |")
+    if result.get("perturbations"):
+        lines += ["", "Robustness: the same queries perturbed (gallery and fit clean)", "",
+                  "| queries | Rank-1 | mAP | attribution | balanced | AUROC | real called generated |", "|---|---|---|---|---|---|---|"]
+        for row in [{"perturbation": "clean", **result}, *result["perturbations"]]:
+            lines.append(f"| {row['perturbation']} | {row['rank1']:.3f} | {row['mAP']:.3f} | {row['attribution_accuracy']:.3f} | "
+                         f"{row['balanced_accuracy']:.3f} | {row['auroc']:.3f} | {row['false_positive_rate']:.3f} |")
+    labels = result["confusion"]["labels"]
+    lines += ["", "Confusion (rows: true, columns: predicted)", "", "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for name, row in zip(labels, result["confusion"]["matrix"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_evaluation(ws: Workspace, result: dict) -> dict:
+    rel = f"evals/{utc_stamp()}-{result['shots']}shot"
+    ws.write_json(f"{rel}.json", result)
+    ws.write_bytes(f"{rel}.md", evaluation_markdown(result).encode())
+    return {"json": ws.uri(f"{rel}.json"), "markdown": ws.uri(f"{rel}.md")}
