@@ -164,13 +164,3 @@ def compact(ws: Workspace, scan_ids: list[str] | None = None) -> dict:
         if ws.exists(STAGING):
             ws.fs.rm(ws.path(STAGING), recursive=True)
         return out
-
-
-def table_rows(ws: Workspace, name: str) -> int:
-    """Rows of one table, by its Parquet footers (a quick check for tests and the CLI's summary)."""
-    total = 0
-    for path in ws.fs.find(ws.path(TABLES, name)) if ws.exists(TABLES, name) else []:
-        if path.endswith(".parquet"):
-            with ws.fs.open(path, "rb") as handle:
-                total += pq.ParquetFile(handle).metadata.num_rows
-    return total
