@@ -18,12 +18,12 @@ from lida_core.inputs import genimage_folders, labelled_folders
 from lida_core.lifecycle import (
     LoadedModel,
     Progress,
-    _decider_for,
-    _fit,
-    _quiet,
     adapt_config,
+    decider_for,
     decode_inputs,
+    fit_model,
     load_model,
+    quiet,
 )
 from lida_core.metrics import auroc, balanced_accuracy, confusion_matrix, per_source_table, retrieval_metrics
 from lida_core.perturb import Perturbation
@@ -102,7 +102,7 @@ def evaluate(
     adapt: bool = True,
     input_kind: str | None = None,
     epochs: int | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
     perturbations: Sequence[Perturbation] = (),
     max_queries: int | None = None,
     holdout: float | None = None,
@@ -128,12 +128,12 @@ def evaluate(
     adapt_info, fitted = None, None
     if adapt:
         cfg = adapt_config(config.profile, epochs, None, seed, model.input_kind, holdout)
-        result, fitted = _fit(model, gallery.pixels, g_src, cfg, progress)
+        result, fitted = fit_model(model, gallery.pixels, g_src, cfg, progress)
         adapt_info = {"best_epoch": result.best_epoch, "holdout_accuracy": result.best_holdout_accuracy,
                       "fit": model.model.fit}
     g_emb = model.embed(gallery.pixels)
     q_emb = model.embed(queries.pixels)
-    decider = _decider_for(model, ws, gallery.pixels, g_src, config, fitted) if adapt or current.decider is None else current.decider
+    decider = decider_for(model, ws, gallery.pixels, g_src, config, fitted) if adapt or current.decider is None else current.decider
     decider = replace(decider, unknown_threshold=decide.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept)
                       ).configured(config)
     metrics, decisions = _scores(decider, q_emb, q_src, g_emb, g_src, queries.jpeg)

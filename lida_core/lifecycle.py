@@ -76,7 +76,7 @@ def detection_method(config: WorkspaceConfig) -> str:
     return config.detection or get_profile(config.profile).detection
 
 
-def _quiet(_: str, __: dict) -> None:
+def quiet(_: str, __: dict) -> None:
     return None
 
 
@@ -115,7 +115,7 @@ class LazyImages(Sequence):
         return LazyImages([self.raw[i] for i in indexes], [self.names[i] for i in indexes])
 
 
-def decode_inputs(uris: Sequence[str], progress: Progress = _quiet, keep_bytes: bool = False, lazy: bool = False) -> Decoded:
+def decode_inputs(uris: Sequence[str], progress: Progress = quiet, keep_bytes: bool = False, lazy: bool = False) -> Decoded:
     """Read and decode every input; `lazy` keeps only the bytes (pixels become a LazyImages, decoded when read)."""
     out = Decoded([], [], [], [], [])
     for n, uri in enumerate(uris, 1):
@@ -277,7 +277,7 @@ def pretrain_version(
     labels: str | None = None,
     input_kind: str = "fingerprint",
     seed: int = 0,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
     before_current: Callable[[str], object] | None = None,
 ) -> dict:
     """Unsupervised pre-training on real images -> a new current model version.
@@ -501,7 +501,7 @@ def _thresholds(scores: np.ndarray, jpeg: Sequence[bool], target_fpr: float) -> 
     return other, decide.calibrate_real_threshold(scores[jpeg], target_fpr) if jpeg.any() else None
 
 
-def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: WorkspaceConfig, fitted: dict | None = None) -> decide.Decider:
+def decider_for(model: LoadedModel, ws: Workspace, images, sources, config: WorkspaceConfig, fitted: dict | None = None) -> decide.Decider:
     """Prototype from the real gallery images; threshold from the held-out calibration images.
 
     With contrast detection the generator prototypes come from the same gallery images, and
@@ -538,7 +538,7 @@ def _decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Wor
     return decide.Decider(prototype, threshold, None, config.decision, config.k, config.top_k, generators)
 
 
-def _fit(model: LoadedModel, images, sources, cfg: training.AdaptConfig, progress: Progress) -> tuple[training.AdaptResult, dict | None]:
+def fit_model(model: LoadedModel, images, sources, cfg: training.AdaptConfig, progress: Progress) -> tuple[training.AdaptResult, dict | None]:
     """Adaptation in place: gradient descent, or the closed-form fit (which also returns what the detector needs)."""
     if model.model.fit == "closed-form":
         progress("fit", {"images": len(images)})
@@ -548,7 +548,7 @@ def _fit(model: LoadedModel, images, sources, cfg: training.AdaptConfig, progres
 
 
 def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
-                  progress: Progress = _quiet, lock: bool = True, before_current: Callable[[str], object] | None = None) -> dict:
+                  progress: Progress = quiet, lock: bool = True, before_current: Callable[[str], object] | None = None) -> dict:
     """Few-shot adaptation on the gallery -> candidate; promoted only if not worse on held-out images.
 
     A promoted candidate gets the gallery re-embedded and `before_current(version)` (the index
@@ -575,15 +575,15 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             # The gate fits on the training split and scores the held-out images; the published
             # head is then refitted on the whole gallery (a fit has no epochs to stop early).
             gate = LoadedModel("gate", copy.deepcopy(current.model), current.meta)
-            _fit(gate, [images[i] for i in train_idx], [sources[i] for i in train_idx], cfg, progress)
+            fit_model(gate, [images[i] for i in train_idx], [sources[i] for i in train_idx], cfg, progress)
             after = training.holdout_accuracy(gate.model, images, sources, train_idx, held_idx, current.input_kind)
-            result, fitted = _fit(candidate, images, sources, cfg, progress)
+            result, fitted = fit_model(candidate, images, sources, cfg, progress)
             result.best_holdout_accuracy = after
-            decider = _decider_for(candidate, ws, images, sources, config, fitted)
+            decider = decider_for(candidate, ws, images, sources, config, fitted)
         else:
-            result, _ = _fit(candidate, images, sources, cfg, progress)
+            result, _ = fit_model(candidate, images, sources, cfg, progress)
             after = result.best_holdout_accuracy
-            decider = _decider_for(candidate, ws, [images[i] for i in train_idx], [sources[i] for i in train_idx], config)
+            decider = decider_for(candidate, ws, [images[i] for i in train_idx], [sources[i] for i in train_idx], config)
         promoted = bool(np.isnan(before) or (not np.isnan(after) and after >= before))
         meta = {
             **{k: v for k, v in current.meta.items()

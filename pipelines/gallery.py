@@ -37,7 +37,7 @@ def reindex(ws: Workspace, version: str | None = None, staged: pa.Table | None =
     return {k: manifest[k] for k in ("index_version", "model_version", "count", "dimension", "kind", "unknown_threshold")}
 
 
-def add(ws: Workspace, source: str, paths: Sequence[str], progress=lifecycle._quiet, runner: str = "local",
+def add(ws: Workspace, source: str, paths: Sequence[str], progress=lifecycle.quiet, runner: str = "local",
         runner_options: Sequence[str] = (), beam_args: Sequence[str] | None = None) -> dict:
     """`lida gallery add`: register, embed through the scan's embed job, extend the index without a full rebuild.
 
@@ -245,7 +245,7 @@ def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
 
 
 def adapt_and_reindex(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
-                      progress=lifecycle._quiet) -> dict:
+                      progress=lifecycle.quiet) -> dict:
     """`lida adapt`: one lock over adaptation and the index rebuild, so no scan sees the new model before its index."""
     ws.require()
     with ws.lock("adapt"):
