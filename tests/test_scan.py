@@ -369,6 +369,7 @@ def test_query_keeps_scan_ids_as_text_and_runs_read_only(workspace, hostile_dir,
     assert not outside.exists()
 
 
+@pytest.mark.slow  # 32 s: make test runs at the edge of its 15-minute budget
 def test_bad_arguments_and_settings_are_refused_in_one_line(workspace, hostile_dir, tmp_path):
     """Issue #12 item 15: each used to escape as a traceback or be accepted."""
     one = str(hostile_dir / "one.png")
