@@ -73,13 +73,18 @@ def _move(ws: Workspace, source: str, target: str) -> None:
 
 
 def recover(ws: Workspace, folder: str) -> bool:
-    """Finish a swap that a killed run left in `folder` (journal state `swapping`); True when there was one."""
+    """Carry out the swap a journal in `folder` describes (state `swapping`), or finish the one a killed run left.
+
+    Idempotent: each rename and delete is done only where still needed. True when there was a swap.
+    """
     journal = _journal(ws, folder)
     if not journal or journal.get("state") != "swapping":
         return False
-    for staged, final in journal["moves"]:
+    for i, (staged, final) in enumerate(journal["moves"]):
         if ws.exists(staged):
             _move(ws, staged, f"{folder}/{final}")
+            if i == 0:
+                failpoints.reached("compact:swapping")
     for name in journal["replaces"]:
         if ws.exists(folder, name):
             ws.fs.rm(ws.path(folder, name))
@@ -121,13 +126,7 @@ def _rewrite(ws: Workspace, folder: str, inputs: list[str], prefix: str, covered
     if covered is not None:
         journal["covered_shards"] = sorted(covered)
     ws.write_json(f"{folder}/{JOURNAL}", journal)
-    for i, (staged, final) in enumerate(moves):
-        _move(ws, staged, f"{folder}/{final}")
-        if i == 0:
-            failpoints.reached("compact:swapping")
-    for name in inputs:
-        ws.fs.rm(ws.path(folder, name))
-    ws.write_json(f"{folder}/{JOURNAL}", {**journal, "state": "done"})
+    recover(ws, folder)  # the swap itself: the same steps a later run takes to finish a killed one
     return len(moves)
 
 
