@@ -29,7 +29,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["lida_core*", "pipelines*", "flows*", "schemas*"]),
+    packages=find_packages(include=["lida_cli*", "lida_core*", "pipelines*", "flows*", "schemas*"]),
     package_data={"schemas": ["*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
@@ -40,5 +40,5 @@ setup(
         "s3": ["s3fs>=2026.9.0"],
         "gcs": ["gcsfs>=2026.9.0"],
     },
-    entry_points={"console_scripts": ["lida=lida_core.cli:run"]},
+    entry_points={"console_scripts": ["lida=lida_cli.cli:run"]},
 )

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT  # noqa: E402  (benchmarks/common.py puts the project on sys.path)
 
 from lida_core.decide import REAL, calibrate_real_threshold  # noqa: E402
-from lida_core.statistical import JPEG_QUALITIES, QuadraticDetector, fit_head, jpeg_copy  # noqa: E402
+from lida_core.perturb import jpeg_copy  # noqa: E402
+from lida_core.statistical import JPEG_QUALITIES, QuadraticDetector, fit_head  # noqa: E402
 
 RANK = 128  # the srm profile's embedding width
 CALIBRATION_SHARE = 0.3  # the srm profile's share of pre-training photographs held out

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import RETRY_DELAY_S, content_hashes, offline_prefect
-from lida_core import lifecycle
+from lida_core import gallery
 from lida_core.inputs import labelled_folders
 from lida_core.workspace import Workspace, WorkspaceError
 
@@ -28,12 +28,12 @@ def find_newly_labelled(workspace: str) -> dict:
     skipped = []
     for source in list(groups):
         try:
-            lifecycle.check_source_name(source)
+            gallery.check_source_name(source)
         except WorkspaceError as exc:
             log.warning("skipping folder %s: %s", source, exc)
             skipped.append(source)
             del groups[source]
-    table = lifecycle.gallery_table(ws, ws.require_model_version())
+    table = gallery.table(ws, ws.require_model_version())
     known_ids = set(table["image_id"].to_pylist())
     known_sources = sorted(set(table["source"].to_pylist()))
     hashes = content_hashes(ws, [u for uris in groups.values() for u in uris])
@@ -58,7 +58,7 @@ def gallery_add(workspace: str, source: str, uris: list[str]) -> dict:
 
 @task(name="adapt-gate-reindex", retries=1, retry_delay_seconds=RETRY_DELAY_S)
 def adapt_gate_reindex(workspace: str, epochs: int | None, seed: int) -> dict:
-    from pipelines.gallery import adapt_and_reindex
+    from lida_core.lifecycle import adapt_and_reindex
 
     log = get_run_logger()
     return adapt_and_reindex(Workspace(workspace), epochs, seed=seed,
@@ -90,7 +90,7 @@ def adaptation_markdown(found: dict, triggered: str | None, added: dict, result:
 
 
 def _gallery_state(ws: Workspace) -> dict:
-    summary = lifecycle.gallery_summary(ws)
+    summary = gallery.summary(ws)
     return {"model_version": summary["model_version"], "sources": sorted(summary["sources"]),
             "images": sum(summary["sources"].values())}
 

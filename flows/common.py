@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lida_core.inputs import InputReadError, input_info, read_input
-from lida_core.workspace import TABLES, Workspace
+from lida_core.workspace import Workspace, table_folder
 
-HASH_CACHE = "runs/flows/hashes.parquet"
+HASH_CACHE = Workspace.run_path("flows", "hashes.parquet")
 HASH_THREADS = min(16, 2 * (os.cpu_count() or 1))  # file reads wait on storage; hashing uses every core
 # Seconds between task retries (a busy workspace, a flaky store); tests set LIDA_RETRY_DELAY_S=0.
 RETRY_DELAY_S = float(os.environ.get("LIDA_RETRY_DELAY_S", "30"))
@@ -127,11 +127,11 @@ def content_hashes(ws: Workspace, uris: Iterable[str], progress: Callable[[int, 
     return out
 
 
-def table_image_ids(ws: Workspace, table: str, partitions: Iterable[str] | None = None) -> set[str]:
-    """image_id values of a workspace table, from all partitions or the named `key=value` ones."""
+def table_image_ids(ws: Workspace, table: str, partitions: Iterable[str]) -> set[str]:
+    """image_id values of the named partitions of a workspace table (their values: scan ids or model versions)."""
     ids: set[str] = set()
-    for partition in partitions if partitions is not None else [""]:
-        found = ws.read_parquet(TABLES, table, partition, columns=["image_id"])
+    for partition in partitions:
+        found = ws.read_parquet(table_folder(table, partition), columns=["image_id"])
         if found is not None:
             ids.update(found["image_id"].to_pylist())
     return ids

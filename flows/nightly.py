@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import RETRY_DELAY_S, content_hashes, offline_prefect, table_image_ids
 from lida_core import decide
 from lida_core.inputs import InputError, list_inputs
-from lida_core.workspace import TABLES, Workspace, WorkspaceError, utc_stamp
+from lida_core.workspace import Workspace, WorkspaceError, table_folder, utc_stamp
 
 PREFIX = "nightly-"
 
@@ -39,7 +39,7 @@ def find_new_files(workspace: str) -> dict:
             missing.append(inbox)
             log.warning("inbox %s skipped: %s", inbox, exc)
     hashes = content_hashes(ws, uris, lambda n, total: log.info("hashed %d/%d inbox files", n, total))
-    finished = [f"scan_id={s}" for s, done in scan_ids(ws).items() if done]
+    finished = [s for s, done in scan_ids(ws).items() if done]
     seen = table_image_ids(ws, "images", finished)
     new, contents = [], set()
     for uri in sorted(hashes):
@@ -68,7 +68,7 @@ def unknown_clusters(workspace: str, scan_id: str, min_size: int = 2) -> list[di
     from lida_core.index import query_decider
 
     ws = Workspace(workspace)
-    table = ws.read_parquet(TABLES, "attributions", f"scan_id={scan_id}",
+    table = ws.read_parquet(table_folder("attributions", scan_id),
                             columns=["uri", "image_id", "predicted_source", "model_version"])
     if table is None:
         return []
@@ -79,7 +79,7 @@ def unknown_clusters(workspace: str, scan_id: str, min_size: int = 2) -> list[di
     if len(unknown) < min_size:
         return []
     model_version = table["model_version"][len(table) - 1].as_py()
-    emb = ws.read_parquet(TABLES, "embeddings", f"model_version={model_version}", columns=["image_id", "embedding"],
+    emb = ws.read_parquet(table_folder("embeddings", model_version), columns=["image_id", "embedding"],
                           name_prefix=f"scan-{scan_id}-")
     vectors: dict[str, np.ndarray] = {}
     if emb is not None:

@@ -11,7 +11,7 @@ from lida_core.workspace import Workspace
 
 @task(name="rebuild-index", retries=2, retry_delay_seconds=RETRY_DELAY_S)
 def rebuild_index(workspace: str) -> dict:
-    from pipelines.gallery import reindex
+    from lida_core.gallery import reindex
 
     ws = Workspace(workspace).require()
     with ws.lock("reindex"):

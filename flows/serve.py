@@ -8,7 +8,7 @@ from flows.adapt import adaptation_flow
 from flows.common import offline_prefect
 from flows.nightly import nightly_scan
 from flows.reindex import reindex_flow
-from lida_core.workspace import Workspace, WorkspaceError
+from lida_core.workspace import DEFAULT_SCHEDULES, Workspace, WorkspaceError
 
 DEPLOYMENTS = {"scan": "nightly-scan", "reindex": "reindex", "adapt": "adaptation"}
 
@@ -24,7 +24,7 @@ def deployments(ws: Workspace, runner: str = "local", runner_options: list[str] 
             CronSchedule(cron=cron)
         except ValueError:
             raise WorkspaceError(f"config.json: schedules.{job} = {cron!r} is not a cron expression") from None
-    schedules = {"scan": "0 2 * * *", "reindex": "0 3 * * 0", "adapt": "0 4 * * 0", **config.schedules}
+    schedules = {**DEFAULT_SCHEDULES, **config.schedules}
     # One run of each at a time: an overlapping run waits in Prefect's queue instead of failing on the lock.
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["lida"], "concurrency_limit": 1}
 

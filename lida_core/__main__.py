@@ -1,3 +1,4 @@
-from lida_core.cli import run
+# `python -m lida_core` (CONTRACT.md) runs the command, which lives on the floor above (lida_cli).
+from lida_cli.cli import run
 
 run()

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 import uuid
 
 import pyarrow.parquet as pq
 
 from lida_core import failpoints
-from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError
+from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, table_folder
 
 JOURNAL = "_compaction.json"
 STAGING = f"{TABLES}/.compact"
@@ -54,7 +53,7 @@ def finished_scans(ws: Workspace) -> list[str]:
 
 def covered_shards(ws: Workspace, scan_id: str) -> set[str]:
     """Shards of this scan whose attributions now sit in compacted files."""
-    journal = _journal(ws, f"{TABLES}/attributions/scan_id={scan_id}")
+    journal = _journal(ws, table_folder("attributions", scan_id))
     return set(journal.get("covered_shards", [])) if journal else set()
 
 
@@ -63,13 +62,6 @@ def _journal(ws: Workspace, folder: str) -> dict | None:
         return ws.read_json(folder, JOURNAL)
     except FileNotFoundError:
         return None
-
-
-def _move(ws: Workspace, source: str, target: str) -> None:
-    if ws.local:
-        os.replace(ws.path(source), ws.path(target))
-    else:
-        ws.fs.mv(ws.path(source), ws.path(target))
 
 
 def recover(ws: Workspace, folder: str) -> bool:
@@ -82,7 +74,7 @@ def recover(ws: Workspace, folder: str) -> bool:
         return False
     for i, (staged, final) in enumerate(journal["moves"]):
         if ws.exists(staged):
-            _move(ws, staged, f"{folder}/{final}")
+            ws.replace(staged, f"{folder}/{final}")
             if i == 0:
                 failpoints.reached("compact:swapping")
     for name in journal["replaces"]:
@@ -143,7 +135,7 @@ def compact(ws: Workspace, scan_ids: list[str] | None = None) -> dict:
         chosen = scan_ids or finished
         out = {"scans": len(chosen), "files_before": 0, "files_after": 0, "recovered": 0}
         for scan_id in chosen:
-            folder = f"{TABLES}/attributions/scan_id={scan_id}"
+            folder = table_folder("attributions", scan_id)
             out["recovered"] += recover(ws, folder)
             parts = [n for n in _names(ws, folder) if _SHARD_PART.fullmatch(n)]
             if len(parts) < 2:

@@ -23,9 +23,11 @@ Refusals raise `DecodeError`, which names the file and the reason in one line.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -140,3 +142,73 @@ def _to_rgb(image: Image.Image, name: str) -> np.ndarray:
 def _palette_without_alpha(image: Image.Image) -> Image.Image:
     rgba = image.convert("RGBA")
     return Image.merge("RGB", rgba.split()[:3])
+
+
+# ---------------------------------------------------------------- many files in this process
+
+
+@dataclass
+class Decoded:
+    uris: list[str]
+    image_ids: list[str]
+    pixels: list[np.ndarray]
+    raw: list[bytes]
+    errors: list[tuple[str, str]]
+    jpeg: list[bool] = field(default_factory=list)  # per decoded image: a JPEG file
+
+
+class LazyImages(Sequence):
+    """Decoded pixels of kept file bytes, decoded again on each read: memory holds the compressed files only.
+
+    For passes that read each image once or twice (the closed-form fits): 95 camera photographs
+    of 24 MP each would otherwise hold 7 GB of pixels at once.
+    """
+
+    def __init__(self, raw: Sequence[bytes], names: Sequence[str]):
+        self.raw, self.names = list(raw), list(names)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return LazyImages(self.raw[index], self.names[index])
+        return decode_image(self.raw[index], self.names[index]).pixels
+
+    def take(self, indexes: Sequence[int]) -> LazyImages:
+        return LazyImages([self.raw[i] for i in indexes], [self.names[i] for i in indexes])
+
+
+def decode_inputs(uris: Sequence[str], progress: Callable[[str, dict], None] | None = None, keep_bytes: bool = False,
+                  lazy: bool = False) -> Decoded:
+    """Read, hash and decode every input (the in-process loop: fits, evaluation, `lida attribute`, gallery chunks).
+
+    Files that cannot be read or decoded become (uri, reason) errors. `lazy` keeps only the
+    bytes (pixels become a LazyImages, decoded when read). The Beam scan reads each file in its
+    shard stage instead, where the bytes also go into the shard's tar.
+    """
+    from lida_core.inputs import read_input
+
+    out = Decoded([], [], [], [], [])
+    for n, uri in enumerate(uris, 1):
+        try:
+            data = read_input(uri)
+            decoded = decode_image(data, uri)
+        except DecodeError as exc:
+            out.errors.append((uri, exc.reason))
+        except OSError as exc:
+            out.errors.append((uri, f"unreadable: {exc}"))
+        else:
+            out.uris.append(uri)
+            out.image_ids.append(hashlib.sha256(data).hexdigest())
+            if not lazy:
+                out.pixels.append(decoded.pixels)
+            out.jpeg.append(decoded.format in JPEG_FORMATS)
+            if keep_bytes or lazy:
+                out.raw.append(data)
+            del decoded
+        if progress:
+            progress("decode", {"done": n, "total": len(uris)})
+    if lazy:
+        out.pixels = LazyImages(out.raw, out.uris)
+    return out

@@ -13,21 +13,21 @@ from dataclasses import replace
 
 import numpy as np
 
-from lida_core import decide, training
+from lida_core import decide
+from lida_core.decode import decode_inputs
 from lida_core.inputs import genimage_folders, labelled_folders
 from lida_core.lifecycle import (
     LoadedModel,
     Progress,
     adapt_config,
     decider_for,
-    decode_inputs,
     fit_model,
     load_model,
     quiet,
 )
 from lida_core.metrics import auroc, balanced_accuracy, confusion_matrix, per_source_table, retrieval_metrics
 from lida_core.perturb import Perturbation
-from lida_core.workspace import Workspace, WorkspaceError, utc_stamp
+from lida_core.workspace import EVALS, Workspace, WorkspaceError, utc_stamp
 
 
 def _draw(directory: str, shots: int, seed: int, max_queries: int | None) -> tuple[list, list, list, list, str]:
@@ -47,7 +47,7 @@ def _draw(directory: str, shots: int, seed: int, max_queries: int | None) -> tup
         bank, held = (splits["train"], splits["val"]) if "train" in splits else (splits["val"], None)
         if held is not None and set(held) - set(bank):
             raise WorkspaceError(f"{directory}: {', '.join(sorted(set(held) - set(bank)))}: val images without train images")
-    if training.REAL not in bank:
+    if decide.REAL not in bank:
         raise WorkspaceError(f"{directory}: needs a 'real' sub-folder" if layout == "folders" else f"{directory}: no nature images")
     rng = np.random.default_rng(seed)
     gallery_uris, gallery_src, pools = [], [], {}
@@ -80,7 +80,7 @@ def _scores(decider: decide.Decider, q_emb: np.ndarray, q_src: list[str], g_emb:
     retrieval = retrieval_metrics(q_emb @ g_emb.T, q_src, g_src)
     decisions = decider.decide(q_emb, g_emb, g_src, jpeg)
     predicted = [d["predicted_source"] for d in decisions]
-    truth_generated = [s != training.REAL for s in q_src]
+    truth_generated = [s != decide.REAL for s in q_src]
     real_scores = np.array([d["real_score"] for d in decisions])
     return {
         "rank1": retrieval["rank1"],
@@ -88,8 +88,8 @@ def _scores(decider: decide.Decider, q_emb: np.ndarray, q_src: list[str], g_emb:
         "attribution_accuracy": float(np.mean([p == t for p, t in zip(predicted, q_src, strict=True)])),
         "balanced_accuracy": balanced_accuracy(truth_generated, [d["is_generated"] for d in decisions]),
         # Real queries called generated, at the threshold calibrated on pre-training's held-out images.
-        "false_positive_rate": float(np.mean([d["is_generated"] for d, t in zip(decisions, q_src, strict=True) if t == training.REAL]))
-        if training.REAL in q_src else float("nan"),
+        "false_positive_rate": float(np.mean([d["is_generated"] for d, t in zip(decisions, q_src, strict=True) if t == decide.REAL]))
+        if decide.REAL in q_src else float("nan"),
         "auroc": auroc(-real_scores, truth_generated),
     }, decisions
 
@@ -144,7 +144,7 @@ def evaluate(
         jpeg = [perturbation.makes_jpeg or j for j in queries.jpeg]
         robustness.append({"perturbation": str(perturbation), **_scores(decider, p_emb, q_src, g_emb, g_src, jpeg)[0]})
     predicted = [d["predicted_source"] for d in decisions]
-    names, matrix = confusion_matrix(q_src, predicted, sorted(set(q_src) | set(predicted) | {training.UNKNOWN}))
+    names, matrix = confusion_matrix(q_src, predicted, sorted(set(q_src) | set(predicted) | {decide.UNKNOWN}))
     return {
         "directory": directory,
         "layout": layout,
@@ -201,7 +201,7 @@ def evaluation_markdown(result: dict) -> str:
 
 
 def save_evaluation(ws: Workspace, result: dict) -> dict:
-    rel = f"evals/{utc_stamp()}-{result['shots']}shot"
+    rel = f"{EVALS}/{utc_stamp()}-{result['shots']}shot"
     ws.write_json(f"{rel}.json", result)
     ws.write_bytes(f"{rel}.md", evaluation_markdown(result).encode())
     return {"json": ws.uri(f"{rel}.json"), "markdown": ws.uri(f"{rel}.md")}

@@ -20,10 +20,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, replace
 
 import faiss
@@ -140,29 +138,10 @@ IDS_FILE = "ids.parquet"
 
 
 def _publish(ws: Workspace, index: faiss.Index, manifest: dict, image_ids: list[str], sources: list[str]) -> str:
-    staging = ws.path(INDEXES, f".staging-{uuid.uuid4().hex}")
-    ws.fs.makedirs(staging, exist_ok=True)
-    with ws.fs.open(f"{staging}/index.faiss", "wb") as handle:
-        handle.write(faiss.serialize_index(index).tobytes())
-    with ws.fs.open(f"{staging}/{IDS_FILE}", "wb") as handle:  # row id i -> (image_ids[i], sources[i])
-        pq.write_table(pa.table({"image_id": pa.array(image_ids, pa.string()), "source": pa.array(sources, pa.string())}), handle)
-    while True:
-        existing = versions(ws)
-        version = f"i{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
-        with ws.fs.open(f"{staging}/manifest.json", "w") as handle:
-            json.dump({**manifest, "index_version": version}, handle, indent=1)
-        target = ws.path(INDEXES, version)
-        try:
-            if ws.local:
-                os.rename(staging, target)
-            elif not ws.fs.exists(target):
-                ws.fs.mv(staging, target, recursive=True)
-            else:
-                continue
-            break
-        except OSError:
-            if not ws.fs.exists(target):
-                raise
+    ids = io.BytesIO()  # row id i -> (image_ids[i], sources[i])
+    pq.write_table(pa.table({"image_id": pa.array(image_ids, pa.string()), "source": pa.array(sources, pa.string())}), ids)
+    version = ws.publish_version(INDEXES, "i", 1, {"index.faiss": faiss.serialize_index(index).tobytes(), IDS_FILE: ids.getvalue()},
+                                 "manifest.json", lambda name: {**manifest, "index_version": name})
     ws.write_bytes(f"{INDEXES}/CURRENT", (version + "\n").encode())
     prune(ws)
     return version
@@ -200,10 +179,7 @@ def prune(ws: Workspace, keep: int = KEEP_INDEXES) -> list[str]:
 
 
 def versions(ws: Workspace) -> list[str]:
-    if not ws.exists(INDEXES):
-        return []
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in ws.fs.ls(ws.path(INDEXES), detail=False)]
-    return sorted((n for n in names if n.startswith("i") and n[1:].isdigit()), key=lambda n: int(n[1:]))
+    return ws.versions(INDEXES, "i")
 
 
 def _source_counts(sources: list[str]) -> dict[str, int]:

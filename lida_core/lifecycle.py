@@ -1,12 +1,11 @@
-"""Model lifecycle in a workspace: init, pre-train, gallery rows, adapt (evaluation: `evaluate.py`).
+"""Model lifecycle in a workspace: init, pre-train, adapt (gallery rows: `gallery.py`; evaluation: `evaluate.py`).
 
 These are the verbs' logic without the command line. Every step that publishes holds the
 workspace lock. A model version is published whole and `models/CURRENT` only moves after
 it, so a crash (even kill -9) leaves the current model untouched and usable.
 
-Over 400 lines on purpose: every step here makes or carries a model version, and they share
-its meta format, its decider and the gallery it is published with; one file keeps a version's
-whole life readable in order.
+Over 400 lines on purpose: every step here makes a model version, and they share its meta
+format and its decider's calibration; one file keeps a version's whole life readable in order.
 """
 
 from __future__ import annotations
@@ -16,21 +15,16 @@ import copy
 import hashlib
 import io
 import json
-import re
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-import schemas
-from lida_core import decide, failpoints, statistical, training
-from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
+from lida_core import decide, failpoints, gallery, statistical, training
+from lida_core.decode import JPEG_FORMATS, decode_image, decode_inputs
 from lida_core.embed import embed
-from lida_core.inputs import labelled_folders, list_inputs, read_input
+from lida_core.inputs import labelled_folders, list_inputs
 from lida_core.model import (
     CheckpointError,
     Embedder,
@@ -40,35 +34,18 @@ from lida_core.model import (
     load_checkpoint,
     load_upstream_weights,
 )
-from lida_core.workspace import MODELS, TABLES, Workspace, WorkspaceConfig, WorkspaceError, utc_now
+from lida_core.workspace import MODELS, Workspace, WorkspaceConfig, WorkspaceError, utc_now
 
 Progress = Callable[[str, dict], None]
-_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 MIN_CALIBRATION = 8
-
-# Per-profile training defaults: the paper's numbers for its ResNet-50; the CPU profile
-# trains from scratch and needs a larger step to move within minutes.
-PRETRAIN_DEFAULTS = {"small": {"epochs": 15, "batch_size": 64, "lr": 1e-3}, "paper": {"epochs": 30, "batch_size": 32, "lr": 1e-4}}
-# CPU profiles adapt on 16 views of 64 px per gallery image instead of 4 of 128 px (the same
-# pixels per epoch): more distinct samples from 5 images. 3-seed 5-shot means in docs/results.md.
-ADAPT_DEFAULTS = {"small": {"epochs": 60, "lr": 1e-3, "view_size": 64, "views_per_image": 16},
-                  # The paper: L_A + 0.9 L_D exactly (no cross-entropy), p_r the pre-training real mean.
-                  "paper": {"epochs": 100, "lr": 1e-4, "view_size": 0, "views_per_image": 4, "beta": 0.0, "loss": "paper",
-                            "prototype": "pretraining"},
-                  # The statistics profile adapts with the centre loss alone: the real-prototype and
-                  # softmax terms lowered 5-shot Rank-1 to 0.65 (3 seeds; docs/results.md), and
-                  # detection uses the contrast rule instead of the prototype similarity.
-                  "stats": {"epochs": 100, "lr": 1e-3, "view_size": 0, "views_per_image": 4, "lam": 0.0, "beta": 0.0}}
-
 
 def adapt_config(profile: str, epochs: int | None, lr: float | None, seed: int, input_kind: str,
                  holdout: float | None = None) -> training.AdaptConfig:
-    """The profile's adaptation defaults, with the user's epochs, learning rate and held-out share where given."""
-    defaults = ADAPT_DEFAULTS.get(profile, ADAPT_DEFAULTS["small"])
+    """The profile's adaptation defaults (`model.Profile.adapt`), with the user's epochs, learning rate and held-out share where given."""
+    defaults = dict(get_profile(profile).adapt)
     extra = {} if holdout is None else {"holdout": holdout}
-    return training.AdaptConfig(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"], seed=seed, input_kind=input_kind, **extra,
-                                view_size=defaults["view_size"], views_per_image=defaults["views_per_image"],
-                                **{k: defaults[k] for k in ("lam", "beta", "loss", "prototype") if k in defaults})
+    return training.AdaptConfig(**{**defaults, "epochs": epochs or defaults["epochs"], "lr": lr or defaults["lr"]},
+                                seed=seed, input_kind=input_kind, **extra)
 
 
 def detection_method(config: WorkspaceConfig) -> str:
@@ -78,67 +55,6 @@ def detection_method(config: WorkspaceConfig) -> str:
 
 def quiet(_: str, __: dict) -> None:
     return None
-
-
-# ---------------------------------------------------------------- loading images
-
-
-@dataclass
-class Decoded:
-    uris: list[str]
-    image_ids: list[str]
-    pixels: list[np.ndarray]
-    raw: list[bytes]
-    errors: list[tuple[str, str]]
-    jpeg: list[bool] = field(default_factory=list)  # per decoded image: a JPEG file
-
-
-class LazyImages(Sequence):
-    """Decoded pixels of kept file bytes, decoded again on each read: memory holds the compressed files only.
-
-    For passes that read each image once or twice (the closed-form fits): 95 camera photographs
-    of 24 MP each would otherwise hold 7 GB of pixels at once.
-    """
-
-    def __init__(self, raw: Sequence[bytes], names: Sequence[str]):
-        self.raw, self.names = list(raw), list(names)
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return LazyImages(self.raw[index], self.names[index])
-        return decode_image(self.raw[index], self.names[index]).pixels
-
-    def take(self, indexes: Sequence[int]) -> LazyImages:
-        return LazyImages([self.raw[i] for i in indexes], [self.names[i] for i in indexes])
-
-
-def decode_inputs(uris: Sequence[str], progress: Progress = quiet, keep_bytes: bool = False, lazy: bool = False) -> Decoded:
-    """Read and decode every input; `lazy` keeps only the bytes (pixels become a LazyImages, decoded when read)."""
-    out = Decoded([], [], [], [], [])
-    for n, uri in enumerate(uris, 1):
-        try:
-            data = read_input(uri)
-            decoded = decode_image(data, uri)
-        except DecodeError as exc:
-            out.errors.append((uri, exc.reason))
-        except OSError as exc:
-            out.errors.append((uri, f"unreadable: {exc}"))
-        else:
-            out.uris.append(uri)
-            out.image_ids.append(hashlib.sha256(data).hexdigest())
-            if not lazy:
-                out.pixels.append(decoded.pixels)
-            out.jpeg.append(decoded.format in JPEG_FORMATS)
-            if keep_bytes or lazy:
-                out.raw.append(data)
-            del decoded
-        progress("decode", {"done": n, "total": len(uris)})
-    if lazy:
-        out.pixels = LazyImages(out.raw, out.uris)
-    return out
 
 
 # ---------------------------------------------------------------- models in the workspace
@@ -201,7 +117,10 @@ def init_workspace(url: str, profile: str | None = None, checkpoint: str | None 
     overrides: dict = {} if fingerprint_mode is None else {"mode": fingerprint_mode}
     if patch_select is not None:
         overrides.update(region="patch", patch_select=patch_select, seed=patch_seed if patch_select == "random" else 0)
-    settings = replace(get_profile(profile).fingerprint, **overrides)
+    try:
+        settings = replace(get_profile(profile).fingerprint, **overrides)
+    except ValueError as exc:  # an unknown profile: the registry (model.PROFILES) names the known ones
+        raise WorkspaceError(str(exc)) from None
     torch.manual_seed(seed)
     source = "random"
     try:
@@ -291,7 +210,7 @@ def pretrain_version(
     """
     ws.require()
     config = ws.config()
-    defaults = PRETRAIN_DEFAULTS.get(config.profile, PRETRAIN_DEFAULTS["small"])
+    defaults = get_profile(config.profile).pretrain
     if input_kind == "rgb" and get_profile(config.profile).stem != "none":
         raise WorkspaceError(f"the {config.profile} profile reads low-bit fingerprints; "
                              "make the RGB ablation in a workspace made with 'lida init --profile small'")
@@ -305,14 +224,7 @@ def pretrain_version(
     )
     if labels not in (None, "folders"):
         raise WorkspaceError("--labels takes 'folders' (one sub-folder per class)")
-    if cfg.labels:
-        if len(paths) != 1:
-            raise WorkspaceError("--labels folders takes exactly one folder with one sub-folder per class")
-        groups = labelled_folders(paths[0])
-        uris = [u for files in groups.values() for u in files]
-        class_of = {u: i for i, files in enumerate(groups.values()) for u in files}
-    else:
-        uris = list_inputs(paths)
+    uris, class_of = _pretraining_inputs(paths, cfg.labels)
     if len(uris) < 2 * MIN_CALIBRATION:
         raise WorkspaceError(f"pre-training needs at least {2 * MIN_CALIBRATION} real images, found {len(uris)}")
     closed_form = get_profile(config.profile).fit == "closed-form"  # one pass over the images: keep bytes, not pixels
@@ -349,6 +261,7 @@ def pretrain_version(
         progress("epoch", entry)
 
     closed_form = model.fit == "closed-form"
+    reference = None  # the closed-form fit's descriptors of the training images
     with ws.lock("pretrain"):
         if closed_form:  # a fixed stem: keep the real descriptors and fit the head on them, no epochs
             progress("fit", {"images": len(train_images)})
@@ -368,21 +281,10 @@ def pretrain_version(
             )
         loaded = LoadedModel("candidate", model, {"input": input_kind})
         cal_images = decoded.pixels.take(cal_idx) if closed_form else [decoded.pixels[i] for i in cal_idx]
-        cal_jpeg = [decoded.jpeg[i] for i in cal_idx]
-        jpeg_threshold = None
-        if closed_form:
-            real = statistical.embeddings_from_descriptors(model, reference)
-            detector = statistical.QuadraticDetector.fit(real, real[:0], [])
-            prototype = decide.real_prototype(real)
-            cal_scores = detector.scores(loaded.embed(statistical.with_jpeg_copies(cal_images, seed)))
-            threshold, jpeg_threshold = _thresholds(cal_scores, cal_jpeg + [True] * len(cal_images), config.target_fpr)
-        else:
-            prototype = decide.real_prototype(loaded.embed(train_images))
-            cal_scores = loaded.embed(cal_images) @ prototype
-            threshold = decide.calibrate_real_threshold(cal_scores, config.target_fpr)
+        decider, cal_scores = _pretraining_decider(loaded, config, train_images, reference,
+                                                   cal_images, [decoded.jpeg[i] for i in cal_idx], seed)
+        prototype, threshold = decider.prototype, decider.real_threshold
         calibration_ids = [ws.put_blob(decoded.raw[i]) for i in cal_idx]
-        decider = decide.Decider(prototype, threshold, None, config.decision, config.k, config.top_k,
-                                   quadratic=detector.to_dict() if closed_form else None, jpeg_threshold=jpeg_threshold)
         meta = {
             "kind": "pretrain",
             "parent": parent,
@@ -390,7 +292,7 @@ def pretrain_version(
             "fingerprint": config.fingerprint,
             "input": input_kind,
             "tiles": model.tiles,
-            "data": {**_data_summary([decoded.image_ids[i] for i in train_idx], [training.REAL] * len(train_idx)),
+            "data": {**_data_summary([decoded.image_ids[i] for i in train_idx], [decide.REAL] * len(train_idx)),
                      "errors": len(decoded.errors)},
             "calibration": calibration_ids,
             # the paper's p_r for adaptation: the mean feature of the pre-training real images
@@ -402,7 +304,7 @@ def pretrain_version(
         }
         version = publish(ws, model, meta, make_current=False)
         failpoints.reached("pretrain:published")
-        carry_gallery(ws, parent, loaded, version)
+        gallery.carry(ws, parent, loaded, version)
         if before_current is not None:
             before_current(version)
         ws.set_current_model(version)
@@ -412,68 +314,35 @@ def pretrain_version(
             "errors": decoded.errors, "threshold": threshold, "epochs": cfg.epochs}
 
 
-# ---------------------------------------------------------------- gallery
+def _pretraining_inputs(paths: Sequence[str], labelled: bool) -> tuple[list[str], dict[str, int] | None]:
+    """Pre-training's image URIs, and each one's class when `--labels folders` names one sub-folder per class."""
+    if not labelled:
+        return list_inputs(paths), None
+    if len(paths) != 1:
+        raise WorkspaceError("--labels folders takes exactly one folder with one sub-folder per class")
+    groups = labelled_folders(paths[0])
+    return [u for files in groups.values() for u in files], {u: i for i, files in enumerate(groups.values()) for u in files}
 
 
-def gallery_table(ws: Workspace, version: str) -> pa.Table:
-    table = ws.read_parquet(TABLES, "gallery", f"model_version={version}")
-    if table is None:
-        return schemas.schema("gallery", 1).empty_table().drop(["embedding"])
-    table = table.append_column("model_version", pa.array([version] * len(table)))
-    # One row per (image, source): a re-added image keeps its first registration.
-    seen, keep = set(), []
-    for i, (image_id, source) in enumerate(zip(table["image_id"].to_pylist(), table["source"].to_pylist(), strict=True)):
-        if (image_id, source) not in seen:
-            seen.add((image_id, source))
-            keep.append(i)
-    return table.take(keep)
+def _pretraining_decider(loaded: LoadedModel, config: WorkspaceConfig, train_images, reference: np.ndarray | None,
+                         cal_images, cal_jpeg: list[bool], seed: int) -> tuple[decide.Decider, np.ndarray]:
+    """The pre-trained model's decider, its threshold calibrated on the held-out real images; and their scores.
 
-
-def write_gallery_rows(ws: Workspace, version: str, rows: list[dict], dim: int) -> None:
-    if not rows:
-        return
-    table = schemas.validate(pa.Table.from_pylist(rows), "gallery", embedding_dim=dim)
-    buffer = io.BytesIO()
-    pq.write_table(table.drop(["model_version"]), buffer)
-    ws.write_bytes(f"{TABLES}/gallery/model_version={version}/part-{uuid.uuid4().hex}.parquet", buffer.getvalue())
-
-
-def check_source_name(source: str) -> str:
-    if not _SOURCE_NAME.match(source) or source == training.UNKNOWN:
-        raise WorkspaceError(f"invalid source name {source!r}: letters, digits and _ . + - (not 'unknown')")
-    return source
-
-
-def gallery_summary(ws: Workspace) -> dict:
-    current = ws.require_model_version()
-    table = gallery_table(ws, current)
-    counts: dict[str, int] = {}
-    for s in table["source"].to_pylist():
-        counts[s] = counts.get(s, 0) + 1
-    return {"model_version": current, "sources": dict(sorted(counts.items())), "images": len(table)}
-
-
-def carry_gallery(ws: Workspace, parent: str, model: LoadedModel, version: str, images: list[np.ndarray] | None = None) -> int:
-    """The parent version's gallery rows, re-embedded by `model`, written for `version`; returns how many."""
-    table = gallery_table(ws, parent)
-    if not len(table):
-        return 0
-    if images is None:
-        images = gallery_images(ws, parent)[0]
-    emb = model.embed(images)
-    rows = [
-        {**{k: table[k][i].as_py() for k in ("image_id", "uri", "source", "added_at")}, "model_version": version,
-         "fingerprint": str(model.model.fingerprint), "embedding": emb[i].tolist()}
-        for i in range(len(table))
-    ]
-    write_gallery_rows(ws, version, rows, model.model.embedding_dim)
-    return len(rows)
-
-
-def gallery_images(ws: Workspace, version: str) -> tuple[list[np.ndarray], list[str], list[str]]:
-    table = gallery_table(ws, version)
-    ids, sources = table["image_id"].to_pylist(), table["source"].to_pylist()
-    return [decode_image(ws.get_blob(i), i).pixels for i in ids], sources, ids
+    A closed-form profile (`reference`: the training images' descriptors) decides with the
+    quadratic rule fitted on the real side alone, one threshold per format (the held-out images
+    and their JPEG copies); a trained network with the similarity to the real prototype.
+    """
+    if reference is not None:
+        real = statistical.embeddings_from_descriptors(loaded.model, reference)
+        detector = statistical.QuadraticDetector.fit(real, real[:0], [])
+        scores = detector.scores(loaded.embed(statistical.with_jpeg_copies(cal_images, seed)))
+        threshold, jpeg_threshold = _thresholds(scores, cal_jpeg + [True] * len(cal_images), config.target_fpr)
+        return decide.Decider(decide.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
+                              quadratic=detector.to_dict(), jpeg_threshold=jpeg_threshold), scores
+    prototype = decide.real_prototype(loaded.embed(train_images))
+    scores = loaded.embed(cal_images) @ prototype
+    return decide.Decider(prototype, decide.calibrate_real_threshold(scores, config.target_fpr), None, config.decision,
+                          config.k, config.top_k), scores
 
 
 # ---------------------------------------------------------------- adaptation
@@ -523,7 +392,7 @@ def decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Work
                                 np.stack(list(found.values())) if found else None, quadratic=detector.to_dict(),
                                 jpeg_threshold=jpeg_threshold)
     emb = model.embed(images)
-    real = emb[np.asarray(sources) == training.REAL]
+    real = emb[np.asarray(sources) == decide.REAL]
     prototype = decide.real_prototype(real)
     generators = None
     if calibration:
@@ -532,7 +401,7 @@ def decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Work
             generators = np.stack(list(found.values())) if found else None
         scores = decide.detection_scores(model.embed(calibration), prototype, generators)
     else:  # no held-out real images: the prototype rule, with leave-one-out gallery scores
-        scores = decide.leave_one_out_similarities(real, [training.REAL] * len(real))
+        scores = decide.leave_one_out_similarities(real, [decide.REAL] * len(real))
         scores = scores[np.isfinite(scores)]
     threshold = decide.calibrate_real_threshold(scores, config.target_fpr) if len(scores) else -1.0
     return decide.Decider(prototype, threshold, None, config.decision, config.k, config.top_k, generators)
@@ -560,8 +429,8 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
     config = ws.config()
     with ws.lock("adapt") if lock else contextlib.nullcontext():
         current = load_model(ws)
-        images, sources, ids = gallery_images(ws, current.version)
-        if training.REAL not in sources or len(set(sources)) < 2:
+        images, sources, ids = gallery.images(ws, current.version)
+        if decide.REAL not in sources or len(set(sources)) < 2:
             raise WorkspaceError("adaptation needs real images and at least one generator in the gallery ('lida gallery add')")
         cfg = adapt_config(config.profile, epochs, lr, seed, current.input_kind)
         if cfg.prototype == "pretraining" and current.meta.get("pretraining_prototype") is None:
@@ -602,7 +471,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
         failpoints.reached("adapt:published")
         if promoted:
             # Re-embed the gallery for the new version before it becomes current.
-            carry_gallery(ws, current.version, candidate, version, images)
+            gallery.carry(ws, current.version, candidate, version, images)
             failpoints.reached("adapt:gallery")
             if before_current is not None:
                 before_current(version)
@@ -611,3 +480,16 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             failpoints.reached("adapt:current")
     return {"model_version": version, "parent": current.version, "promoted": promoted,
             "holdout_accuracy_before": before, "holdout_accuracy_after": after, "best_epoch": result.best_epoch}
+
+
+def adapt_and_reindex(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
+                      progress: Progress = quiet) -> dict:
+    """`lida adapt`: one lock over adaptation and the index rebuild, so no scan sees the new model before its index."""
+    ws.require()
+    with ws.lock("adapt"):
+        built = {}
+        result = adapt_version(ws, epochs, lr, seed, progress, lock=False,
+                               before_current=lambda version: built.update(gallery.reindex(ws, version)))
+        if result["promoted"]:
+            result["index"] = built
+    return result

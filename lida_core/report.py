@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, scan_ids, utc_now
+from lida_core.workspace import EVALS, SHARDS, Workspace, WorkspaceError, scan_ids, table_folder, utc_now
 
 # real is green and unknown grey; generators take the other colours (no greens or greys among them)
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#b07aa1", "#edc948", "#9c755f", "#17becf", "#ff9da7", "#1f3a93",
@@ -163,7 +163,7 @@ def latest_scan(ws: Workspace) -> str:
 
 
 def latest_evaluation(ws: Workspace) -> dict | None:
-    folder = ws.path("evals")
+    folder = ws.path(EVALS)
     if not ws.fs.exists(folder):
         return None
     files = sorted(p for p in ws.fs.ls(folder, detail=False) if p.endswith(".json"))
@@ -171,13 +171,14 @@ def latest_evaluation(ws: Workspace) -> dict | None:
 
 
 def thresholds(ws: Workspace, model_version: str) -> dict[str, float | None]:
-    from lida_core.index import open_index
+    """The thresholds a scan with this model decides with, as `index.query_decider` sets them (a fixed one included)."""
+    from lida_core.index import IndexMismatch, query_decider
 
-    meta = ws.model_meta(model_version)
-    real = (meta.get("decider") or {}).get("real_threshold")
-    index = open_index(ws)
-    unknown = index.manifest.get("unknown_threshold") if index is not None and index.model_version == model_version else None
-    return {"real": real, "unknown": unknown}
+    try:
+        decider, _ = query_decider(ws, model_version, ws.model_meta(model_version), ws.config())
+    except (IndexMismatch, WorkspaceError):  # no index of this model, or no calibrated rule yet: no lines drawn
+        return {"real": None, "unknown": None}
+    return {"real": decider.real_threshold, "unknown": decider.unknown_threshold}
 
 
 def build_report(ws: Workspace, scan_id: str | None = None) -> tuple[str, dict]:
@@ -185,8 +186,8 @@ def build_report(ws: Workspace, scan_id: str | None = None) -> tuple[str, dict]:
     scan_id = scan_id or latest_scan(ws)
     if not ws.exists(SHARDS, scan_id, "done.json"):
         raise WorkspaceError(f"scan {scan_id!r} is not finished (or does not exist) in {ws.url}")
-    images = ws.read_parquet(TABLES, "images", f"scan_id={scan_id}", columns=["uri", "status", "error"])
-    attributions = ws.read_parquet(TABLES, "attributions", f"scan_id={scan_id}")
+    images = ws.read_parquet(table_folder("images", scan_id), columns=["uri", "status", "error"])
+    attributions = ws.read_parquet(table_folder("attributions", scan_id))
     if images is None or attributions is None:
         raise WorkspaceError(f"scan {scan_id!r} has no tables in {ws.url}")
     status = {}
@@ -200,8 +201,8 @@ def build_report(ws: Workspace, scan_id: str | None = None) -> tuple[str, dict]:
     model_version = versions[-1] if versions else ws.require_model_version()
     limits = thresholds(ws, model_version)
 
-    gallery = ws.read_parquet(TABLES, "gallery", f"model_version={model_version}", columns=["image_id", "source", "embedding"])
-    scan_emb = ws.read_parquet(TABLES, "embeddings", f"model_version={model_version}", columns=["image_id", "embedding"],
+    gallery = ws.read_parquet(table_folder("gallery", model_version), columns=["image_id", "source", "embedding"])
+    scan_emb = ws.read_parquet(table_folder("embeddings", model_version), columns=["image_id", "embedding"],
                                name_prefix=f"scan-{scan_id}-")
     sources = sorted(set(predicted) | set(gallery["source"].to_pylist() if gallery is not None else []))
     palette = colours(sources)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lida_core.allocator import keep_freed_memory
-from lida_core.decide import REAL, UNKNOWN, real_prototype  # noqa: F401  (REAL, UNKNOWN: callers read them here too)
+from lida_core.decide import REAL, real_prototype
 from lida_core.embed import embed, model_inputs
 from lida_core.losses import LidaLoss
 from lida_core.model import Embedder

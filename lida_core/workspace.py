@@ -7,7 +7,8 @@
       blobs/ab/<sha256>           original bytes of gallery and calibration images
       tables/<name>/...           Hive-partitioned Parquet tables (schemas/)
       indexes/iNNNN/ + CURRENT    published attribution indexes
-      runs/<job>/                 resumable training state (never read by queries)
+      runs/<job>/                 resumable training state, staged gallery rows, the flows' hash cache
+      evals/<stamp>-<k>shot.*     `lida eval` results (JSON and Markdown)
       shards/<scan_id>/           WebDataset shards of scans
       lock                        held by a process that writes
 
@@ -30,12 +31,13 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+import schemas
 from lida_core.fingerprint import FingerprintSettings
 
 CONFIG = "config.json"
@@ -44,15 +46,21 @@ INDEXES = "indexes"
 BLOBS = "blobs"
 TABLES = "tables"
 RUNS = "runs"
+EVALS = "evals"
 SHARDS = "shards"
 CURRENT = "CURRENT"
 LOCK = "lock"
 _VERSION = re.compile(r"^v(\d{4,})$")
-_INDEX_VERSION = re.compile(r"^i(\d{4,})$")
 
 
 class WorkspaceError(Exception):
     """A problem with the workspace the user can act on (missing, locked, inconsistent)."""
+
+
+def table_folder(name: str, value: str) -> str:
+    """`tables/<name>/<column>=<value>`: one partition of table `name` (its column from schemas/<name>.json)."""
+    (column,) = schemas.partition_columns(name)
+    return f"{TABLES}/{name}/{column}={value}"
 
 
 def utc_now() -> dt.datetime:
@@ -65,6 +73,8 @@ def utc_stamp() -> str:
 
 
 DETECTIONS = ("prototype", "contrast", "quadratic")  # real/generated rules (decide.py)
+# When each flow runs (cron, in `timezone`), unless config.json's `schedules` says otherwise.
+DEFAULT_SCHEDULES = {"scan": "0 2 * * *", "reindex": "0 3 * * 0", "adapt": "0 4 * * 0"}
 
 
 @dataclass
@@ -80,14 +90,12 @@ class WorkspaceConfig:
     inboxes: list[str] = field(default_factory=list)
     labelled_inbox: str | None = None
     adapt_min_new: int = 20  # newly labelled images (of known sources) that trigger an adaptation run
-    schedules: dict[str, str] = field(
-        default_factory=lambda: {"scan": "0 2 * * *", "reindex": "0 3 * * 0", "adapt": "0 4 * * 0"}
-    )
+    schedules: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SCHEDULES))
     timezone: str = "UTC"  # the zone the schedules' cron strings are read in (an IANA name)
     # A fixed detection threshold in place of the calibrated one: the paper hand-sets 0.85 on the
     # similarity to the real prototype (`lida config detection prototype`, `lida config real_threshold 0.85`).
     real_threshold: float | None = None
-    index_memory_mb: int = 4096  # the attribution index's memory: over it, compressed codes (pipelines/index.choose_index)
+    index_memory_mb: int = 4096  # the attribution index's memory: over it, compressed codes (index.choose_index)
     created_at: str = ""
 
     @classmethod
@@ -109,7 +117,7 @@ class WorkspaceConfig:
             raise WorkspaceError("config.json: adapt_min_new must be a positive integer")
         if not isinstance(config.index_memory_mb, int) or isinstance(config.index_memory_mb, bool) or config.index_memory_mb < 1:
             raise WorkspaceError("config.json: index_memory_mb must be a positive integer (MiB)")
-        if not isinstance(config.schedules, dict) or set(config.schedules) - {"scan", "reindex", "adapt"}:
+        if not isinstance(config.schedules, dict) or set(config.schedules) - set(DEFAULT_SCHEDULES):
             raise WorkspaceError("config.json: schedules maps scan, reindex and adapt to cron strings")
         for name, value in (("k", config.k), ("top_k", config.top_k)):
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
@@ -200,10 +208,18 @@ class Workspace:
             with contextlib.suppress(OSError):
                 self.fs.rm(tmp)
             raise
+        self._replace(tmp, target)
+
+    def _replace(self, source: str, target: str) -> None:
+        """Rename a file over `target` (full paths): atomic locally; a copy-and-delete move on object stores."""
         if self.local:
-            os.replace(tmp, target)
+            os.replace(source, target)
         else:
-            self.fs.mv(tmp, target)
+            self.fs.mv(source, target)
+
+    def replace(self, source: str, target: str) -> None:
+        """Rename workspace file `source` over `target` (both relative to the workspace)."""
+        self._replace(self.path(source), self.path(target))
 
     def read_json(self, *parts: str) -> dict:
         try:
@@ -235,6 +251,19 @@ class Workspace:
                 tables.append(pq.read_table(handle, columns=columns))
         return pa.concat_tables(tables) if tables else None
 
+    def write_table(self, rel: str, name: str, table, embedding_dim: int | None = None, drop_partition: bool = True):
+        """Validate `table` against table `name`'s schema and write it as Parquet at `rel`, atomically.
+
+        The partition column is dropped (the folder names it: `table_folder`) unless `drop_partition`
+        is false, for staging files read back before the table is written. Returns the validated table.
+        """
+        import pyarrow.parquet as pq
+
+        table = schemas.validate(table, name, embedding_dim=embedding_dim)
+        with self.open_atomic(rel) as handle:
+            pq.write_table(table.drop(schemas.partition_columns(name)) if drop_partition else table, handle)
+        return table
+
     # ------------------------------------------------------------ config
 
     def is_initialised(self) -> bool:
@@ -254,11 +283,46 @@ class Workspace:
 
     # ------------------------------------------------------------ model versions
 
+    def versions(self, folder: str, prefix: str) -> list[str]:
+        """The published versions in `folder` (`<prefix>NNNN` names), oldest first."""
+        pattern = re.compile(rf"^{prefix}(\d{{4,}})$")
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.ls(folder)]
+        return sorted((n for n in names if pattern.match(n)), key=lambda n: int(n[len(prefix):]))
+
+    def publish_version(self, folder: str, prefix: str, first: int, files: dict[str, bytes],
+                        meta_file: str, meta: Callable[[str], dict]) -> str:
+        """Publish `files` as the next version folder of `folder` (`<prefix>NNNN`, numbered from `first`); its name.
+
+        The folder is assembled under a hidden name and renamed into place; `meta(version)` is
+        written into it as `meta_file` for the name it is about to take. A name that exists is
+        never reused (a concurrent publisher's rename wins and this one takes the next), so
+        nothing published is ever overwritten. Model versions and index versions both publish here.
+        """
+        staging = self.path(folder, f".staging-{uuid.uuid4().hex}")
+        self.fs.makedirs(staging, exist_ok=True)
+        for name, data in files.items():
+            with self.fs.open(f"{staging}/{name}", "wb") as handle:
+                handle.write(data)
+        while True:
+            existing = self.versions(folder, prefix)
+            version = f"{prefix}{(int(existing[-1][len(prefix):]) + 1) if existing else first:04d}"
+            with self.fs.open(f"{staging}/{meta_file}", "wb") as handle:
+                handle.write((json.dumps(meta(version), indent=2, sort_keys=True, default=str) + "\n").encode())
+            target = self.path(folder, version)
+            if self.local:
+                try:
+                    os.rename(staging, target)  # fails if the target exists: never overwrite
+                    return version
+                except OSError:
+                    if not os.path.exists(target):
+                        raise
+                    continue
+            if not self.fs.exists(target):
+                self.fs.mv(staging, target, recursive=True)
+                return version
+
     def model_versions(self) -> list[str]:
-        if not self.exists(MODELS):
-            return []
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(MODELS), detail=False)]
-        return sorted((n for n in names if _VERSION.match(n)), key=lambda n: int(n[1:]))
+        return self.versions(MODELS, "v")
 
     def current_model_version(self) -> str | None:
         try:
@@ -281,30 +345,9 @@ class Workspace:
         The folder is assembled under a temporary name and renamed into place; a name that
         exists is never reused, so nothing published is ever overwritten.
         """
-        staging = self.path(MODELS, f".staging-{uuid.uuid4().hex}")
-        self.fs.makedirs(staging, exist_ok=True)
         digest = hashlib.sha256(files["model.pt"]).hexdigest() if "model.pt" in files else None
-        for name, data in files.items():
-            with self.fs.open(f"{staging}/{name}", "wb") as handle:
-                handle.write(data)
-        while True:
-            existing = self.model_versions()
-            version = f"v{(int(existing[-1][1:]) + 1) if existing else 0:04d}"
-            full_meta = {**meta, "version": version, "sha256": digest, "created_at": utc_now().isoformat()}
-            with self.fs.open(f"{staging}/meta.json", "wb") as handle:
-                handle.write((json.dumps(full_meta, indent=2, sort_keys=True, default=str) + "\n").encode())
-            target = self.path(MODELS, version)
-            if self.local:
-                try:
-                    os.rename(staging, target)  # fails if the target exists: never overwrite
-                    return version
-                except OSError:
-                    if not os.path.exists(target):
-                        raise
-                    continue
-            if not self.fs.exists(target):
-                self.fs.mv(staging, target, recursive=True)
-                return version
+        return self.publish_version(MODELS, "v", 0, files, "meta.json", lambda version: {
+            **meta, "version": version, "sha256": digest, "created_at": utc_now().isoformat()})
 
     def set_current_model(self, version: str) -> None:
         if not self.exists(MODELS, version, "meta.json"):
@@ -347,7 +390,8 @@ class Workspace:
 
     # ------------------------------------------------------------ runs (resumable state)
 
-    def run_path(self, job: str, name: str = "") -> str:
+    @staticmethod
+    def run_path(job: str, name: str = "") -> str:
         return f"{RUNS}/{job}/{name}".rstrip("/")
 
     # ------------------------------------------------------------ lock

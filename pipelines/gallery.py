@@ -1,40 +1,19 @@
-"""Gallery changes and their index: add (incremental index update), reindex (full rebuild)."""
+"""`lida gallery add` as a Beam job: read and decode in chunks, embed with the scan's handler, stage rows.
+
+The rows reach the gallery table only after the index holds them (`gallery.index_with`); the
+gallery's table and index themselves are `lida_core/gallery.py`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 
-from lida_core import failpoints, lifecycle
-from lida_core import index as gallery_index
-from lida_core.workspace import TABLES, Workspace, utc_stamp
-
-
-def _gallery_rows(ws: Workspace, version: str, staged: pa.Table | None) -> pa.Table:
-    """(image_id, source, embedding) of a model's gallery table, followed by staged rows."""
-    parts = [t.select(["image_id", "source", "embedding"]) for t in (lifecycle.gallery_table(ws, version), staged)
-             if t is not None and len(t)]
-    if not parts:
-        return pa.table({"image_id": pa.array([], pa.string()), "source": pa.array([], pa.string()),
-                         "embedding": pa.array([], pa.list_(pa.float32()))})
-    return pa.concat_tables([p.cast(parts[0].schema) for p in parts])
-
-
-def reindex(ws: Workspace, version: str | None = None, staged: pa.Table | None = None) -> dict:
-    """Rebuild the index of a model version (the current one) from its gallery rows (plus `staged` rows); published atomically."""
-    config = ws.config()
-    version = version or ws.require_model_version()
-    table = _gallery_rows(ws, version, staged)
-    if len(table):
-        vectors = np.asarray(table["embedding"].to_pylist(), dtype=np.float32)
-    else:  # an empty gallery still gets an (empty) index of the model's dimension
-        vectors = np.zeros((0, lifecycle.load_model(ws, version).model.embedding_dim), np.float32)
-    manifest = gallery_index.build_index(ws, version, config.fingerprint, table["image_id"].to_pylist(),
-                                         table["source"].to_pylist(), vectors, config.unknown_accept, config.index_memory_mb)
-    return {k: manifest[k] for k in ("index_version", "model_version", "count", "dimension", "kind", "unknown_threshold")}
+from lida_core import failpoints, gallery, lifecycle
+from lida_core.decode import decode_inputs
+from lida_core.workspace import Workspace, table_folder, utc_stamp
 
 
 def add(ws: Workspace, source: str, paths: Sequence[str], progress=lifecycle.quiet, runner: str = "local",
@@ -62,7 +41,7 @@ class ReadGalleryChunk(beam.DoFn):
 
     def process(self, element):
         number, uris = element
-        decoded = lifecycle.decode_inputs(uris, keep_bytes=True)
+        decoded = decode_inputs(uris, keep_bytes=True)
         stubs = tuple({"image_id": self.ws.put_blob(raw), "uri": uri} for uri, raw in zip(decoded.uris, decoded.raw, strict=True))
         self.ws.write_json(f"{self.run}/{number:06d}.read.json", {"errors": decoded.errors, "decoded": len(stubs)})
         if stubs:
@@ -84,22 +63,15 @@ class WriteGalleryChunk(beam.DoFn):
         self.fingerprint = self.ws.model_meta(self.model_version)["fingerprint"]
 
     def process(self, element):
-        import io
 
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        import schemas
         from lida_core.workspace import utc_now
 
         (number, stubs), embeddings = element
         now = utc_now()
         rows = [{**stub, "source": self.source, "added_at": now, "model_version": self.model_version,
                  "fingerprint": self.fingerprint, "embedding": vector.tolist()} for stub, vector in zip(stubs, embeddings, strict=True)]
-        table = schemas.validate(pa.Table.from_pylist(rows), "gallery", embedding_dim=len(rows[0]["embedding"]))
-        buffer = io.BytesIO()
-        pq.write_table(table.drop(["model_version"]), buffer)
-        self.ws.write_bytes(f"{self.run}/parts/part-{number:06d}.parquet", buffer.getvalue())
+        self.ws.write_table(f"{self.run}/parts/part-{number:06d}.parquet", "gallery", pa.Table.from_pylist(rows),
+                            len(rows[0]["embedding"]))
         yield len(rows)
 
 
@@ -117,7 +89,7 @@ def embed_into_gallery(ws: Workspace, source: str, uris: Sequence[str], model_ve
     from pipelines.runners import pipeline_options
     from pipelines.scan import EmbedderHandler
 
-    run = f"runs/gallery-add/{utc_stamp()}-{uuid.uuid4().hex[:6]}"
+    run = ws.run_path("gallery-add", f"{utc_stamp()}-{uuid.uuid4().hex[:6]}")
     chunks = [(n, list(uris[i : i + CHUNK])) for n, i in enumerate(range(0, len(uris), CHUNK))]
     handler = EmbedderHandler(ws.url, model_version).with_no_batching()
     with (pipeline_options(runner, runner_options, beam_args=beam_args) as options,
@@ -143,13 +115,13 @@ def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress, runn
     from lida_core.inputs import list_inputs, read_input
     from lida_core.workspace import WorkspaceError
 
-    lifecycle.check_source_name(source)
+    gallery.check_source_name(source)
     uris = list_inputs(paths)
     if not uris:
         raise WorkspaceError("no images found in the given paths")
     version = ws.require_model_version()
     lifecycle.load_model(ws, version)  # weights that do not load fail here, in one line, not in every worker
-    existing = lifecycle.gallery_table(ws, version)
+    existing = gallery.table(ws, version)
     known = set(zip(existing["image_id"].to_pylist(), existing["source"].to_pylist(), strict=True))
     # Content already registered for this source (or twice in this add) is not embedded again.
     todo, seen, already, unreadable = [], set(), 0, []
@@ -174,86 +146,14 @@ def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress, runn
     failpoints.reached("gallery:staged")
     # The index first, then the rows: a kill in between leaves rows staged (an add re-run embeds
     # them again), never rows listed in the gallery that the index does not hold.
-    result["index"] = _index_with(ws, version, staged)
+    result["index"] = gallery.index_with(ws, version, staged)
     failpoints.reached("gallery:indexed")
     if run:
         for path in sorted(ws.ls(run, "parts")):
             name = path.rsplit("/", 1)[-1]
-            ws.write_bytes(f"{TABLES}/gallery/model_version={version}/part-{run.rsplit('/', 1)[-1]}-{name[len('part-'):]}",
+            ws.write_bytes(f"{table_folder('gallery', version)}/part-{run.rsplit('/', 1)[-1]}-{name[len('part-'):]}",
                            ws.read_bytes(run, "parts", name))
         ws.fs.rm(ws.path(run), recursive=True)
-    return result
-
-
-def _index_with(ws: Workspace, version: str, staged) -> dict:
-    """The model's index extended by `staged` gallery rows (and by any row it misses): incremental when it can be."""
-    config = ws.config()
-    current = gallery_index.index_for_model(ws, version)
-    if current is None or current.model_version != version:
-        return reindex(ws, version, staged)
-    table = _gallery_rows(ws, version, staged)
-    indexed = set(zip(current.image_ids, current.sources, strict=True))
-    new, seen = [], set()
-    for i, pair in enumerate(zip(table["image_id"].to_pylist(), table["source"].to_pylist(), strict=True)):
-        if pair not in indexed and pair not in seen:
-            seen.add(pair)
-            new.append(i)
-    if not new:
-        return {"index_version": current.version, "count": len(current.image_ids), "incremental": True}
-    if not gallery_index.fits_after_adding(current, len(new), config.index_memory_mb):
-        return reindex(ws, version, staged)  # the gallery outgrew its index type (or the budget changed): rebuild
-    vectors = np.asarray([table["embedding"][i].as_py() for i in new], dtype=np.float32)
-    manifest = gallery_index.add_to_index(ws, current, [table["image_id"][i].as_py() for i in new],
-                                          [table["source"][i].as_py() for i in new], vectors, config.unknown_accept)
-    return {"index_version": manifest["index_version"], "count": manifest["count"], "incremental": True}
-
-
-def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
-    """`lida attribute`: decisions for a few files now, in this process (no Beam, no server)."""
-    from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
-    from lida_core.inputs import InputError, display_uri, list_inputs, read_input
-
-    config = ws.config()
-    loaded = lifecycle.load_model(ws)
-    decider, index = gallery_index.query_decider(ws, loaded.version, loaded.meta, config)
-    results, good, pixels, jpeg = [], [], [], []
-    listed: list[tuple[str, str | None]] = []  # (URI, why it cannot be listed), in the order given
-    for path in paths:
-        try:
-            listed += [(u, None) for u in list_inputs([path])]
-        except InputError as exc:  # a missing path is that path's answer, not the end of every other's
-            listed.append((display_uri(str(path)), "no such file or folder" if "no such" in str(exc) else str(exc)))
-    for uri, problem in listed:
-        if problem:
-            results.append({"uri": uri, "error": problem})
-            continue
-        try:
-            decoded = decode_image(read_input(uri), uri)
-            pixels.append(decoded.pixels)
-            jpeg.append(decoded.format in JPEG_FORMATS)
-            good.append(len(results))
-            results.append({"uri": uri})
-        except (DecodeError, OSError) as exc:
-            results.append({"uri": uri, "error": getattr(exc, "reason", str(exc))})
-    if pixels:
-        decisions = gallery_index.search_and_decide(decider, index, loaded.embed(pixels), jpeg, loaded.version)
-        for position, decision in zip(good, decisions, strict=True):
-            results[position].update(decision)
-            results[position].update(model_version=loaded.version, index_version=index.version if index else "none",
-                                     fingerprint=config.fingerprint)
-    return results
-
-
-def adapt_and_reindex(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
-                      progress=lifecycle.quiet) -> dict:
-    """`lida adapt`: one lock over adaptation and the index rebuild, so no scan sees the new model before its index."""
-    ws.require()
-    with ws.lock("adapt"):
-        built = {}
-        result = lifecycle.adapt_version(ws, epochs, lr, seed, progress, lock=False,
-                                         before_current=lambda version: built.update(reindex(ws, version)))
-        if result["promoted"]:
-            result["index"] = built
     return result
 
 
@@ -275,7 +175,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     ws = Workspace(known.workspace).require()
     if known.reindex:
         with ws.lock("reindex"):
-            result = reindex(ws)
+            result = gallery.reindex(ws)
     else:
         if not known.source or not known.input:
             parser.error("--source and at least one --input are required (or --reindex)")

@@ -23,10 +23,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from lida_core.errors import RunnerError
 
-from lida_core.errors import RunnerError  # noqa: F401  (defined with the other user errors; raised here)
+if TYPE_CHECKING:  # Beam is imported when options are made, so the command can read RUNNERS without it
+    from apache_beam.options.pipeline_options import PipelineOptions
 
 THREADS_UP_TO_CORES = 4
 
@@ -60,6 +62,8 @@ def pipeline_options(runner: str = "local", runner_options: Sequence[str] = (), 
     `beam_args` (Beam's own flags, from a job's `run(argv)`) replace all of that when they name a
     runner; without one they are added after lida's local choice, so every flag reaches Beam.
     """
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     if beam_args is not None and any(a.startswith("--runner") for a in beam_args):
         yield PipelineOptions(list(beam_args))
         return

@@ -43,7 +43,7 @@ from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
 from lida_core.embed import embed
 from lida_core.index import search_and_decide
 from lida_core.inputs import list_inputs, read_input
-from lida_core.workspace import SHARDS, TABLES, Workspace, WorkspaceError, utc_now, utc_stamp
+from lida_core.workspace import SHARDS, Workspace, WorkspaceError, table_folder, utc_now, utc_stamp
 
 SHARD_SIZE = int(os.environ.get("LIDA_SHARD_SIZE", "256"))  # most images per shard (tests use small shards)
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
@@ -86,8 +86,8 @@ def shard_name(index: int) -> str:
 
 
 def attributions_part(scan_id: str, shard: str) -> str:
-    """A shard's attributions file under the attributions table; its presence marks the shard done."""
-    return f"scan_id={scan_id}/part-{shard}.parquet"
+    """A shard's attributions file in the attributions table; its presence marks the shard done."""
+    return f"{table_folder('attributions', scan_id)}/part-{shard}.parquet"
 
 
 # ---------------------------------------------------------------- the scan's stages
@@ -226,10 +226,8 @@ class ShardAndDecode(beam.DoFn):
         if chunk[0]:
             yield CHUNK_OUT, chunk
         self.ws.write_json(f"{base}.members.json", offsets)
-        table = schemas.validate(pa.Table.from_pylist(rows), "images")
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        self.ws.write_bytes(f"{base}.rows.parquet", buffer.getvalue())  # the commit marker, last
+        # the commit marker, last; it keeps scan_id: the images table is assembled from these files
+        self.ws.write_table(f"{base}.rows.parquet", "images", pa.Table.from_pylist(rows), drop_partition=False)
 
     def _from_tar(self, name: str):
         base = f"{_scan_dir(self.scan_id)}/{name}"
@@ -297,10 +295,7 @@ def finalize_images(ws: Workspace, scan_id: str, shard_count: int) -> pa.Table:
         else:
             first[image_id] = i
     table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
-    table = schemas.validate(table, "images")
-    buffer = io.BytesIO()
-    pq.write_table(table.drop(["scan_id"]), buffer)
-    ws.write_bytes(f"{TABLES}/images/scan_id={scan_id}/part-00000.parquet", buffer.getvalue())
+    table = ws.write_table(f"{table_folder('images', scan_id)}/part-00000.parquet", "images", table)
     return table
 
 
@@ -444,7 +439,7 @@ class Attribute(beam.DoFn):
         finals = [v for v in values if isinstance(v, ShardFinal)]
         if len(finals) != 1:
             raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(finals)} images-table verdicts, expected 1")
-        if self.ws.exists(f"{TABLES}/attributions/{attributions_part(self.scan_id, shard)}"):
+        if self.ws.exists(attributions_part(self.scan_id, shard)):
             # A retry of a bundle that had finished (its staged embeddings are gone): the shard is done.
             yield shard, 0
             return
@@ -469,25 +464,22 @@ class Attribute(beam.DoFn):
                 embeddings.append({"image_id": r["image_id"], "model_version": self.model_version,
                                    "fingerprint": self.fingerprint, "embedding": emb[i].tolist()})
         if embeddings:  # a shard of errors, repeats and images embedded before has no embeddings file
-            self._write("embeddings", f"model_version={self.model_version}/scan-{self.scan_id}-{shard}.parquet",
-                        embeddings, emb.shape[1], drop="model_version")
+            self._write("embeddings", f"{table_folder('embeddings', self.model_version)}/scan-{self.scan_id}-{shard}.parquet",
+                        embeddings, emb.shape[1])
         # Attributions last, even when empty: their presence marks the shard done.
-        self._write("attributions", attributions_part(self.scan_id, shard), attributions, None, drop="scan_id")
+        self._write("attributions", attributions_part(self.scan_id, shard), attributions, None)
         with contextlib.suppress(OSError):  # only disk space is at stake: a later run of this scan skips the shard
             self.ws.fs.rm(self.ws.path(staged_dir(self.scan_id, shard)), recursive=True)
         yield shard, len(rows)
 
-    def _write(self, table_name: str, rel: str, rows: list[dict], dim: int | None, drop: str) -> None:
-        table = schemas.validate(pa.Table.from_pylist(rows, schema=schemas.schema(table_name, dim)) if rows
-                                 else schemas.schema(table_name, dim or 1).empty_table(), table_name, embedding_dim=dim or 1)
-        buffer = io.BytesIO()
-        pq.write_table(table.drop([drop]), buffer)
-        self.ws.write_bytes(f"{TABLES}/{table_name}/{rel}", buffer.getvalue())
+    def _write(self, table_name: str, rel: str, rows: list[dict], dim: int | None) -> None:
+        schema = schemas.schema(table_name, dim or 1)
+        self.ws.write_table(rel, table_name, pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table(), dim or 1)
 
 
 def embedded_elsewhere(ws: Workspace, model_version: str, scan_id: str) -> frozenset[str]:
     """Image ids this model already has embeddings for, from other scans (a re-run rewrites its own files)."""
-    folder = ws.path(TABLES, "embeddings", f"model_version={model_version}")
+    folder = ws.path(table_folder("embeddings", model_version))
     if not ws.fs.exists(folder):
         return frozenset()
     own = re.compile(rf"scan-{re.escape(scan_id)}-\d{{6}}\.parquet")
@@ -539,7 +531,7 @@ def summary(images: pa.Table, ws: Workspace, scan_id: str) -> dict:
     for s in images["status"].to_pylist():
         statuses[s] = statuses.get(s, 0) + 1
     predicted: dict[str, int] = {}
-    attributions = ws.read_parquet(TABLES, "attributions", f"scan_id={scan_id}", columns=["predicted_source"])
+    attributions = ws.read_parquet(table_folder("attributions", scan_id), columns=["predicted_source"])
     for s in attributions["predicted_source"].to_pylist() if attributions is not None else []:
         predicted[s] = predicted.get(s, 0) + 1
     errors = [(r["uri"], r["error"]) for r in images.filter(pa.compute.equal(images["status"], "error")).to_pylist()]
@@ -621,9 +613,9 @@ def run_scan(
         plan = plan_scan(ws, scan_id, paths)
         shards = list(enumerate(plan["shards"]))
         # A `lida compact` that died mid-swap is finished first; shards it merged count as done.
-        compaction.recover(ws, f"{TABLES}/attributions/scan_id={scan_id}")
-        compaction.recover(ws, f"{TABLES}/embeddings/model_version={model_version}")
-        attributed = {p.rsplit("/", 1)[-1] for p in ws.ls(TABLES, "attributions", f"scan_id={scan_id}")}
+        compaction.recover(ws, table_folder("attributions", scan_id))
+        compaction.recover(ws, table_folder("embeddings", model_version))
+        attributed = {p.rsplit("/", 1)[-1] for p in ws.ls(table_folder("attributions", scan_id))}
         attributed |= {attributions_part(scan_id, s).rsplit("/", 1)[-1] for s in compaction.covered_shards(ws, scan_id)}
         todo = [(i, uris) for i, uris in shards if attributions_part(scan_id, shard_name(i)).rsplit("/", 1)[-1] not in attributed]
         files = sum(len(u) for _, u in shards)
@@ -648,7 +640,7 @@ def run_scan(
                 outcome = pipeline.run()
                 outcome.wait_until_finish()
             counters = beam_counters(outcome)
-        images = pq.read_table(io.BytesIO(ws.read_bytes(TABLES, "images", f"scan_id={scan_id}", "part-00000.parquet")))
+        images = pq.read_table(io.BytesIO(ws.read_bytes(table_folder("images", scan_id), "part-00000.parquet")))
         images = images.append_column("scan_id", pa.array([scan_id] * len(images)))
         say(f"scan {scan_id}: done")
         result = summary(images, ws, scan_id)

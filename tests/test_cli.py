@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from conftest import run_lida
+from lida_core.model import PROFILES
 
 LIDA = str(Path(sys.executable).with_name("lida"))
 
@@ -36,6 +37,10 @@ def test_bad_arguments_give_one_line_and_touch_nothing(tmp_path):
         result = run("--workspace", ws, *args)
         assert result.returncode == 2, args
         assert result.stderr.count("\n") == 1 and expected in result.stderr and "--help" in result.stderr, result.stderr
+    # profile names come from the registry, not from a list in the command
+    unknown = run("--workspace", ws, "init", "--profile", "bogus")
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr
+    assert f"unknown model profile 'bogus'; known: {', '.join(sorted(PROFILES))}" in unknown.stderr
     assert not Path(ws).exists()
 
 
@@ -102,7 +107,7 @@ def test_a_job_that_cannot_run_says_why_in_one_line_before_any_work(tmp_path, sa
 
 
 def test_an_error_raised_in_a_beam_worker_is_reported_as_the_worker_raised_it():
-    from lida_core.cli import worker_error
+    from lida_cli.cli import worker_error
 
     wrapped = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    g()\n"
                            "lida_core.index.IndexMismatch: the published index is for model v0002, not v0003; "

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import LIDA, json_out, run_lida
 from lida_core.decide import Decider
-from lida_core.lifecycle import gallery_images, load_model
+from lida_core.gallery import images as gallery_images
+from lida_core.lifecycle import load_model
 from lida_core.workspace import Workspace
 
 

@@ -140,8 +140,8 @@ def test_gallery_add_takes_a_name_that_is_not_utf8_and_the_index_pointer_must_st
 def test_old_index_versions_are_pruned_and_the_kind_is_named(ready, tmp_path):
     """Issue #14: a demo left 12 index versions and every manifest said kind "Index"."""
     from lida_core import index as gallery_index
+    from lida_core.gallery import reindex
     from lida_core.workspace import Workspace
-    from pipelines.gallery import reindex
 
     ws = tmp_path / "ws"
     shutil.copytree(ready, ws)

@@ -20,8 +20,8 @@ from PIL import Image
 
 from conftest import LIDA, json_out, run_lida
 from lida_core import index as gallery_index
+from lida_core.gallery import reindex
 from lida_core.workspace import Workspace
-from pipelines.gallery import reindex
 
 
 def q(ws, sql):

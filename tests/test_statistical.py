@@ -172,7 +172,7 @@ def test_pretraining_keeps_file_bytes_not_pixels(tmp_path, rng):
     """Issue #12 item 2: the closed-form pass decodes on reading; what it reads equals the eager decode."""
     from PIL import Image
 
-    from lida_core.lifecycle import LazyImages, decode_inputs
+    from lida_core.decode import LazyImages, decode_inputs
 
     paths = []
     for i in range(4):

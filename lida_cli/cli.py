@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lida_core.errors import UserError
+from pipelines.runners import RUNNERS  # names only: Beam itself loads when a job runs
 
 # verb -> help; the contract's verbs in its order, then lida's additions.
 VERBS: dict[str, str] = {
@@ -79,7 +80,7 @@ def _global_options(parser: argparse.ArgumentParser, workspace, device, runner, 
                         help="workspace path or fsspec URL (env LIDA_WORKSPACE; default ./lida-workspace)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=device,
                         help="where embeddings are computed: auto (CUDA when present), cpu or cuda (default auto)")
-    parser.add_argument("--runner", choices=("local", "dask", "flink", "spark", "dataflow"), default=runner,
+    parser.add_argument("--runner", choices=tuple(RUNNERS), default=runner,
                         help="where Beam jobs run (default local: one worker per core)")
     parser.add_argument("--runner-option", action="append", default=runner_option, metavar="KEY=VALUE",
                         help="a runner setting, repeatable: workers=N, mode=multi_processing|multi_threading|in_memory "
@@ -100,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = {verb: sub.add_parser(verb, help=text, description=text, parents=[after]) for verb, text in VERBS.items()}
 
     p = verbs["init"]
-    p.add_argument("--profile", choices=("small", "phase", "stats", "srm", "paper"), help="default: paper with CUDA, else srm (co-occurrences of low-bit SRM residuals + a closed-form "
-                   "whitening head); stats, small and phase are earlier CPU profiles")
+    p.add_argument("--profile", metavar="PROFILE", help="paper, srm, stats, small or phase; default: paper with CUDA, else srm "
+                   "(co-occurrences of low-bit SRM residuals + a closed-form whitening head); stats, small and phase are "
+                   "earlier CPU profiles")
     p.add_argument("--checkpoint", help="a lida checkpoint, or (profile paper) the authors' ResNet-50 .pth")
     p.add_argument("--fingerprint", choices=("scale", "binary"),
                    help="low bits scaled, (x & 7) * 36 (the authors' released code and the default), or binarised, "
@@ -261,9 +263,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from lida_core.gallery import reindex
     from lida_core.lifecycle import pretrain_version
     from lida_core.workspace import Workspace
-    from pipelines.gallery import reindex
 
     ws = Workspace(args.workspace)
     r = pretrain_version(ws, args.paths, args.epochs, args.batch_size, args.lr, args.labels, args.input, args.seed,
@@ -273,8 +275,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
+    from lida_core.gallery import summary as gallery_summary
     from lida_core.index import open_index
-    from lida_core.lifecycle import gallery_summary
     from lida_core.workspace import Workspace
     from pipelines import gallery
 
@@ -293,8 +295,8 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
+    from lida_core.lifecycle import adapt_and_reindex
     from lida_core.workspace import Workspace
-    from pipelines.gallery import adapt_and_reindex
 
     r = adapt_and_reindex(Workspace(args.workspace), args.epochs, args.lr, args.seed, _Progress(args.json))
     verdict = "promoted to current" if r["promoted"] else "NOT promoted (worse on held-out gallery images); current unchanged"
@@ -323,8 +325,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
+    from lida_core.gallery import reindex
     from lida_core.workspace import Workspace
-    from pipelines.gallery import reindex
 
     ws = Workspace(args.workspace)
     with ws.lock("reindex"):
@@ -371,8 +373,8 @@ def _counters_text(counters: dict | None) -> str:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
+    from lida_core.attribute import attribute_files
     from lida_core.workspace import Workspace
-    from pipelines.gallery import attribute_files
 
     results = attribute_files(Workspace(args.workspace), args.paths)
     for result in results:
@@ -418,7 +420,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from lida_cli.demo import run_demo
 
     say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     r = run_demo(args.dir, say, args.pretrain_epochs, args.adapt_epochs, runner=args.runner,

@@ -23,8 +23,9 @@ SHOTS = 5
 def run_demo(directory: str, say: Callable[[str], None], pretrain_epochs: int = 3, adapt_epochs: int = 40,
              scan_per_source: int = 8, runner: str = "local", runner_options: list[str] | None = None,
              pretrain_images: int = 48) -> dict:
+    from lida_core.lifecycle import adapt_and_reindex
     from lida_core.report import write_report
-    from pipelines.gallery import adapt_and_reindex, add
+    from pipelines.gallery import add
     from pipelines.scan import run_scan
 
     root = os.path.abspath(directory)

@@ -1,0 +1,3 @@
+from lida_cli.cli import run
+
+run()
