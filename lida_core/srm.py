@@ -34,15 +34,17 @@ WIDTH = 2 * TRUNCATION + 1  # quantised residual values 0..4
 PAIR_BINS, TRIPLE_BINS = WIDTH**2, WIDTH**3
 PER_KERNEL = 2 * PAIR_BINS + TRIPLE_BINS  # along, across, triple: 175
 
+U2, U3, U4, U5, U6, U7 = (np.uint8(n) for n in (2, 3, 4, 5, 6, 7))  # typed constants keep the loops in uint8
+
 # The descriptor's layout, in order; `_residuals` states each kernel.
 KERNELS = ("d1h", "d1v", "d2h", "d2v", "d3h", "d3v", "kb")
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _quantise(r):
-    """An integer residual -> modulo 8, wrapped to [-4, 4), truncated to [-2, 2], shifted to 0..4."""
-    m = (r + 4) & 7
-    return min(max(m, 2), 6) - 2
+    """A residual modulo 256 (uint8) -> modulo 8, wrapped to [-4, 4), truncated to [-2, 2], shifted to 0..4."""
+    m = np.uint8(r + U4) & U7
+    return np.uint8((m if m > U2 else U2) if m < U6 else U6) - U2
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -55,7 +57,7 @@ def _count(q, hq, wq, h, along, across, triple):
     for c in range(3):
         for i in range(hq - 1):
             for j in range(wq - 1):
-                codes[j] = (q[c, i, j] * np.uint8(WIDTH) + q[c, i, j + 1]) * np.uint8(WIDTH) + q[c, i + 1, j]
+                codes[j] = np.uint8(np.uint8(q[c, i, j] * U5 + q[c, i, j + 1]) * U5 + q[c, i + 1, j])
             for j in range(wq - 1):
                 joint[codes[j]] += 1
         for j in range(wq - 1):  # the last row has right neighbours only
@@ -70,7 +72,7 @@ def _count(q, hq, wq, h, along, across, triple):
                 h[across + a * WIDTH + d] += n
     for i in range(hq):
         for j in range(wq):
-            codes[j] = (q[0, i, j] * np.uint8(WIDTH) + q[1, i, j]) * np.uint8(WIDTH) + q[2, i, j]
+            codes[j] = np.uint8(np.uint8(q[0, i, j] * U5 + q[1, i, j]) * U5 + q[2, i, j])
         for j in range(wq):
             h[triple + codes[j]] += 1
 
@@ -88,30 +90,31 @@ def _residuals(v, kernel, q):
         hq = height - 1 - kernel // 2
     for c in range(3):
         for i in range(hq):
-            # one branch per row, so that each inner loop is a plain vectorisable sum
+            # one branch per row, so that each inner loop is a plain vectorisable sum; in uint8, which
+            # wraps modulo 256 and so keeps every residual modulo 8 (32 values per vector instead of 8)
             if kernel == 0:
                 for j in range(wq):
-                    q[c, i, j] = _quantise(np.int32(v[c, i, j + 1]) - v[c, i, j])
+                    q[c, i, j] = _quantise(np.uint8(v[c, i, j + 1] - v[c, i, j]))
             elif kernel == 1:
                 for j in range(wq):
-                    q[c, i, j] = _quantise(np.int32(v[c, i + 1, j]) - v[c, i, j])
+                    q[c, i, j] = _quantise(np.uint8(v[c, i + 1, j] - v[c, i, j]))
             elif kernel == 2:
                 for j in range(wq):
-                    q[c, i, j] = _quantise(np.int32(v[c, i, j]) - 2 * np.int32(v[c, i, j + 1]) + v[c, i, j + 2])
+                    q[c, i, j] = _quantise(np.uint8(v[c, i, j] + v[c, i, j + 2] - v[c, i, j + 1] - v[c, i, j + 1]))
             elif kernel == 3:
                 for j in range(wq):
-                    q[c, i, j] = _quantise(np.int32(v[c, i, j]) - 2 * np.int32(v[c, i + 1, j]) + v[c, i + 2, j])
+                    q[c, i, j] = _quantise(np.uint8(v[c, i, j] + v[c, i + 2, j] - v[c, i + 1, j] - v[c, i + 1, j]))
             elif kernel == 4:
                 for j in range(wq):
-                    q[c, i, j] = _quantise(3 * (np.int32(v[c, i, j + 1]) - v[c, i, j + 2]) + v[c, i, j + 3] - v[c, i, j])
+                    q[c, i, j] = _quantise(np.uint8(U3 * np.uint8(v[c, i, j + 1] - v[c, i, j + 2]) + v[c, i, j + 3] - v[c, i, j]))
             elif kernel == 5:
                 for j in range(wq):
-                    q[c, i, j] = _quantise(3 * (np.int32(v[c, i + 1, j]) - v[c, i + 2, j]) + v[c, i + 3, j] - v[c, i, j])
+                    q[c, i, j] = _quantise(np.uint8(U3 * np.uint8(v[c, i + 1, j] - v[c, i + 2, j]) + v[c, i + 3, j] - v[c, i, j]))
             else:
                 for j in range(wq):
-                    edges = np.int32(v[c, i, j + 1]) + v[c, i + 1, j] + v[c, i + 1, j + 2] + v[c, i + 2, j + 1]
-                    corners = np.int32(v[c, i, j]) + v[c, i, j + 2] + v[c, i + 2, j] + v[c, i + 2, j + 2]
-                    q[c, i, j] = _quantise(2 * edges - corners - 4 * np.int32(v[c, i + 1, j + 1]))
+                    edges = np.uint8(v[c, i, j + 1] + v[c, i + 1, j] + v[c, i + 1, j + 2] + v[c, i + 2, j + 1])
+                    corners = np.uint8(v[c, i, j] + v[c, i, j + 2] + v[c, i + 2, j] + v[c, i + 2, j + 2])
+                    q[c, i, j] = _quantise(np.uint8(U2 * edges - corners - U4 * v[c, i + 1, j + 1]))
     return hq, wq
 
 
