@@ -211,6 +211,7 @@ def test_concurrent_gallery_adds_never_lose_index_entries(tmp_path, sample_dirs)
     assert index.index.ntotal == listing["images"] == len(index.sources)
 
 
+@pytest.mark.slow  # 76 s: seven gallery adds, each a Beam job; make test took 14 minutes on a clean clone with it
 def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sample_dirs):
     """init (CPU default) -> closed-form pre-training -> eval -> gallery -> adapt -> scan, on the srm profile."""
     import pyarrow.parquet as pq
