@@ -218,8 +218,10 @@ class Workspace:
             self.fs.mv(source, target)
 
     def replace(self, source: str, target: str) -> None:
-        """Rename workspace file `source` over `target` (both relative to the workspace)."""
-        self._replace(self.path(source), self.path(target))
+        """Rename workspace file `source` over `target` (both relative to the workspace; the target's folder is made)."""
+        target = self.path(target)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        self._replace(self.path(source), target)
 
     def read_json(self, *parts: str) -> dict:
         try:

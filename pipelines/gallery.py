@@ -151,8 +151,8 @@ def _add_locked(ws: Workspace, source: str, paths: Sequence[str], progress, runn
     if run:
         for path in sorted(ws.ls(run, "parts")):
             name = path.rsplit("/", 1)[-1]
-            ws.write_bytes(f"{table_folder('gallery', version)}/part-{run.rsplit('/', 1)[-1]}-{name[len('part-'):]}",
-                           ws.read_bytes(run, "parts", name))
+            ws.replace(f"{run}/parts/{name}",
+                       f"{table_folder('gallery', version)}/part-{run.rsplit('/', 1)[-1]}-{name[len('part-'):]}")
         ws.fs.rm(ws.path(run), recursive=True)
     return result
 
