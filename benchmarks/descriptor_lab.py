@@ -12,13 +12,15 @@ from one view of the pixels:
 - `content`: the high 5 bits only (`x >> 3`), residuals truncated: the content and none of
   the generator noise. A descriptor that does not clearly beat it reads content;
 
-each at truncation T (`low:2`, `whole:3`...). The fit and the decisions are the product's own
+each at truncation T (`low:2`, `whole:3`...). `--region` reads fewer pixels of each image, to
+measure what a cheaper scan would cost: `half` (the top half), `quarter` (one quarter tile),
+`quarters` (the mean over the four quarter tiles, as the profile averages its tiles). The fit and the decisions are the product's own
 (`lida_core.statistical.fit_head` with the profile's rank, `QuadraticDetector`, a JPEG copy of
 every reference image, one conformal real threshold per format from 30% of the pre-training
 photographs held out), so only the descriptor changes. Mean ± sd over K-shot draws:
 
     .venv/bin/python benchmarks/descriptor_lab.py [--data DIR] [--descriptors low:2 whole:3 content:2]
-        [--shots 5] [--seeds 0 1 2 3 4] [--sources stable_diffusion_v1 dit_xl2]
+        [--shots 5] [--seeds 0 1 2 3 4] [--sources stable_diffusion_v1 dit_xl2] [--region full]
 
 `--sources` keeps those generators (and `real`): the devset's sources whose content varies
 are Stable Diffusion v1 and DiT-XL/2.
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT  # noqa: E402  (benchmarks/common.py puts the project on sys.path)
 
 from lida_core.decide import REAL, calibrate_real_threshold  # noqa: E402
+from lida_core.fingerprint import tile_views  # noqa: E402
 from lida_core.perturb import jpeg_copy  # noqa: E402
 from lida_core.statistical import JPEG_QUALITIES, QuadraticDetector, fit_head  # noqa: E402
 
@@ -75,20 +78,35 @@ def describe(pixels: np.ndarray, view: str, truncation: int) -> np.ndarray:
     return np.sqrt(np.concatenate([p / max(p.sum(), 1) for p in parts]))
 
 
+REGIONS = ("full", "half", "quarter", "quarters")
+
+
+def describe_region(pixels: np.ndarray, view: str, truncation: int, region: str) -> np.ndarray:
+    """`describe` on part of the image: all of it, its top half, one quarter tile, or the mean over the four."""
+    height, width = pixels.shape[:2]
+    if region == "half":
+        return describe(pixels[: height // 2], view, truncation)
+    if region in ("quarter", "quarters"):
+        tiles = tile_views(pixels, min(height, width) // 2, 4)
+        return np.mean([describe(t, view, truncation) for t in tiles[: 1 if region == "quarter" else 4]], axis=0)
+    return describe(pixels, view, truncation)
+
+
 def _one(job):
-    path, quality, descriptors = job
+    path, quality, descriptors, region = job
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB"))
-    copy = jpeg_copy(pixels, quality)
-    return ([describe(pixels, v, t) for v, t in descriptors], [describe(copy, v, t) for v, t in descriptors])
+    copy = jpeg_copy(pixels, quality)  # of the whole image, as the product makes its copies
+    return ([describe_region(pixels, v, t, region) for v, t in descriptors],
+            [describe_region(copy, v, t, region) for v, t in descriptors])
 
 
-def load(folder: Path, descriptors, pool) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+def load(folder: Path, descriptors, pool, region: str = "full") -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """Per descriptor: (N x D of the files, N x D of their JPEG copies), and each file's source folder."""
     rng = np.random.default_rng(7)
     low, high = JPEG_QUALITIES
     files = [(f, d.name) for d in sorted(p for p in folder.iterdir() if p.is_dir()) for f in sorted(d.iterdir()) if f.is_file()]
-    jobs = [(str(f), int(rng.integers(low, high + 1)), descriptors) for f, _ in files]
+    jobs = [(str(f), int(rng.integers(low, high + 1)), descriptors, region) for f, _ in files]
     done = pool.map(_one, jobs, chunksize=4)
     plain = [np.array([d[0][i] for d in done]) for i in range(len(descriptors))]
     copies = [np.array([d[1][i] for d in done]) for i in range(len(descriptors))]
@@ -155,6 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--parts", nargs="+", default=["png", "jpeg90"])
     parser.add_argument("--sources", nargs="+", help="keep only these generators (and real)")
+    parser.add_argument("--region", choices=REGIONS, default="full", help="the part of each image read (default: all of it)")
     args = parser.parse_args(argv)
     if not (args.data / "pretrain" / "real").is_dir():
         parser.error(f"{args.data} is not the devset (no pretrain/real folder)")
@@ -166,9 +185,9 @@ def main(argv=None) -> None:
         descriptors.append((view, int(t)))
     started = time.perf_counter()
     with Pool(os.cpu_count() or 1) as pool:
-        pre, pre_copies, _ = load(args.data / "pretrain", descriptors, pool)
-        parts = {p: load(args.data / p, descriptors, pool) for p in args.parts}
-    print(f"descriptors computed in {time.perf_counter() - started:.0f} s; {args.shots}-shot, seeds {args.seeds}"
+        pre, pre_copies, _ = load(args.data / "pretrain", descriptors, pool, args.region)
+        parts = {p: load(args.data / p, descriptors, pool, args.region) for p in args.parts}
+    print(f"descriptors computed in {time.perf_counter() - started:.0f} s; region {args.region}; {args.shots}-shot, seeds {args.seeds}"
           + (f", sources {args.sources} and real" if args.sources else ""))
     print("| descriptor | part | Rank-1 | attribution | balanced | AUROC | FPR | detected, per generator |")
     print("|---|---|---|---|---|---|---|---|")
