@@ -1,8 +1,17 @@
-"""The one image decoder of lida: bytes -> RGB uint8 pixels, with Pillow only.
+"""The one image decoder of lida: bytes -> RGB uint8 pixels, as Pillow decodes them.
 
 Every stage (scan, gallery, training, evaluation, benchmarks) decodes through
 `decode_image`, because the fingerprint lives in the lowest bits and two decoders
 (or one decoder with different options) disagree exactly there.
+
+Baseline and progressive JPEGs in colour or grey (what Pillow opens as RGB or L) go through
+simplejpeg instead of Pillow's own decoder. Both wrap libjpeg-turbo, and with the same
+settings (accurate integer DCT, smooth chroma upsampling) they give the same pixels:
+tests/test_decode.py checks that bit for bit, on every quality, subsampling and scan mode
+Pillow writes, and docs/performance.md gives the speed (half the time of Pillow's decode
+and array copy for a 512x512 JPEG). Whatever simplejpeg flags, even a recoverable warning
+in a damaged stream, goes to Pillow, which then decodes or refuses it as before. So the
+pixels and the refusals are Pillow's either way. CMYK JPEGs and MPO files stay with Pillow.
 
 Rules, each chosen so the stored pixel values reach the fingerprint unchanged:
 - No EXIF rotation, no draft/scaled JPEG decoding, no colour management, no resampling.
@@ -30,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 # 64 megapixels: above any generator's output and most photographs; a bomb is far larger.
@@ -81,8 +91,10 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             frames = int(getattr(image, "n_frames", 1) or 1)
             if frames > 1:
                 image.seek(0)
-            image.load()
-            pixels = _to_rgb(image, name)
+            pixels = _jpeg_pixels(data, image)
+            if pixels is None:
+                image.load()
+                pixels = _to_rgb(image, name)
             fmt = image.format or "unknown"
             mode = image.mode
     except DecodeError:
@@ -97,6 +109,20 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             reason = "truncated file: " + reason
         raise DecodeError(name, f"corrupt image: {reason}") from None
     return DecodedImage(np.ascontiguousarray(pixels), fmt, mode, width, height, frames)
+
+
+def _jpeg_pixels(data: bytes, image: Image.Image) -> np.ndarray | None:
+    """A colour or grey JPEG's RGB pixels through simplejpeg (the module's first paragraph); None: Pillow decodes it."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    try:
+        # Pillow's libjpeg settings: accurate integer DCT, fancy upsampling; strict, so a warning falls back
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
+    except (ValueError, RuntimeError, MemoryError):
+        return None
+    if pixels.shape != (image.height, image.width, 3):  # never seen; Pillow's reading of the header wins
+        return None
+    return pixels
 
 
 def _what_it_is(data: bytes) -> str:

@@ -4,7 +4,7 @@
 perturbation (the paper's robustness protocol: JPEG at quality 95, 90 and 85, and Gaussian
 blur). Each is applied to the decoded pixels in memory:
 
-- `jpeg:Q`  written and read back by Pillow at quality Q (1-95), the one decoder both ways;
+- `jpeg:Q`  written by Pillow at quality Q (1-95) and read back by `decode_image`, as every file is;
 - `blur:S`  Pillow's Gaussian blur with standard deviation S pixels (0 < S <= 10).
 """
 
@@ -17,16 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
+from lida_core.decode import decode_image
+
 KINDS = {"jpeg": (1, 95), "blur": (0, 10)}  # accepted value ranges (blur's lower bound is exclusive)
 
 
 def jpeg_copy(pixels: np.ndarray, quality: int) -> np.ndarray:
-    """The image as Pillow writes and reads it back at this JPEG quality (the one decoder, both ways)."""
+    """The image as Pillow writes it at this JPEG quality, read back by lida's one decoder."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=int(quality))
-    buffer.seek(0)
-    with Image.open(buffer) as image:
-        return np.asarray(image.convert("RGB"))
+    return decode_image(buffer.getvalue(), f"JPEG copy at quality {quality}").pixels
 
 
 @dataclass(frozen=True)

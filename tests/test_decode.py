@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import encode
-from lida_core.decode import DecodeError, decode_image
+from lida_core.decode import DecodeError, _jpeg_pixels, decode_image
+from lida_core.samples import sample_image
 
 
 def test_rgb_png_round_trips_exactly(rng):
@@ -130,3 +131,52 @@ def test_float_images_are_refused():
     image = Image.fromarray(np.zeros((4, 4), np.float32), "F")
     with pytest.raises(DecodeError, match="mode F"):
         decode_image(encode(image, "TIFF"))
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    """Pillow's own decode, the reference every JPEG's pixels must equal."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+# A real photograph's crop and a synthetic generator's output, at every setting Pillow writes.
+_JPEG_SOURCES = {"real": lambda: sample_image("real", 3), "generated": lambda: sample_image("vae_ldm", 3)}
+
+
+@pytest.mark.parametrize("source", sorted(_JPEG_SOURCES))
+@pytest.mark.parametrize("quality", [50, 75, 90, 95, 100])
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpegs_decode_to_pillows_pixels_on_the_fast_path(source, quality, subsampling, progressive):
+    pixels = _JPEG_SOURCES[source]()[:77, :101]  # odd sizes: partial blocks and chroma edges
+    data = encode(pixels, "JPEG", quality=quality, subsampling=subsampling, progressive=progressive,
+                  optimize=progressive)
+    with Image.open(io.BytesIO(data)) as image:
+        fast = _jpeg_pixels(data, image)
+    assert fast is not None, "simplejpeg did not decode a plain JPEG: the fast path is not in use"
+    expected = _pillow_rgb(data)
+    np.testing.assert_array_equal(fast, expected)
+    decoded = decode_image(data, "x.jpg")
+    np.testing.assert_array_equal(decoded.pixels, expected)
+    assert decoded.pixels.flags["C_CONTIGUOUS"] and (decoded.format, decoded.mode) == ("JPEG", "RGB")
+
+
+def test_grey_and_restart_marker_jpegs_decode_to_pillows_pixels():
+    photo = sample_image("real", 5)
+    grey = encode(Image.fromarray(photo[..., 1]), "JPEG", quality=90)
+    restarts = encode(photo, "JPEG", quality=85, restart_marker_blocks=3)
+    for data in (grey, restarts):
+        with Image.open(io.BytesIO(data)) as image:
+            assert _jpeg_pixels(data, image) is not None
+        np.testing.assert_array_equal(decode_image(data).pixels, _pillow_rgb(data))
+
+
+def test_a_jpeg_libjpeg_warns_about_is_left_to_pillow():
+    # Two stray bytes before the scan: libjpeg warns ("extraneous bytes before marker"),
+    # Pillow decodes it anyway, and so must lida, with Pillow's pixels.
+    data = encode(sample_image("real", 7), "JPEG", quality=90)
+    scan = data.index(b"\xff\xda")
+    damaged = data[:scan] + b"\x12\x34" + data[scan:]
+    with Image.open(io.BytesIO(damaged)) as image:
+        assert _jpeg_pixels(damaged, image) is None
+    np.testing.assert_array_equal(decode_image(damaged).pixels, _pillow_rgb(damaged))
