@@ -14,7 +14,10 @@ then a plain counting loop over them):
   (value, right neighbour, lower neighbour), 125 bins, and split afterwards (the last row and
   column, which have only one of the two neighbours, are counted on their own), so each
   position costs one increment instead of two;
-- each residual's inner loop is a plain sum over a row, which the compiler vectorises;
+- each residual, and each histogram's codes, are computed in one loop over whole rows of the
+  flattened view, each neighbour read through a shifted view of it, so the compiler
+  vectorises the loop without a scalar tail per row (the values past a row's valid width are
+  computed and never counted: 1.17x on the whole descriptor, session 11);
 - the loops release the GIL, so Beam's worker threads run them in parallel.
 The counts are integers, then normalised with the same float32 operations as before: the
 descriptor is bit-identical to the torch version it replaced (checked when it was replaced,
@@ -48,18 +51,24 @@ def _quantise(r):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _count(q, hq, wq, h, along, across, triple):
+def _count(q, hq, wq, h, along, across, triple, codes):
     """Pairs along the last axis, pairs along the middle axis and channel triples of q[:, :hq, :wq] into h."""
-    # Each row's codes first (a vectorised loop), then a plain counting loop over them: counting
-    # straight from q was twice as slow.
-    codes = np.empty(wq, np.uint8)
+    height, width = q.shape[1], q.shape[2]
+    size = height * width
     joint = np.zeros(TRIPLE_BINS, np.int64)
+    # The codes first, in one vectorised loop over whole rows, then a plain counting loop over the
+    # valid columns (counting straight from q was twice as slow); columns past wq - 2 are not counted.
+    n = (hq - 1) * width
     for c in range(3):
+        f0 = q[c].reshape(size)
+        f1 = f0[1:]
+        fw = f0[width:]
+        for x in range(n):
+            codes[x] = np.uint8(np.uint8(f0[x] * U5 + f1[x]) * U5 + fw[x])
         for i in range(hq - 1):
+            row = codes[i * width:]
             for j in range(wq - 1):
-                codes[j] = np.uint8(np.uint8(q[c, i, j] * U5 + q[c, i, j + 1]) * U5 + q[c, i + 1, j])
-            for j in range(wq - 1):
-                joint[codes[j]] += 1
+                joint[row[j]] += 1
         for j in range(wq - 1):  # the last row has right neighbours only
             h[along + q[c, hq - 1, j] * WIDTH + q[c, hq - 1, j + 1]] += 1
         for i in range(hq - 1):  # the last column has lower neighbours only
@@ -67,14 +76,17 @@ def _count(q, hq, wq, h, along, across, triple):
     for a in range(WIDTH):
         for b in range(WIDTH):
             for d in range(WIDTH):
-                n = joint[(a * WIDTH + b) * WIDTH + d]
-                h[along + a * WIDTH + b] += n
-                h[across + a * WIDTH + d] += n
+                k = joint[(a * WIDTH + b) * WIDTH + d]
+                h[along + a * WIDTH + b] += k
+                h[across + a * WIDTH + d] += k
+    r, g, b = q[0].reshape(size), q[1].reshape(size), q[2].reshape(size)
+    n = hq * width
+    for x in range(n):
+        codes[x] = np.uint8(np.uint8(r[x] * U5 + g[x]) * U5 + b[x])
     for i in range(hq):
+        row = codes[i * width:]
         for j in range(wq):
-            codes[j] = np.uint8(np.uint8(q[0, i, j] * U5 + q[1, i, j]) * U5 + q[2, i, j])
-        for j in range(wq):
-            h[triple + codes[j]] += 1
+            h[triple + row[j]] += 1
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -88,46 +100,61 @@ def _residuals(v, kernel, q):
         hq, wq = height - 2, width - 2
     else:  # vertical: d1v, d2v, d3v
         hq = height - 1 - kernel // 2
+    size, w = height * width, width
+    n = (hq - 1) * w + wq  # through the last valid position, over whole rows
     for c in range(3):
-        for i in range(hq):
-            # one branch per row, so that each inner loop is a plain vectorisable sum; in uint8, which
-            # wraps modulo 256 and so keeps every residual modulo 8 (32 values per vector instead of 8)
-            if kernel == 0:
-                for j in range(wq):
-                    q[c, i, j] = _quantise(np.uint8(v[c, i, j + 1] - v[c, i, j]))
-            elif kernel == 1:
-                for j in range(wq):
-                    q[c, i, j] = _quantise(np.uint8(v[c, i + 1, j] - v[c, i, j]))
-            elif kernel == 2:
-                for j in range(wq):
-                    q[c, i, j] = _quantise(np.uint8(v[c, i, j] + v[c, i, j + 2] - v[c, i, j + 1] - v[c, i, j + 1]))
-            elif kernel == 3:
-                for j in range(wq):
-                    q[c, i, j] = _quantise(np.uint8(v[c, i, j] + v[c, i + 2, j] - v[c, i + 1, j] - v[c, i + 1, j]))
-            elif kernel == 4:
-                for j in range(wq):
-                    q[c, i, j] = _quantise(np.uint8(U3 * np.uint8(v[c, i, j + 1] - v[c, i, j + 2]) + v[c, i, j + 3] - v[c, i, j]))
-            elif kernel == 5:
-                for j in range(wq):
-                    q[c, i, j] = _quantise(np.uint8(U3 * np.uint8(v[c, i + 1, j] - v[c, i + 2, j]) + v[c, i + 3, j] - v[c, i, j]))
-            else:
-                for j in range(wq):
-                    edges = np.uint8(v[c, i, j + 1] + v[c, i + 1, j] + v[c, i + 1, j + 2] + v[c, i + 2, j + 1])
-                    corners = np.uint8(v[c, i, j] + v[c, i, j + 2] + v[c, i + 2, j] + v[c, i + 2, j + 2])
-                    q[c, i, j] = _quantise(np.uint8(U2 * edges - corners - U4 * v[c, i + 1, j + 1]))
+        # Whole rows of the flattened view in one loop (no scalar tail per row); each neighbour is a
+        # shifted view, so every index is a plain non-negative loop counter. Positions past wq
+        # in a row get values that are never counted. In uint8, which wraps modulo 256 and so
+        # keeps every residual modulo 8 (32 values per vector instead of 8).
+        f = v[c].reshape(size)
+        o = q[c].reshape(size)
+        if kernel == 0:
+            f1 = f[1:]
+            for x in range(n):
+                o[x] = _quantise(np.uint8(f1[x] - f[x]))
+        elif kernel == 1:
+            f1 = f[w:]
+            for x in range(n):
+                o[x] = _quantise(np.uint8(f1[x] - f[x]))
+        elif kernel == 2:
+            f1, f2 = f[1:], f[2:]
+            for x in range(n):
+                o[x] = _quantise(np.uint8(f[x] + f2[x] - f1[x] - f1[x]))
+        elif kernel == 3:
+            f1, f2 = f[w:], f[2 * w:]
+            for x in range(n):
+                o[x] = _quantise(np.uint8(f[x] + f2[x] - f1[x] - f1[x]))
+        elif kernel == 4:
+            f1, f2, f3 = f[1:], f[2:], f[3:]
+            for x in range(n):
+                o[x] = _quantise(np.uint8(U3 * np.uint8(f1[x] - f2[x]) + f3[x] - f[x]))
+        elif kernel == 5:
+            f1, f2, f3 = f[w:], f[2 * w:], f[3 * w:]
+            for x in range(n):
+                o[x] = _quantise(np.uint8(U3 * np.uint8(f1[x] - f2[x]) + f3[x] - f[x]))
+        else:
+            a, b = f, f[w:]
+            d = f[2 * w:]
+            a1, a2, b1, b2, d1, d2 = a[1:], a[2:], b[1:], b[2:], d[1:], d[2:]
+            for x in range(n):
+                edges = np.uint8(a1[x] + b[x] + b2[x] + d1[x])
+                corners = np.uint8(a[x] + a2[x] + d[x] + d2[x])
+                o[x] = _quantise(np.uint8(U2 * edges - corners - U4 * b1[x]))
     return hq, wq
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _view_counts(v, q, h):
     """Every kernel's three histograms of one view into h (1225 counts)."""
+    codes = np.empty(v.shape[1] * v.shape[2], np.uint8)
     for k in range(7):
         hq, wq = _residuals(v, k, q)
         base = k * PER_KERNEL
         if k == 1 or k == 3 or k == 5:  # vertical: its pairs along run down the columns
-            _count(q, hq, wq, h, base + PAIR_BINS, base, base + 2 * PAIR_BINS)
+            _count(q, hq, wq, h, base + PAIR_BINS, base, base + 2 * PAIR_BINS, codes)
         else:
-            _count(q, hq, wq, h, base, base + PAIR_BINS, base + 2 * PAIR_BINS)
+            _count(q, hq, wq, h, base, base + PAIR_BINS, base + 2 * PAIR_BINS, codes)
 
 
 def srm_counts(views: np.ndarray, threads: int | None = None) -> np.ndarray:
@@ -142,7 +169,7 @@ def srm_counts(views: np.ndarray, threads: int | None = None) -> np.ndarray:
     out = np.zeros((n, len(KERNELS) * PER_KERNEL), np.int64)
 
     def run(rows: range) -> None:
-        q = np.empty((3, height, width), np.uint8)
+        q = np.zeros((3, height, width), np.uint8)  # every value the loops read is written first or zero
         for b in rows:
             _view_counts(views[b], q, out[b])
 
