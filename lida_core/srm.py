@@ -101,6 +101,7 @@ def _residuals(v, kernel, q):
     else:  # vertical: d1v, d2v, d3v
         hq = height - 1 - kernel // 2
     size, w = height * width, width
+    step = 1 if kernel % 2 == 0 else w  # the kernel's direction in the flattened view: along a row, or down a column
     n = (hq - 1) * w + wq  # through the last valid position, over whole rows
     for c in range(3):
         # Whole rows of the flattened view in one loop (no scalar tail per row); each neighbour is a
@@ -109,33 +110,20 @@ def _residuals(v, kernel, q):
         # keeps every residual modulo 8 (32 values per vector instead of 8).
         f = v[c].reshape(size)
         o = q[c].reshape(size)
-        if kernel == 0:
-            f1 = f[1:]
+        if kernel == 0 or kernel == 1:
+            f1 = f[step:]
             for x in range(n):
                 o[x] = _quantise(np.uint8(f1[x] - f[x]))
-        elif kernel == 1:
-            f1 = f[w:]
-            for x in range(n):
-                o[x] = _quantise(np.uint8(f1[x] - f[x]))
-        elif kernel == 2:
-            f1, f2 = f[1:], f[2:]
+        elif kernel == 2 or kernel == 3:
+            f1, f2 = f[step:], f[2 * step:]
             for x in range(n):
                 o[x] = _quantise(np.uint8(f[x] + f2[x] - f1[x] - f1[x]))
-        elif kernel == 3:
-            f1, f2 = f[w:], f[2 * w:]
-            for x in range(n):
-                o[x] = _quantise(np.uint8(f[x] + f2[x] - f1[x] - f1[x]))
-        elif kernel == 4:
-            f1, f2, f3 = f[1:], f[2:], f[3:]
-            for x in range(n):
-                o[x] = _quantise(np.uint8(U3 * np.uint8(f1[x] - f2[x]) + f3[x] - f[x]))
-        elif kernel == 5:
-            f1, f2, f3 = f[w:], f[2 * w:], f[3 * w:]
+        elif kernel == 4 or kernel == 5:
+            f1, f2, f3 = f[step:], f[2 * step:], f[3 * step:]
             for x in range(n):
                 o[x] = _quantise(np.uint8(U3 * np.uint8(f1[x] - f2[x]) + f3[x] - f[x]))
         else:
-            a, b = f, f[w:]
-            d = f[2 * w:]
+            a, b, d = f, f[w:], f[2 * w:]
             a1, a2, b1, b2, d1, d2 = a[1:], a[2:], b[1:], b[2:], d[1:], d[2:]
             for x in range(n):
                 edges = np.uint8(a1[x] + b[x] + b2[x] + d1[x])
