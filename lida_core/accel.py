@@ -69,6 +69,7 @@ class DeviceEmbedder:
         self.batch_size = batch_size or pick_batch_size(self.device, model.input_size)
         # A weightless stem that reads the kept bits themselves (srm) takes them as they are:
         # scaling them into a float fingerprint only for the stem to divide it back costs 30%.
+        # Given decoded images (`embed`), it reads their pixels where the tiles lie, uncopied.
         stem = getattr(model, "stem", None)
         self.reads_kept = hasattr(stem, "from_low_bits") and self.settings.mode == "scale" and self.settings.fit == "crop"
 
@@ -128,7 +129,20 @@ class DeviceEmbedder:
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalised N x D float32 embeddings of decoded images, tiles averaged as in embed.embed."""
+        if self.reads_kept:
+            return self._embed_described(images)
         return self.run((v for i, image in enumerate(images) for v in self.views(i, image)), len(images))
+
+    @torch.no_grad()
+    def _embed_described(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """A stem that reads the pixels themselves (srm's `describe`): descriptors of batch_size images at a time, then the head."""
+        out = np.zeros((len(images), self.model.embedding_dim), dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            descriptors, owners = self.model.stem.describe(chunk, self.settings, self.model.input_size, self.tiles)
+            feats = F.normalize(self.model.backbone(descriptors.to(self.device)).float(), dim=1).cpu().numpy()
+            np.add.at(out, owners + start, feats)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def embed_files(self, uris: Sequence[str], workers: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
         """Files -> embeddings: decode + CPU half in `workers` processes, the rest on the device.

@@ -405,22 +405,51 @@ def prepare_low_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.nd
 
 
 
+def tile_boxes(height: int, width: int, size: int, tiles: int) -> list[tuple[int, int, int, int]]:
+    """(top, left, height, width) of the views `tile_views` cuts from a height x width image, in its order."""
+    rows, cols = max(1, height // size), max(1, width // size)
+    if tiles <= 1 or rows * cols == 1:
+        return [(0, 0, height, width)]
+    ys = np.linspace(0, height - size, rows).round().astype(int)
+    xs = np.linspace(0, width - size, cols).round().astype(int)
+    grid = [(int(y), int(x)) for y in ys for x in xs]
+    centre = np.array([(height - size) / 2, (width - size) / 2])
+    grid.sort(key=lambda p: float(np.abs(np.array(p) - centre).sum()))
+    return [(y, x, size, size) for y, x in grid[:tiles]]
+
+
 def tile_views(pixels: np.ndarray, size: int, tiles: int) -> list[np.ndarray]:
     """Up to `tiles` non-overlapping size x size tiles spread over the image (centre first).
 
     More tiles read more of an image's noise; with tiles=1 this is the fingerprint's own
     centre crop. Tiles only apply to crop-fit settings (a resize fit reads the whole image).
     """
-    height, width = pixels.shape[:2]
-    rows, cols = max(1, height // size), max(1, width // size)
-    if tiles <= 1 or rows * cols == 1:
+    boxes = tile_boxes(pixels.shape[0], pixels.shape[1], size, tiles)
+    if len(boxes) == 1 and boxes[0][2:] == pixels.shape[:2]:
         return [pixels]
-    ys = np.linspace(0, height - size, rows).round().astype(int)
-    xs = np.linspace(0, width - size, cols).round().astype(int)
-    grid = [(y, x) for y in ys for x in xs]
-    centre = np.array([(height - size) / 2, (width - size) / 2])
-    grid.sort(key=lambda p: float(np.abs(np.array(p) - centre).sum()))
-    return [np.ascontiguousarray(pixels[y : y + size, x : x + size]) for y, x in grid[:tiles]]
+    return [np.ascontiguousarray(pixels[y : y + h, x : x + w]) for y, x, h, w in boxes]
+
+
+def low_bit_boxes(pixels: np.ndarray, settings: FingerprintSettings, size: int, tiles: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For readers of raw pixels (the srm stem): where each tile view's kept low bits lie, nothing copied.
+
+    [(array, K x 4 boxes (top, left, height, width))], view for view in `tile_views` order:
+    the low bits of each box are `prepare_low_bits` of that view. A view that is not a plain box
+    of the image (a crop padded up to size, a patch) comes prepared, as its own array.
+    """
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected H x W x 3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    s = settings.size
+    boxes, prepared = [], []
+    for top, left, h, w in tile_boxes(pixels.shape[0], pixels.shape[1], size, tiles):
+        if settings.fit == "crop" and settings.region == "full" and h >= s and w >= s:  # fit_to_size's centre crop
+            boxes.append((top + (h - s) // 2, left + (w - s) // 2, s, s))
+        else:
+            kept = prepare_low_bits(pixels[top : top + h, left : left + w], settings)
+            prepared.append((kept, np.array([[0, 0, kept.shape[0], kept.shape[1]]])))
+    if boxes and prepared:  # never both: several tiles are all whole size x size boxes, one view is one or the other
+        raise AssertionError("tile views mix boxes and prepared views")
+    return [(pixels, np.array(boxes))] if boxes else prepared
 
 
 def load_tile_bits(job: tuple[int, str, str, int, int]) -> tuple[int, list[np.ndarray] | str]:

@@ -29,7 +29,7 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import fsspec
@@ -38,7 +38,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
-from lida_core.fingerprint import FingerprintSettings
+from lida_core.fingerprint import FingerprintSettings, low_bit_boxes
 
 CHECKPOINT_FORMAT = "lida-checkpoint/1"
 
@@ -301,8 +301,10 @@ class SrmStem(_LowBitStem):
         return 7 * (2 * levels**2 + levels**3)  # lida_core.srm.KERNELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lida_core import srm  # numba compiles (or loads from its cache) on first use
+
         v = torch.round(x.float() / self.step).clamp_(0, self.levels - 1).to(torch.uint8)
-        return self._describe(v.cpu().numpy()).to(x.device)
+        return self.from_counts(srm.srm_counts(v.permute(0, 2, 3, 1).contiguous().cpu().numpy())).to(x.device)
 
     def from_low_bits(self, kept: torch.Tensor) -> torch.Tensor:
         """N x H x W x 3 kept low bits (uint8, `x & 7`, as `accel.prepare` makes them) -> descriptors.
@@ -310,13 +312,32 @@ class SrmStem(_LowBitStem):
         The same values as `forward` on their scaled fingerprint, without its float round trip
         (scale, divide, round: 30% of the embed time once the counting was compiled).
         """
-        return self._describe(kept.permute(0, 3, 1, 2).cpu().numpy()).to(kept.device)
+        from lida_core import srm
+
+        return self.from_counts(srm.srm_counts(kept.cpu().numpy())).to(kept.device)
+
+    def describe(self, images: Sequence[np.ndarray], settings: FingerprintSettings, size: int,
+                 tiles: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Decoded images -> (descriptors of all their tile views, V x 1225; the image of each view).
+
+        Straight from the pixels: the values `forward` gives on each view's fingerprint, without
+        making the fingerprints (no `x & 7`, tile copies, stacking or transposing; lida_core.srm).
+        """
+        from lida_core import srm
+
+        sources, owners = [], []
+        for i, image in enumerate(images):
+            parts = low_bit_boxes(image, settings, size, tiles)
+            sources += parts
+            owners += [i] * sum(len(boxes) for _, boxes in parts)
+        return self.from_counts(srm.pixel_counts(sources)), np.asarray(owners, dtype=np.int64)
 
     @staticmethod
-    def _describe(v: np.ndarray) -> torch.Tensor:
-        from lida_core import srm  # numba compiles (or loads from its cache) on first use
+    def from_counts(counts: np.ndarray) -> torch.Tensor:
+        """Integer counts (srm's layout) -> the descriptor: each histogram normalised, then square-rooted."""
+        from lida_core import srm
 
-        counts = torch.from_numpy(srm.srm_counts(v)).float()
+        counts = torch.from_numpy(counts).float()
         parts = [h / h.sum(1, keepdim=True).clamp_min(1.0) for h in (counts[:, span] for span in srm.histogram_slices())]
         return torch.cat(parts, 1).sqrt()
 

@@ -8,16 +8,23 @@ the triple of colour channels at one pixel), each normalised and square-rooted.
 Why compiled loops: the same descriptor written as whole-array torch operations made a
 temporary array per step and one `bincount` per histogram, and it was the whole cost of a
 CPU scan (33-40 ms per 512x512 image on one core, 15-20 times the JPEG decode; docs/performance.md).
-Here each residual is computed in one pass and counted in a second (each row's codes first,
-then a plain counting loop over them):
+How the loops are laid out:
+- they read decoded pixels as they are (H x W x 3, any values): every residual is an integer
+  combination of pixels taken modulo 8, and uint8 arithmetic wraps modulo 256, so the high
+  bits never reach it. A scan hands over each image with its tiles as boxes: no `x & 7`, no
+  tile copies, no stacking or transposing, and no thread preparing them beside the counting
+  (session 12, the srm model alone on 2 cores: 251-272 against 177-210 img/s);
+- each kernel's residuals are computed once per image, over the boxes' union, and each box
+  counts its own valid positions, which are those of the tile cut out on its own;
+- the residuals and the histograms' codes are computed in loops over whole rows of the
+  flattened image, each neighbour read through a shifted view, so the compiler vectorises
+  them (indexing `f[x + step]` instead was 160 times slower); values past a row's valid width
+  are computed and never counted;
 - the two neighbour-pair histograms of a channel are counted as one joint histogram of
   (value, right neighbour, lower neighbour), 125 bins, and split afterwards (the last row and
   column, which have only one of the two neighbours, are counted on their own), so each
-  position costs one increment instead of two;
-- each residual, and each histogram's codes, are computed in one loop over whole rows of the
-  flattened view, each neighbour read through a shifted view of it, so the compiler
-  vectorises the loop without a scalar tail per row (the values past a row's valid width are
-  computed and never counted: 1.17x on the whole descriptor, session 11);
+  position costs one increment instead of two. Counting is most of the time (about 0.43 ns an
+  increment; several sub-histograms or pair codes were no faster, session 12);
 - the loops release the GIL, so Beam's worker threads run them in parallel.
 The counts are integers, then normalised with the same float32 operations as before: the
 descriptor is bit-identical to the torch version it replaced (checked when it was replaced,
@@ -26,6 +33,7 @@ and `tests/test_statistical.py` checks it against a plain numpy restatement).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -51,123 +59,151 @@ def _quantise(r):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _count(q, hq, wq, h, along, across, triple, codes):
-    """Pairs along the last axis, pairs along the middle axis and channel triples of q[:, :hq, :wq] into h."""
-    height, width = q.shape[1], q.shape[2]
-    size = height * width
-    joint = np.zeros(TRIPLE_BINS, np.int64)
-    # The codes first, in one vectorised loop over whole rows, then a plain counting loop over the
-    # valid columns (counting straight from q was twice as slow); columns past wq - 2 are not counted.
-    n = (hq - 1) * width
-    for c in range(3):
-        f0 = q[c].reshape(size)
-        f1 = f0[1:]
-        fw = f0[width:]
+def _residuals(f, kernel, pitch, o, n):
+    """Kernel `kernel` (an index into KERNELS) at flat positions 0..n-1 of f (interleaved pixels, row pitch `pitch`) into o."""
+    step = 3 if kernel % 2 == 0 else pitch  # the kernel's direction: the next pixel along a row, or down a column
+    if kernel == 0 or kernel == 1:
+        f1 = f[step:]
         for x in range(n):
-            codes[x] = np.uint8(np.uint8(f0[x] * U5 + f1[x]) * U5 + fw[x])
-        for i in range(hq - 1):
-            row = codes[i * width:]
-            for j in range(wq - 1):
-                joint[row[j]] += 1
-        for j in range(wq - 1):  # the last row has right neighbours only
-            h[along + q[c, hq - 1, j] * WIDTH + q[c, hq - 1, j + 1]] += 1
-        for i in range(hq - 1):  # the last column has lower neighbours only
-            h[across + q[c, i, wq - 1] * WIDTH + q[c, i + 1, wq - 1]] += 1
-    for a in range(WIDTH):
-        for b in range(WIDTH):
-            for d in range(WIDTH):
-                k = joint[(a * WIDTH + b) * WIDTH + d]
-                h[along + a * WIDTH + b] += k
-                h[across + a * WIDTH + d] += k
-    r, g, b = q[0].reshape(size), q[1].reshape(size), q[2].reshape(size)
-    n = hq * width
-    for x in range(n):
-        codes[x] = np.uint8(np.uint8(r[x] * U5 + g[x]) * U5 + b[x])
-    for i in range(hq):
-        row = codes[i * width:]
-        for j in range(wq):
-            h[triple + row[j]] += 1
+            o[x] = _quantise(np.uint8(f1[x] - f[x]))
+    elif kernel == 2 or kernel == 3:
+        f1, f2 = f[step:], f[2 * step:]
+        for x in range(n):
+            o[x] = _quantise(np.uint8(f[x] + f2[x] - f1[x] - f1[x]))
+    elif kernel == 4 or kernel == 5:
+        f1, f2, f3 = f[step:], f[2 * step:], f[3 * step:]
+        for x in range(n):
+            o[x] = _quantise(np.uint8(U3 * np.uint8(f1[x] - f2[x]) + f3[x] - f[x]))
+    else:  # kb: -1 2 -1 / 2 -4 2 / -1 2 -1
+        a, b, d = f, f[pitch:], f[2 * pitch:]
+        a1, a2, b1, b2, d1, d2 = a[3:], a[6:], b[3:], b[6:], d[3:], d[6:]
+        for x in range(n):
+            edges = np.uint8(a1[x] + b[x] + b2[x] + d1[x])
+            corners = np.uint8(a[x] + a2[x] + d[x] + d2[x])
+            o[x] = _quantise(np.uint8(U2 * edges - corners - U4 * b1[x]))
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _residuals(v, kernel, q):
-    """Kernel `kernel` (an index into KERNELS) on v (3 x H x W, valid positions) -> quantised residuals in q; their shape."""
-    _, height, width = v.shape
-    hq, wq = height, width
-    if kernel == 0 or kernel == 2 or kernel == 4:  # horizontal: d1h, d2h, d3h
-        wq = width - 1 - kernel // 2
-    elif kernel == 6:  # kb
-        hq, wq = height - 2, width - 2
-    else:  # vertical: d1v, d2v, d3v
-        hq = height - 1 - kernel // 2
-    size, w = height * width, width
-    step = 1 if kernel % 2 == 0 else w  # the kernel's direction in the flattened view: along a row, or down a column
-    n = (hq - 1) * w + wq  # through the last valid position, over whole rows
-    for c in range(3):
-        # Whole rows of the flattened view in one loop (no scalar tail per row); each neighbour is a
-        # shifted view, so every index is a plain non-negative loop counter. Positions past wq
-        # in a row get values that are never counted. In uint8, which wraps modulo 256 and so
-        # keeps every residual modulo 8 (32 values per vector instead of 8).
-        f = v[c].reshape(size)
-        o = q[c].reshape(size)
-        if kernel == 0 or kernel == 1:
-            f1 = f[step:]
-            for x in range(n):
-                o[x] = _quantise(np.uint8(f1[x] - f[x]))
-        elif kernel == 2 or kernel == 3:
-            f1, f2 = f[step:], f[2 * step:]
-            for x in range(n):
-                o[x] = _quantise(np.uint8(f[x] + f2[x] - f1[x] - f1[x]))
-        elif kernel == 4 or kernel == 5:
-            f1, f2, f3 = f[step:], f[2 * step:], f[3 * step:]
-            for x in range(n):
-                o[x] = _quantise(np.uint8(U3 * np.uint8(f1[x] - f2[x]) + f3[x] - f[x]))
-        else:
-            a, b, d = f, f[w:], f[2 * w:]
-            a1, a2, b1, b2, d1, d2 = a[1:], a[2:], b[1:], b[2:], d[1:], d[2:]
-            for x in range(n):
-                edges = np.uint8(a1[x] + b[x] + b2[x] + d1[x])
-                corners = np.uint8(a[x] + a2[x] + d[x] + d2[x])
-                o[x] = _quantise(np.uint8(U2 * edges - corners - U4 * b1[x]))
-    return hq, wq
+def _codes(q, pitch, out, n, triple):
+    """Histogram codes at flat positions 0..n-1: (value, right, lower) of one channel, or the pixel's channel triple."""
+    if triple:
+        q1, q2 = q[1:], q[2:]
+        for x in range(n):
+            out[x] = np.uint8(np.uint8(q[x] * U5 + q1[x]) * U5 + q2[x])
+    else:
+        q1, qp = q[3:], q[pitch:]
+        for x in range(n):
+            out[x] = np.uint8(np.uint8(q[x] * U5 + q1[x]) * U5 + qp[x])
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _view_counts(v, q, h):
-    """Every kernel's three histograms of one view into h (1225 counts)."""
-    codes = np.empty(v.shape[1] * v.shape[2], np.uint8)
+def _image_counts(pixels, boxes, out, scratch):
+    """Every kernel's three histograms of each box (top, left, height, width) of H x W x 3 pixels into out's rows.
+
+    The boxes' union is the whole image (`pixel_counts` cuts it out), so every residual and code
+    is computed in one loop over whole rows.
+    """
+    height, width = pixels.shape[0], pixels.shape[1]
+    pitch = 3 * width
+    f = pixels.reshape(height * pitch)
+    size = height * pitch
+    q, joint_codes, triple_codes = scratch[:size], scratch[size : 2 * size], scratch[2 * size : 3 * size]
+    joint = np.zeros(TRIPLE_BINS, np.int64)
     for k in range(7):
-        hq, wq = _residuals(v, k, q)
+        dy = 1 + k // 2 if k == 1 or k == 3 or k == 5 else (2 if k == 6 else 0)  # the kernel's support past its anchor
+        dx = 1 + k // 2 if k == 0 or k == 2 or k == 4 else (2 if k == 6 else 0)
+        rows, cols = height - dy, width - dx  # anchors with the whole kernel inside the image
+        _residuals(f, k, pitch, q, (rows - 1) * pitch + 3 * cols)
+        _codes(q, pitch, joint_codes, (rows - 2) * pitch + 3 * (cols - 1), False)
+        _codes(q, pitch, triple_codes, (rows - 1) * pitch + 3 * cols - 2, True)
         base = k * PER_KERNEL
-        if k == 1 or k == 3 or k == 5:  # vertical: its pairs along run down the columns
-            _count(q, hq, wq, h, base + PAIR_BINS, base, base + 2 * PAIR_BINS, codes)
+        if dy > 0 and dx == 0:  # vertical: its pairs along run down the columns
+            along, across = base + PAIR_BINS, base
         else:
-            _count(q, hq, wq, h, base, base + PAIR_BINS, base + 2 * PAIR_BINS, codes)
+            along, across = base, base + PAIR_BINS
+        for b in range(boxes.shape[0]):
+            h = out[b]
+            top, left = boxes[b, 0], boxes[b, 1]
+            hq, wq = boxes[b, 2] - dy, boxes[b, 3] - dx  # the box's valid residuals
+            joint[:] = 0
+            for i in range(hq - 1):
+                row = joint_codes[(top + i) * pitch + 3 * left:]
+                for x in range(3 * (wq - 1)):
+                    joint[row[x]] += 1
+            for c in range(3):
+                s = (top + hq - 1) * pitch + 3 * left + c  # the last row has right neighbours only
+                for j in range(wq - 1):
+                    h[along + q[s + 3 * j] * WIDTH + q[s + 3 * j + 3]] += 1
+                s = top * pitch + 3 * (left + wq - 1) + c  # the last column has lower neighbours only
+                for i in range(hq - 1):
+                    h[across + q[s + i * pitch] * WIDTH + q[s + i * pitch + pitch]] += 1
+            for a in range(WIDTH):
+                for e in range(WIDTH):
+                    for d in range(WIDTH):
+                        n = joint[(a * WIDTH + e) * WIDTH + d]
+                        h[along + a * WIDTH + e] += n
+                        h[across + a * WIDTH + d] += n
+            t = h[base + 2 * PAIR_BINS:]
+            for i in range(hq):
+                row = triple_codes[(top + i) * pitch + 3 * left:]
+                for j in range(wq):
+                    t[row[3 * j]] += 1
+
+
+def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int | None = None) -> np.ndarray:
+    """[(H x W x 3 uint8 pixels, K x 4 boxes (top, left, height, width))] -> one row of 1225 counts per box, in order.
+
+    Pixels may hold any values: only their low 3 bits count. A box must lie inside its image and
+    be at least 4 x 4; its counts are those of the box cut out on its own. Sources are shared
+    among `threads` threads (None: torch's setting, which Beam workers set to 1).
+    """
+    checked, starts, total = [], [], 0
+    for pixels, boxes in sources:
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        boxes = np.ascontiguousarray(boxes, dtype=np.int64).reshape(-1, 4)
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"the SRM descriptor needs H x W x 3 pixels, not {pixels.shape}")
+        top, left, h, w = boxes.T
+        if len(boxes) and ((h < 4).any() or (w < 4).any() or (top < 0).any() or (left < 0).any()
+                           or (top + h > pixels.shape[0]).any() or (left + w > pixels.shape[1]).any()):
+            raise ValueError(f"the SRM descriptor needs boxes of at least 4x4 pixels inside the image, "
+                             f"not {boxes.tolist()} in {pixels.shape[:2]}")
+        if len(boxes):  # the boxes' union only: the kernel computes every residual of what it is given
+            y0, x0 = boxes[:, 0].min(), boxes[:, 1].min()
+            y1, x1 = (boxes[:, 0] + boxes[:, 2]).max(), (boxes[:, 1] + boxes[:, 3]).max()
+            if (y0, x0, y1, x1) != (0, 0, *pixels.shape[:2]):
+                pixels = np.ascontiguousarray(pixels[y0:y1, x0:x1])
+                boxes = boxes - np.array([y0, x0, 0, 0])
+        checked.append((pixels, boxes))
+        starts.append(total)
+        total += len(boxes)
+    out = np.zeros((total, len(KERNELS) * PER_KERNEL), np.int64)
+
+    def run(which: range) -> None:
+        # Scratch for the residuals and codes, reused across images. A value the loops read is
+        # either written first for this image or one the counts never use.
+        scratch = np.zeros(3 * max((checked[i][0].size for i in which), default=0), np.uint8)
+        for i in which:
+            pixels, boxes = checked[i]
+            if len(boxes):
+                _image_counts(pixels, boxes, out[starts[i] : starts[i] + len(boxes)], scratch)
+
+    threads = min(len(checked), threads or torch.get_num_threads())
+    if threads <= 1:
+        run(range(len(checked)))
+    else:  # the loops release the GIL: one thread per share of the sources
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, [range(t, len(checked), threads) for t in range(threads)]))
+    return out
 
 
 def srm_counts(views: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """N x 3 x H x W low-bit values (uint8, 0..7) -> N x 1225 integer counts in the descriptor's layout.
-
-    Views are shared among `threads` threads (None: torch's setting, which Beam workers set to 1).
-    """
-    views = np.ascontiguousarray(views, dtype=np.uint8)
-    n, channels, height, width = views.shape
-    if channels != 3 or height < 4 or width < 4:
+    """N x H x W x 3 uint8 views (only their low 3 bits count) -> N x 1225 integer counts in the descriptor's layout."""
+    views = np.asarray(views)
+    if views.ndim != 4 or views.shape[3] != 3 or views.shape[1] < 4 or views.shape[2] < 4:
         raise ValueError(f"the SRM descriptor needs 3-channel views of at least 4x4 pixels, not {tuple(views.shape[1:])}")
-    out = np.zeros((n, len(KERNELS) * PER_KERNEL), np.int64)
-
-    def run(rows: range) -> None:
-        q = np.zeros((3, height, width), np.uint8)  # every value the loops read is written first or zero
-        for b in rows:
-            _view_counts(views[b], q, out[b])
-
-    threads = min(n, threads or torch.get_num_threads())
-    if threads <= 1:
-        run(range(n))
-    else:  # the loops release the GIL: one thread per share of the views
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, [range(t, n, threads) for t in range(threads)]))
-    return out
+    box = np.array([[0, 0, views.shape[1], views.shape[2]]], np.int64)
+    return pixel_counts([(view, box) for view in views], threads)
 
 
 def histogram_slices() -> list[slice]:

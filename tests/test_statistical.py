@@ -1,11 +1,12 @@
 """The srm profile: its fixed stem, its closed-form head and the quadratic detection rule."""
 
 import numpy as np
+import pytest
 import torch
 
-from lida_core import statistical
+from lida_core import srm, statistical
 from lida_core.decide import Decider, calibrate_real_threshold
-from lida_core.fingerprint import to_model_input
+from lida_core.fingerprint import fingerprint_bits, tile_boxes, tile_views, to_model_input
 from lida_core.model import SrmStem, build_model, load_checkpoint, save_checkpoint
 
 # The rich-model kernels as arrays (rows x columns), each with the axis its neighbour pairs run along first.
@@ -61,6 +62,40 @@ def test_srm_stem_is_the_rich_model_restated_in_numpy(rng):
     stripes = np.zeros((48, 48, 3), np.uint8)
     stripes[:, ::2] = 3
     assert not torch.allclose(model.stem(_input(stripes)), model.stem(_input(np.ascontiguousarray(stripes.transpose(1, 0, 2)))))
+
+
+def test_srm_counts_each_box_of_raw_pixels_as_the_box_cut_out_and_masked(rng):
+    """pixel_counts reads uncut, unmasked pixels: each box counts what its own `x & 7` crop counts."""
+    smooth = np.cumsum(rng.integers(-2, 3, size=(70, 90, 3)), axis=1).clip(0, 255).astype(np.uint8)
+    for image in (rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8), smooth):
+        boxes = np.array([[0, 0, 70, 90], [0, 0, 35, 45], [35, 45, 35, 45], [3, 60, 4, 30], [10, 7, 33, 4],
+                          [66, 86, 4, 4], [0, 45, 70, 45]])
+        got = srm.pixel_counts([(image, boxes), (image, boxes[3:5])], threads=2)
+        assert got.shape == (9, 1225) and (got[:, :25].sum(1) > 0).all()
+        for row, (top, left, h, w) in zip(got, [*boxes, *boxes[3:5]], strict=True):
+            alone = srm.srm_counts(np.ascontiguousarray(image[top : top + h, left : left + w] & 7)[None], threads=1)[0]
+            np.testing.assert_array_equal(row, alone)
+            reference = _srm_reference(image[top : top + h, left : left + w]) ** 2  # normalised counts
+            for span in srm.histogram_slices():
+                assert np.allclose(row[span] / max(row[span].sum(), 1), np.nan_to_num(reference[span]))
+    with pytest.raises(ValueError, match="inside the image"):
+        srm.pixel_counts([(smooth, np.array([[0, 88, 10, 4]]))])
+    with pytest.raises(ValueError, match="at least 4x4"):
+        srm.pixel_counts([(smooth, np.array([[0, 0, 3, 10]]))])
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (600, 530), (300, 1000), (1024, 768), (256, 256), (200, 300), (90, 80)])
+def test_srm_descriptors_from_pixels_equal_the_stem_on_each_tile_fingerprint(shape, rng):
+    """describe (the scan's and the fit's path) against the stem on fingerprints of tile_views: bit for bit."""
+    model = build_model("srm").eval()
+    images = [rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8) for _ in range(2)]
+    described, owners = model.stem.describe(images, model.fingerprint, model.input_size, model.tiles)
+    views = [(i, view) for i, image in enumerate(images) for view in tile_views(image, model.input_size, model.tiles)]
+    assert owners.tolist() == [i for i, _ in views]
+    fingerprints = torch.from_numpy(np.stack([fingerprint_bits(view, model.fingerprint) for _, view in views]))
+    assert torch.equal(described, model.stem(to_model_input(fingerprints)))
+    boxes = tile_boxes(*shape, model.input_size, model.tiles)
+    assert [view.shape[:2] for _, view in views[: len(boxes)]] == [(h, w) for _, _, h, w in boxes]
 
 
 def test_srm_head_round_trips_with_its_reference_rows(tmp_path, rng):
