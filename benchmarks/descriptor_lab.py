@@ -12,7 +12,11 @@ from one view of the pixels:
 - `content`: the high 5 bits only (`x >> 3`), residuals truncated: the content and none of
   the generator noise. A descriptor that does not clearly beat it reads content;
 
-each at truncation T (`low:2`, `whole:3`...). `--region` reads fewer pixels of each image, to
+each at truncation T (`low:2`, `whole:3`...). A `p2` suffix (`lowp2:2`) appends period-2
+contrasts: each histogram counted over the four (row, column) parities, and the absolute
+differences between parities (columns, rows, diagonals). Upsampling layers leave period-2
+traces that a stationary histogram averages away; the absolute value makes the contrasts
+independent of the crop's phase. `--region` reads fewer pixels of each image, to
 measure what a cheaper scan would cost: `half` (the top half), `quarter` (one quarter tile),
 `quarters` (the mean over the four quarter tiles, as the profile averages its tiles). The fit and the decisions are the product's own
 (`lida_core.statistical.fit_head` with the profile's rank, `QuadraticDetector`, a JPEG copy of
@@ -64,18 +68,37 @@ def _residuals(v: np.ndarray) -> list[tuple[np.ndarray, int]]:
 
 def describe(pixels: np.ndarray, view: str, truncation: int) -> np.ndarray:
     """The rich model of one view of H x W x 3 uint8 pixels (square-rooted normalised histograms)."""
+    phase = view.endswith("p2")
+    view = view.removesuffix("p2")
     values = {"low": pixels & 7, "whole": pixels, "content": pixels >> 3}[view].astype(np.int16)
     width = 2 * truncation + 1
-    parts = []
+    parts, contrasts = [], []
     for residual, axis in _residuals(values):
         if view == "low":
             residual = ((residual + 4) & 7) - 4  # modulo 8, wrapped to [-4, 4)
         q = (np.clip(residual, -truncation, truncation) + truncation).astype(np.int64)
         for direction in (axis, 1 - axis):
             a = q if direction == 1 else q.transpose(1, 0, 2)
-            parts.append(np.bincount((a[:, :-1] * width + a[:, 1:]).ravel(), minlength=width**2))
-        parts.append(np.bincount(((q[..., 0] * width + q[..., 1]) * width + q[..., 2]).ravel(), minlength=width**3))
-    return np.sqrt(np.concatenate([p / max(p.sum(), 1) for p in parts]))
+            codes = a[:, :-1] * width + a[:, 1:]
+            parts.append(np.bincount(codes.ravel(), minlength=width**2))
+            if phase:
+                contrasts += _contrasts(codes if direction == 1 else codes.transpose(1, 0, 2), width**2)
+        codes = (q[..., 0] * width + q[..., 1]) * width + q[..., 2]
+        parts.append(np.bincount(codes.ravel(), minlength=width**3))
+        if phase:
+            contrasts += _contrasts(codes[..., None], width**3)
+    base = np.sqrt(np.concatenate([p / max(p.sum(), 1) for p in parts]))
+    if not phase:
+        return base
+    return np.concatenate([base, np.sqrt(np.abs(np.concatenate(contrasts)))])
+
+
+def _contrasts(codes: np.ndarray, bins: int) -> list[np.ndarray]:
+    """Period-2 contrasts of a histogram over positions (y, x): column parity, row parity, diagonal; each / the count."""
+    h = {(i, j): np.bincount(codes[i::2, j::2].ravel(), minlength=bins) for i in (0, 1) for j in (0, 1)}
+    n = max(codes.size, 1)
+    return [((h[0, 0] + h[1, 0]) - (h[0, 1] + h[1, 1])) / n, ((h[0, 0] + h[0, 1]) - (h[1, 0] + h[1, 1])) / n,
+            ((h[0, 0] + h[1, 1]) - (h[0, 1] + h[1, 0])) / n]
 
 
 REGIONS = ("full", "half", "quarter", "quarters")
@@ -180,8 +203,8 @@ def main(argv=None) -> None:
     descriptors = []
     for d in args.descriptors:
         view, _, t = d.partition(":")
-        if view not in ("low", "whole", "content") or not t.isdigit() or not 1 <= int(t) <= 4:
-            parser.error(f"descriptor {d!r}: VIEW:T with VIEW low, whole or content and T 1-4")
+        if view.removesuffix("p2") not in ("low", "whole", "content") or not t.isdigit() or not 1 <= int(t) <= 4:
+            parser.error(f"descriptor {d!r}: VIEW:T with VIEW low, whole or content (a p2 suffix adds period-2 contrasts) and T 1-4")
         descriptors.append((view, int(t)))
     started = time.perf_counter()
     with Pool(os.cpu_count() or 1) as pool:
