@@ -447,9 +447,9 @@ def low_bit_boxes(pixels: np.ndarray, settings: FingerprintSettings, size: int, 
         else:
             kept = prepare_low_bits(pixels[top : top + h, left : left + w], settings)
             prepared.append((kept, np.array([[0, 0, kept.shape[0], kept.shape[1]]])))
-    if boxes and prepared:  # never both: several tiles are all whole size x size boxes, one view is one or the other
-        raise AssertionError("tile views mix boxes and prepared views")
-    return [(pixels, np.array(boxes))] if boxes else prepared
+    # Never both, so the order is tile_views' order: tiles all have one size, so they are all
+    # boxes or all prepared, and a single view is one or the other.
+    return ([(pixels, np.array(boxes))] if boxes else []) + prepared
 
 
 def load_tile_bits(job: tuple[int, str, str, int, int]) -> tuple[int, list[np.ndarray] | str]:
