@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lida_core.embed import described_sums
 from lida_core.fingerprint import FingerprintSettings, fit_to_size, load_tile_bits, tile_views, to_model_input
 from lida_core.fingerprint import prepare_low_bits as prepare
 from lida_core.model import Embedder
@@ -136,12 +137,8 @@ class DeviceEmbedder:
     @torch.no_grad()
     def _embed_described(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """A stem that reads the pixels themselves (srm's `describe`): descriptors of batch_size images at a time, then the head."""
-        out = np.zeros((len(images), self.model.embedding_dim), dtype=np.float32)
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            descriptors, owners = self.model.stem.describe(chunk, self.settings, self.model.input_size, self.tiles)
-            feats = F.normalize(self.model.backbone(descriptors.to(self.device)).float(), dim=1).cpu().numpy()
-            np.add.at(out, owners + start, feats)
+        out, _ = described_sums(self.model, images, lambda d: F.normalize(self.model.backbone(d.to(self.device)).float(), dim=1).cpu().numpy(),
+                                self.model.embedding_dim, self.batch_size)
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def embed_files(self, uris: Sequence[str], workers: int | None = None) -> tuple[np.ndarray, dict[int, str]]:

@@ -1,8 +1,9 @@
 """The one embed path on decoded pixels: fingerprint (or RGB, for the ablation) -> model -> normalised embedding.
 
-`tile_sums` is the one tiling loop: a crop-fit model reads up to `tiles` non-overlapping tiles
+`tile_sums` is the tiling loop: a crop-fit model reads up to `tiles` non-overlapping tiles
 of an image and an image's embedding is the normalised mean over them; a resize fit reads the
-whole image once. Training, evaluation, calibration and the scan all embed through `embed`
+whole image once. `described_sums` is its twin for a stem that reads the decoded pixels
+where the tiles lie (srm), with the same tiles and sums. Training, evaluation, calibration and the scan all embed through `embed`
 (`accel.DeviceEmbedder` is its batched device twin, tested equal).
 """
 
@@ -61,6 +62,29 @@ def tile_sums(
     out = np.zeros((len(images), dim), dtype=dtype)
     np.add.at(out, owner, feats)
     return out, np.bincount(owner, minlength=len(images))
+
+
+def described_sums(
+    model: Embedder,
+    images: Sequence[np.ndarray],
+    head: Callable[[torch.Tensor], np.ndarray],
+    dim: int,
+    batch_size: int = 32,
+    dtype: type = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`tile_sums` for a stem that reads decoded pixels itself (srm's `SrmStem.describe`, crop fits).
+
+    The stem describes every tile of `batch_size` images at a time, straight from their pixels;
+    `head` maps those descriptors to a numpy batch (the embedding, or the descriptors themselves).
+    """
+    out = np.zeros((len(images), dim), dtype=dtype)
+    counts = np.zeros(len(images), dtype=np.int64)
+    for start in range(0, len(images), batch_size):
+        chunk = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+        described, owners = model.stem.describe(chunk, model.fingerprint, model.input_size, model.tiles)
+        np.add.at(out, owners + start, head(described))
+        np.add.at(counts, owners + start, 1)
+    return out, counts
 
 
 def embed(

@@ -384,10 +384,14 @@ def fit_to_size(region, settings: FingerprintSettings):
     return region.index_select(region.ndim - 2, torch.from_numpy(cols).to(region.device))
 
 
-def fingerprint_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.ndarray:
-    """The fingerprint of one decoded RGB uint8 image: settings.size x settings.size x 3 uint8."""
+def _require_rgb(pixels: np.ndarray) -> None:
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected H x W x 3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
+
+
+def fingerprint_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.ndarray:
+    """The fingerprint of one decoded RGB uint8 image: settings.size x settings.size x 3 uint8."""
+    _require_rgb(pixels)
     top, left, h, w = patch_box(pixels, settings)
     region = low_bits(pixels[top : top + h, left : left + w], settings)
     return np.ascontiguousarray(fit_to_size(region, settings))
@@ -395,8 +399,7 @@ def fingerprint_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.nd
 
 def prepare_low_bits(pixels: np.ndarray, settings: FingerprintSettings) -> np.ndarray:
     """CPU half: the kept low bits (`x & mask`, uint8) of the region the fingerprint reads."""
-    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError(f"expected H x W x 3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    _require_rgb(pixels)
     top, left, h, w = patch_box(pixels, settings)
     kept = np.bitwise_and(pixels[top : top + h, left : left + w], settings.mask)
     if settings.fit == "crop":
@@ -437,8 +440,7 @@ def low_bit_boxes(pixels: np.ndarray, settings: FingerprintSettings, size: int, 
     the low bits of each box are `prepare_low_bits` of that view. A view that is not a plain box
     of the image (a crop padded up to size, a patch) comes prepared, as its own array.
     """
-    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError(f"expected H x W x 3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    _require_rgb(pixels)
     s = settings.size
     boxes, prepared = [], []
     for top, left, h, w in tile_boxes(pixels.shape[0], pixels.shape[1], size, tiles):

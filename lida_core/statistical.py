@@ -37,7 +37,7 @@ import torch
 
 from lida_core.allocator import keep_freed_memory
 from lida_core.decide import REAL
-from lida_core.embed import tile_sums
+from lida_core.embed import described_sums, tile_sums
 from lida_core.model import Embedder
 from lida_core.perturb import jpeg_copy
 
@@ -82,13 +82,8 @@ def descriptors(model: Embedder, images: Sequence[np.ndarray], batch_size: int =
         raise ValueError(f"the {model.profile} profile has no fixed stem to fit a closed-form head on")
     keep_freed_memory()  # the stem's large integer temporaries are reused instead of mapped and zeroed per batch
     if hasattr(model.stem, "describe") and model.fingerprint.fit == "crop":  # srm: straight from the pixels
-        dim = model.backbone.mean.shape[0]
-        sums, counts = np.zeros((len(images), dim)), np.zeros(len(images))
-        for start in range(0, len(images), batch_size):
-            chunk = [images[i] for i in range(start, min(start + batch_size, len(images)))]
-            described, owners = model.stem.describe(chunk, model.fingerprint, model.input_size, model.tiles)
-            np.add.at(sums, owners + start, described.double().numpy())
-            np.add.at(counts, owners + start, 1)
+        sums, counts = described_sums(model, images, lambda d: d.double().numpy(), model.backbone.mean.shape[0],
+                                      batch_size, dtype=np.float64)
         return sums / np.maximum(counts, 1)[:, None]
     sums, counts = tile_sums(model, images, lambda x: model.stem(x).double().numpy(), model.backbone.mean.shape[0],
                              batch_size, dtype=np.float64)
