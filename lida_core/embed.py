@@ -3,8 +3,9 @@
 `tile_sums` is the tiling loop: a crop-fit model reads up to `tiles` non-overlapping tiles
 of an image and an image's embedding is the normalised mean over them; a resize fit reads the
 whole image once. `described_sums` is its twin for a stem that reads the decoded pixels
-where the tiles lie (srm), with the same tiles and sums. Training, evaluation, calibration and the scan all embed through `embed`
-(`accel.DeviceEmbedder` is its batched device twin, tested equal).
+where the tiles lie (srm), with the same tiles and sums. Training, evaluation, calibration
+and the scan all embed through `embed` (`accel.DeviceEmbedder` is its batched device twin,
+tested equal).
 """
 
 from __future__ import annotations
