@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lida_core.embed import described_sums
+from lida_core.embed import described_sums, reads_pixels
 from lida_core.fingerprint import FingerprintSettings, fit_to_size, load_tile_bits, tile_views, to_model_input
 from lida_core.fingerprint import prepare_low_bits as prepare
 from lida_core.model import Embedder
@@ -71,8 +71,8 @@ class DeviceEmbedder:
         # A weightless stem that reads the kept bits themselves (srm) takes them as they are:
         # scaling them into a float fingerprint only for the stem to divide it back costs 30%.
         # Given decoded images (`embed`), it reads their pixels where the tiles lie, uncopied.
-        stem = getattr(model, "stem", None)
-        self.reads_kept = hasattr(stem, "from_low_bits") and self.settings.mode == "scale" and self.settings.fit == "crop"
+        # (`embed.reads_pixels`: the closed-form fit describes its images the same way.)
+        self.reads_kept = reads_pixels(model)
 
     # CPU side -------------------------------------------------------------------------
     def views(self, index: int, image: np.ndarray) -> list[tuple[int, np.ndarray]]:

@@ -65,6 +65,16 @@ def tile_sums(
     return out, np.bincount(owner, minlength=len(images))
 
 
+def reads_pixels(model: Embedder) -> bool:
+    """Whether the model's stem reads decoded pixels where its tiles lie (srm's `describe`): a fixed stem, crop fits.
+
+    The one test both embedders use (`accel.DeviceEmbedder`, the closed-form fit in
+    `lida_core.statistical`): what one of them embeds this way, the other must too.
+    (Such a stem refuses binary fingerprints when it is built, so the mode needs no test here.)
+    """
+    return hasattr(getattr(model, "stem", None), "describe") and model.fingerprint.fit == "crop"
+
+
 def described_sums(
     model: Embedder,
     images: Sequence[np.ndarray],

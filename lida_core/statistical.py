@@ -37,7 +37,7 @@ import torch
 
 from lida_core.allocator import keep_freed_memory
 from lida_core.decide import REAL
-from lida_core.embed import described_sums, tile_sums
+from lida_core.embed import described_sums, reads_pixels, tile_sums
 from lida_core.model import Embedder
 from lida_core.perturb import jpeg_copy
 
@@ -81,7 +81,7 @@ def descriptors(model: Embedder, images: Sequence[np.ndarray], batch_size: int =
     if model.stem is None:
         raise ValueError(f"the {model.profile} profile has no fixed stem to fit a closed-form head on")
     keep_freed_memory()  # the stem's large integer temporaries are reused instead of mapped and zeroed per batch
-    if hasattr(model.stem, "describe") and model.fingerprint.fit == "crop":  # srm: straight from the pixels
+    if reads_pixels(model):  # srm: straight from the pixels
         sums, counts = described_sums(model, images, lambda d: d.double().numpy(), model.backbone.mean.shape[0],
                                       batch_size, dtype=np.float64)
         return sums / np.maximum(counts, 1)[:, None]

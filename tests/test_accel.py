@@ -43,6 +43,7 @@ def test_device_embedder_matches_training_embed(fingerprint):
     images = _images(3) + _images(4)
     expected = embed.embed(model, images)
     fast = accel.DeviceEmbedder(model, "cpu", batch_size=3)  # small batches: several per size group
+    assert not fast.reads_kept and not embed.reads_pixels(model)  # a network reads fingerprints, not pixels
     np.testing.assert_allclose(fast.embed(images), expected, atol=2e-5)
 
 
@@ -50,7 +51,7 @@ def test_srm_embedder_reads_the_kept_bits_as_the_float_path_does():
     """srm's stem takes the kept low bits straight from the CPU half; the result is the float path's."""
     model = build_model("srm")
     fast = accel.DeviceEmbedder(model, "cpu", batch_size=3)
-    assert fast.reads_kept
+    assert fast.reads_kept and embed.reads_pixels(model)
     images = _images(3) + [np.random.default_rng(6).integers(0, 256, (600, 530, 3), dtype=np.uint8)]  # 4 tiles
     np.testing.assert_allclose(fast.embed(images), embed.embed(model, images), atol=1e-6)  # batches differ
     kept = torch.from_numpy(np.stack([accel.prepare(image, model.fingerprint) for image in images[:4]]))
