@@ -2,7 +2,9 @@
 
 Exactly-once by construction, whatever crashes when:
 - The plan (`shards/<scan>/plan.json`) fixes which file goes into which shard on the first
-  run; a re-run reuses it (new files go to new shards), so work is never re-assigned.
+  run; a re-run reuses it (new files go to new shards), so work is never re-assigned. Each
+  shard's part of it is also written on its own (`NNNNNN.plan.json`), so that a worker reads
+  only its shards' file names, not the whole scan's.
 - A shard's tar is written under a temporary name and renamed; its rows file
   (`NNNNNN.rows.parquet`) is written last and is the commit marker. Committed shards are
   skipped on re-runs.
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, RunInference
@@ -73,12 +76,24 @@ def plan_scan(ws: Workspace, scan_id: str, paths: Sequence[str], shard_size: int
         plan = {"scan_id": scan_id, "shard_size": shard_size, "shards": [], "created_at": utc_now().isoformat()}
     planned = {u for shard in plan["shards"] for u in shard}
     new = [u for u in uris if u not in planned]
+    del planned, uris
     size = plan["shard_size"]
     for start in range(0, len(new), size):
         plan["shards"].append(new[start : start + size])
     if new or not ws.exists(rel):
         ws.write_json(rel, plan)
+    # Each shard's own file, written after the plan (which stays the record) and before any
+    # worker starts; a shard planned by an earlier run that stopped in between gets its file now.
+    written = {path.rsplit("/", 1)[-1] for path in ws.ls(_scan_dir(scan_id))}
+    for index, shard in enumerate(plan["shards"]):
+        if shard_plan_file(scan_id, index).rsplit("/", 1)[-1] not in written:
+            ws.write_json(shard_plan_file(scan_id, index), {"uris": shard})
     return plan
+
+
+def shard_plan_file(scan_id: str, index: int) -> str:
+    """One shard's part of the plan: {"uris": [...]}, the file names it holds in order."""
+    return f"{_scan_dir(scan_id)}/{shard_name(index)}.plan.json"
 
 
 def shard_name(index: int) -> str:
@@ -107,9 +122,13 @@ class Item:
 
 @dataclass(frozen=True)
 class ShardFinal:
-    """The images table's verdict for one shard: the keys whose status is `ok` (cross-shard repeats are not)."""
+    """The images table's verdict for one shard: the keys its own rows call `ok` that the table made
+    duplicates (repeats of an earlier shard's image; usually none). Its `ok` images are the rest.
 
-    ok_keys: frozenset[str]
+    Only the exceptions travel, so the verdicts of a scan stay small however many files it has.
+    """
+
+    repeats: frozenset[str]
 
 
 def chunk_size(count: int, most: int = CHUNK) -> int:
@@ -158,17 +177,15 @@ class ShardAndDecode(beam.DoFn):
 
     def setup(self) -> None:
         self.ws = Workspace(self.workspace)
-        self.plan: list[list[str]] | None = None  # read once per worker: it is fixed before the pipeline starts
 
     def process(self, index: int):
         name = shard_name(index)
         if self.ws.exists(f"{_scan_dir(self.scan_id)}/{name}.rows.parquet"):
             yield from self._from_tar(name)
         else:
-            # File names travel in the plan, not through Beam's coders (which take UTF-8 text only).
-            if self.plan is None:
-                self.plan = self.ws.read_json(f"{_scan_dir(self.scan_id)}/plan.json")["shards"]
-            yield from self._write(index, self.plan[index])
+            # File names travel in the plan, not through Beam's coders (which take UTF-8 text
+            # only); each shard's own part of it, so a worker never holds the whole scan's names.
+            yield from self._write(index, self.ws.read_json(shard_plan_file(self.scan_id, index))["uris"])
         yield COMMITTED_OUT, index
 
     def _write(self, index: int, uris: list[str]):
@@ -276,8 +293,12 @@ class Shard(beam.PTransform):
         return committed, chunks
 
 
-def finalize_images(ws: Workspace, scan_id: str, shard_count: int) -> pa.Table:
-    """The scan's images table from the shards' rows; repeats across shards become duplicates."""
+def finalize_images(ws: Workspace, scan_id: str, shard_count: int) -> tuple[pa.Table, pa.Table]:
+    """The scan's images table from the shards' rows; repeats across shards become duplicates.
+
+    Returns the table written and the (shard, key) of the rows it made duplicates. Arrow compute
+    throughout: no Python object per file (docs/performance.md, session 13).
+    """
     tables = []
     for index in range(shard_count):
         rel = f"{_scan_dir(scan_id)}/{shard_name(index)}.rows.parquet"
@@ -285,18 +306,16 @@ def finalize_images(ws: Workspace, scan_id: str, shard_count: int) -> pa.Table:
             raise WorkspaceError(f"scan {scan_id}: shard {shard_name(index)} is not committed")
         tables.append(pq.read_table(io.BytesIO(ws.read_bytes(rel))))
     table = pa.concat_tables(tables) if tables else schemas.schema("images").empty_table()
-    status = table["status"].to_pylist()
-    first: dict[str, int] = {}
-    for i, (image_id, s) in enumerate(zip(table["image_id"].to_pylist(), status, strict=True)):
-        if s != "ok":
-            continue
-        if image_id in first:
-            status[i] = "duplicate"
-        else:
-            first[image_id] = i
-    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
+    del tables
+    ok = pc.equal(table["status"], "ok")
+    position = pa.array(np.arange(len(table), dtype=np.int64))
+    # the first ok row of each image keeps `ok` (shards in plan order, rows in shard order)
+    first = pa.table({"image_id": table["image_id"], "position": position}).filter(ok) \
+        .group_by("image_id", use_threads=False).aggregate([("position", "min")])["position_min"]
+    repeat = pc.and_(ok, pc.invert(pc.is_in(position, value_set=first)))
+    table = table.set_column(table.schema.get_field_index("status"), "status", pc.if_else(repeat, "duplicate", table["status"]))
     table = ws.write_table(f"{table_folder('images', scan_id)}/part-00000.parquet", "images", table)
-    return table
+    return table, table.filter(repeat).select(["shard", "key"])
 
 
 class ImagesTable(beam.DoFn):
@@ -310,13 +329,13 @@ class ImagesTable(beam.DoFn):
 
     def process(self, committed: list[int]):
         ws = Workspace(self.workspace)
-        images = finalize_images(ws, self.scan_id, self.shard_count)
-        ok: dict[str, set[str]] = {shard_name(i): set() for i in committed}
-        for row in images.filter(pa.compute.equal(images["status"], "ok")).select(["shard", "key"]).to_pylist():
-            if row["shard"] in ok:
-                ok[row["shard"]].add(row["key"])
-        for shard in sorted(ok):
-            yield shard, ShardFinal(frozenset(ok[shard]))
+        _images, repeats = finalize_images(ws, self.scan_id, self.shard_count)
+        demoted: dict[str, set[str]] = {shard_name(i): set() for i in committed}
+        for row in repeats.to_pylist():
+            if row["shard"] in demoted:
+                demoted[row["shard"]].add(row["key"])
+        for shard in sorted(demoted):
+            yield shard, ShardFinal(frozenset(demoted[shard]))
 
 
 class EmbedderHandler(ModelHandler):
@@ -444,13 +463,14 @@ class Attribute(beam.DoFn):
             yield shard, 0
             return
         # A shard's images that the images table made duplicates of another shard's are not attributed.
-        ok = finals[0].ok_keys
+        repeats = finals[0].repeats
+        rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{_scan_dir(self.scan_id)}/{shard}.rows.parquet")),
+                             columns=["uri", "image_id", "key", "format", "status"]).to_pylist()
+        rows = sorted((r for r in rows if r["status"] == "ok" and r["key"] not in repeats), key=lambda r: r["key"])
+        ok = frozenset(r["key"] for r in rows)
         staged = read_staged(self.ws, self.scan_id, shard, self.model_version, ok)
         if len(staged) != len(ok):
             raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(staged)} embeddings for {len(ok)} images")
-        rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{_scan_dir(self.scan_id)}/{shard}.rows.parquet")),
-                             columns=["uri", "image_id", "key", "format"]).to_pylist()
-        rows = sorted((r for r in rows if r["key"] in ok), key=lambda r: r["key"])
         emb = np.asarray([staged[r["key"]] for r in rows], dtype=np.float32)
         decisions = search_and_decide(self.decider, self.index, emb, [r["format"] in JPEG_FORMATS for r in rows],
                                       self.model_version)
@@ -527,14 +547,12 @@ def new_scan_id() -> str:
 
 
 def summary(images: pa.Table, ws: Workspace, scan_id: str) -> dict:
-    statuses: dict[str, int] = {}
-    for s in images["status"].to_pylist():
-        statuses[s] = statuses.get(s, 0) + 1
+    statuses = {c["values"]: c["counts"] for c in pc.value_counts(images["status"]).to_pylist()}  # in order of appearance
     predicted: dict[str, int] = {}
     attributions = ws.read_parquet(table_folder("attributions", scan_id), columns=["predicted_source"])
-    for s in attributions["predicted_source"].to_pylist() if attributions is not None else []:
-        predicted[s] = predicted.get(s, 0) + 1
-    errors = [(r["uri"], r["error"]) for r in images.filter(pa.compute.equal(images["status"], "error")).to_pylist()]
+    if attributions is not None:
+        predicted = {c["values"]: c["counts"] for c in pc.value_counts(attributions["predicted_source"]).to_pylist()}
+    errors = [(r["uri"], r["error"]) for r in images.filter(pc.equal(images["status"], "error")).to_pylist()]
     return {"scan_id": scan_id, "images": len(images), "status": statuses, "predicted": dict(sorted(predicted.items())),
             "errors": errors}
 

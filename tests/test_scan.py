@@ -205,6 +205,27 @@ def test_embeddings_wait_beside_their_shard_and_an_earlier_runs_are_not_read(wor
     assert not list((Path(workspace) / "shards").glob("*/*.staged"))
 
 
+def test_each_shard_has_its_part_of_the_plan_and_a_plan_without_them_gets_them(workspace, hostile_dir, tmp_path):
+    """Workers read their shard's own plan file; a plan written before those files existed (or a
+    run stopped between the plan and them) has them written by the next run, equal to the plan."""
+    from pipelines.scan import plan_scan, shard_plan_file
+
+    ws = Workspace(workspace)
+    plan = plan_scan(ws, "parts", [str(hostile_dir)], shard_size=3)
+    assert len(plan["shards"]) >= 3
+    for index, uris in enumerate(plan["shards"]):
+        assert ws.read_json(shard_plan_file("parts", index)) == {"uris": uris}
+        if index % 2 == 0:
+            ws.fs.rm(ws.path(shard_plan_file("parts", index)))
+    r = json_out(run_lida(workspace, "scan", str(hostile_dir), "--scan-id", "parts"))
+    assert sum(r["status"].values()) == sum(len(u) for u in plan["shards"])
+    assert ws.read_json("shards/parts/plan.json")["shards"] == plan["shards"]
+    for index, uris in enumerate(plan["shards"]):
+        assert ws.read_json(shard_plan_file("parts", index)) == {"uris": uris}
+    rows = q(workspace, "select uri, shard from {images} where scan_id = 'parts'")
+    assert sorted(rows) == sorted((u, f"{i:06d}") for i, uris in enumerate(plan["shards"]) for u in uris)
+
+
 def test_repeats_across_shards_are_duplicates_and_attributed_once(workspace, hostile_dir, tmp_path):
     """Shards of 2: repeats land in other shards than their first copy, errors and all."""
     inbox = tmp_path / "repeats"
