@@ -44,6 +44,7 @@ import schemas
 from lida_core import compact as compaction
 from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
 from lida_core.embed import embed
+from lida_core.idset import ImageIds
 from lida_core.index import search_and_decide
 from lida_core.inputs import list_inputs, read_input
 from lida_core.workspace import SHARDS, Workspace, WorkspaceError, table_folder, utc_now, utc_stamp
@@ -475,12 +476,13 @@ class Attribute(beam.DoFn):
         decisions = search_and_decide(self.decider, self.index, emb, [r["format"] in JPEG_FORMATS for r in rows],
                                       self.model_version)
         now = utc_now()
+        known = self.embedded.contains([r["image_id"] for r in rows])
         attributions, embeddings = [], []
         for i, (r, decision) in enumerate(zip(rows, decisions, strict=True)):
             attributions.append({"scan_id": self.scan_id, "uri": r["uri"], "image_id": r["image_id"], **decision,
                                  "model_version": self.model_version, "index_version": self.index_version,
                                  "fingerprint": self.fingerprint, "scanned_at": now})
-            if r["image_id"] not in self.embedded:  # one row per image and model, whichever scan saw it first
+            if not known[i]:  # one row per image and model, whichever scan saw it first
                 embeddings.append({"image_id": r["image_id"], "model_version": self.model_version,
                                    "fingerprint": self.fingerprint, "embedding": emb[i].tolist()})
         if embeddings:  # a shard of errors, repeats and images embedded before has no embeddings file
@@ -497,19 +499,25 @@ class Attribute(beam.DoFn):
         self.ws.write_table(rel, table_name, pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table(), dim or 1)
 
 
-def embedded_elsewhere(ws: Workspace, model_version: str, scan_id: str) -> frozenset[str]:
-    """Image ids this model already has embeddings for, from other scans (a re-run rewrites its own files)."""
+def embedded_elsewhere(ws: Workspace, model_version: str, scan_id: str) -> ImageIds:
+    """Image ids this model already has embeddings for, from other scans (a re-run rewrites its own files).
+
+    Every attribution worker holds this set, and it grows with the workspace's history, so it is
+    kept as sorted digests (`lida_core.idset`, 32 bytes an id) rather than strings (~150 bytes).
+    """
     folder = ws.path(table_folder("embeddings", model_version))
     if not ws.fs.exists(folder):
-        return frozenset()
+        return ImageIds()
     own = re.compile(rf"scan-{re.escape(scan_id)}-\d{{6}}\.parquet")
-    ids: set[str] = set()
-    for path in ws.fs.find(folder):
-        name = path.rsplit("/", 1)[-1]
-        if name.endswith(".parquet") and not name.startswith(".") and not own.fullmatch(name):
-            with ws.fs.open(path, "rb") as handle:
-                ids.update(pq.read_table(handle, columns=["image_id"])["image_id"].to_pylist())
-    return frozenset(ids)
+
+    def columns():  # one file's ids at a time: only their digests stay
+        for path in ws.fs.find(folder):
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith(".parquet") and not name.startswith(".") and not own.fullmatch(name):
+                with ws.fs.open(path, "rb") as handle:
+                    yield pq.read_table(handle, columns=["image_id"])["image_id"]
+
+    return ImageIds(columns())
 
 
 class EmbedAndAttribute(beam.PTransform):
