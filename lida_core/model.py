@@ -279,32 +279,46 @@ class SrmStem(_LowBitStem):
     is computable from the fingerprint. Wrapped to [-2^(b-1), 2^(b-1)) it equals the true
     residual wherever that is small, which is where generator noise lives; large (edge)
     residuals wrap and land anywhere. Each residual is truncated to [-T, T] (T = 2) and
-    summarised, as in rich models, by three histograms over the whole view, channels pooled:
-    pairs of neighbours along the kernel's direction, pairs across it, and the triple of the
-    three colour channels at one pixel. 7 kernels x (25 + 25 + 125) = 1225 values, each
-    histogram normalised and square-rooted. No weights; directional, so training views are
-    never turned or flipped.
+    summarised by the histogram over the whole view of the triple of the three colour
+    channels' residuals at one pixel (a cross-band co-occurrence): 7 kernels x 125 = 875
+    values, each histogram normalised and square-rooted. No weights; directional, so training
+    views are never turned or flipped.
+
+    `pairs=True` is the layout of models made before session 14: per kernel, two histograms of
+    neighbour pairs (along the kernel's direction and across it, channels pooled, as rich
+    models count them) before the triple, 7 x (25 + 25 + 125) = 1225 values. On the devset the
+    pairs added nothing to the triples (equal or lower Rank-1, detection and JPEG figures,
+    docs/results.md) and were most of the counting; such checkpoints still load and describe
+    as they were fitted.
     """
 
     kind = "SRM"
     whole_image = True
 
-    def __init__(self, settings: FingerprintSettings):
+    def __init__(self, settings: FingerprintSettings, pairs: bool = False):
         super().__init__(settings)
         if settings.bits != 3:
             raise ValueError(f"the SRM stem reads residuals modulo 2^3: it needs 3 kept bits, not {settings.bits}")
-        self.dim = SrmStem.size()
+        if not isinstance(pairs, bool):
+            raise ValueError(f"the SRM stem's 'pairs' option is true or false, not {pairs!r}")
+        self.pairs = pairs
+        self.dim = SrmStem.size(pairs=pairs)
+
+    @property
+    def options(self) -> dict:
+        """What a checkpoint records to rebuild this stem (`Profile.stem_options`)."""
+        return {"pairs": self.pairs}
 
     @staticmethod
-    def size(truncation: int = 2) -> int:
+    def size(truncation: int = 2, pairs: bool = False) -> int:
         levels = 2 * truncation + 1
-        return 7 * (2 * levels**2 + levels**3)  # lida_core.srm.KERNELS
+        return 7 * ((2 * levels**2 if pairs else 0) + levels**3)  # lida_core.srm.KERNELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from lida_core import srm  # numba compiles (or loads from its cache) on first use
 
         v = torch.round(x.float() / self.step).clamp_(0, self.levels - 1).to(torch.uint8)
-        return self.from_counts(srm.srm_counts(v.permute(0, 2, 3, 1).contiguous().cpu().numpy())).to(x.device)
+        return self.from_counts(srm.srm_counts(v.permute(0, 2, 3, 1).contiguous().cpu().numpy(), pairs=self.pairs)).to(x.device)
 
     def from_low_bits(self, kept: torch.Tensor) -> torch.Tensor:
         """N x H x W x 3 kept low bits (uint8, `x & 7`, as `accel.prepare` makes them) -> descriptors.
@@ -314,11 +328,11 @@ class SrmStem(_LowBitStem):
         """
         from lida_core import srm
 
-        return self.from_counts(srm.srm_counts(kept.cpu().numpy())).to(kept.device)
+        return self.from_counts(srm.srm_counts(kept.cpu().numpy(), pairs=self.pairs)).to(kept.device)
 
     def describe(self, images: Sequence[np.ndarray], settings: FingerprintSettings, size: int,
                  tiles: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Decoded images -> (descriptors of all their tile views, V x 1225; the image of each view).
+        """Decoded images -> (descriptors of all their tile views, V x dim; the image of each view).
 
         Straight from the pixels: the values `forward` gives on each view's fingerprint, without
         making the fingerprints (no `x & 7`, tile copies, stacking or transposing; lida_core.srm).
@@ -330,15 +344,14 @@ class SrmStem(_LowBitStem):
             parts = low_bit_boxes(image, settings, size, tiles)
             sources += parts
             owners += [i] * sum(len(boxes) for _, boxes in parts)
-        return self.from_counts(srm.pixel_counts(sources)), np.asarray(owners, dtype=np.int64)
+        return self.from_counts(srm.pixel_counts(sources, pairs=self.pairs)), np.asarray(owners, dtype=np.int64)
 
-    @staticmethod
-    def from_counts(counts: np.ndarray) -> torch.Tensor:
+    def from_counts(self, counts: np.ndarray) -> torch.Tensor:
         """Integer counts (srm's layout) -> the descriptor: each histogram normalised, then square-rooted."""
         from lida_core import srm
 
         counts = torch.from_numpy(counts).float()
-        parts = [h / h.sum(1, keepdim=True).clamp_min(1.0) for h in (counts[:, span] for span in srm.histogram_slices())]
+        parts = [h / h.sum(1, keepdim=True).clamp_min(1.0) for h in (counts[:, span] for span in srm.histogram_slices(self.pairs))]
         return torch.cat(parts, 1).sqrt()
 
 
@@ -394,6 +407,7 @@ class Profile:
     description: str
     tiles: int = 1  # an image's embedding averages up to this many input-size tiles (crop fit only)
     stem: str = "none"  # "phase" / "stats": PhaseStem / StatsStem before the backbone, instead of mean/std normalisation
+    stem_options: dict = field(default_factory=dict)  # the stem's keyword arguments; checkpoints record them (LEGACY_STEM_OPTIONS)
     turns: bool = True  # training views may be turned and flipped (False: the features are directional)
     detection: str = "prototype"  # default real/generated rule (workspace.DETECTIONS); a workspace's config may override
     fit: str = "sgd"  # "closed-form": the head is fitted by `lida_core.statistical`, not trained by gradient descent
@@ -496,24 +510,34 @@ register_profile(
         fit="closed-form",
         # More held-out real images: the quadratic rule's threshold is a low quantile of their scores.
         calibration_share=0.3,
+        stem_options={"pairs": False},  # the colour triples alone since session 14
     )
 )
+
+# The stem options of checkpoints that do not record theirs: every srm model made before
+# session 14 counted the neighbour pairs too (1225 values).
+LEGACY_STEM_OPTIONS = {"srm": {"pairs": True}}
+STEMS = {"phase": PhaseStem, "stats": StatsStem, "srm": SrmStem}
 
 
 class Embedder(nn.Module):
     """Input normalisation + backbone; carries the profile it was built from."""
 
-    def __init__(self, profile: Profile, fingerprint: FingerprintSettings | None = None):
+    def __init__(self, profile: Profile, fingerprint: FingerprintSettings | None = None, stem_options: dict | None = None):
         super().__init__()
         self.profile = profile.name
         self.input_size = profile.input_size
         self.embedding_dim = profile.embedding_dim
         self.fingerprint = (fingerprint or profile.fingerprint).with_size(profile.input_size)
         self.tiles = profile.tiles
-        self.backbone = profile.builder()
         self.turns = profile.turns
         self.fit = profile.fit
-        self.stem = {"phase": PhaseStem, "stats": StatsStem, "srm": SrmStem}[profile.stem](self.fingerprint) if profile.stem != "none" else None
+        options = {**profile.stem_options, **(stem_options or {})}
+        if profile.stem == "none" and options:
+            raise ValueError(f"the {profile.name} profile has no stem to take options {options}")
+        self.stem = STEMS[profile.stem](self.fingerprint, **options) if profile.stem != "none" else None
+        # A closed-form head is as wide as its stem's descriptor (which stem options change).
+        self.backbone = profile.builder(self.stem.dim) if profile.fit == "closed-form" else profile.builder()
         # Not persistent: part of the profile, not of the weights (and absent upstream).
         self.register_buffer("input_mean", torch.tensor(profile.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(profile.std).view(1, 3, 1, 1), persistent=False)
@@ -539,9 +563,10 @@ def get_profile(name: str) -> Profile:
         raise ValueError(f"unknown model profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
 
 
-def build_model(profile: str = "small", fingerprint: FingerprintSettings | None = None) -> Embedder:
-    """A freshly initialised embedder for `profile` (see PROFILES)."""
-    return Embedder(get_profile(profile), fingerprint)
+def build_model(profile: str = "small", fingerprint: FingerprintSettings | None = None,
+                stem_options: dict | None = None) -> Embedder:
+    """A freshly initialised embedder for `profile` (see PROFILES); `stem_options` override the profile's."""
+    return Embedder(get_profile(profile), fingerprint, stem_options)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -555,6 +580,7 @@ def checkpoint_bytes(model: Embedder, metadata: dict | None = None) -> bytes:
         "fingerprint": str(model.fingerprint),
         "input_size": model.input_size,
         "embedding_dim": model.embedding_dim,
+        "stem_options": dict(getattr(model.stem, "options", {})),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": dict(metadata or {}),
     }
@@ -610,11 +636,14 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: checkpoint was trained on fingerprints {saved_fp!r}, not {str(fingerprint)!r}"
         )
+    options = payload.get("stem_options", LEGACY_STEM_OPTIONS.get(saved_profile, {}))
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise CheckpointError(f"{path}: checkpoint's stem options are not a mapping of names: {str(options)[:200]}")
     try:
         settings = FingerprintSettings.parse(saved_fp)
-        model = build_model(saved_profile, settings)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        model = build_model(saved_profile, settings, options)
+    except (ValueError, TypeError) as exc:  # TypeError: an option the stem does not take
+        raise CheckpointError(f"{path}: {str(exc)[:300]}") from None
     if settings.size != model.input_size or payload.get("embedding_dim") != model.embedding_dim:
         raise CheckpointError(f"{path}: checkpoint sizes do not match profile {saved_profile!r}")
     _load_state(model, payload.get("state_dict"), path)

@@ -1,9 +1,11 @@
 """The SRM co-occurrence descriptor of the kept low bits, computed in compiled loops (numba).
 
 What it computes is `model.SrmStem`'s docstring: for each of 7 integer high-pass kernels the
-residual of the low-bit values modulo 2^3, wrapped to [-4, 4), truncated to [-2, 2], and three
-histograms over the whole view (neighbour pairs along the kernel's direction, pairs across it,
-the triple of colour channels at one pixel), each normalised and square-rooted.
+residual of the low-bit values modulo 2^3, wrapped to [-4, 4), truncated to [-2, 2], and the
+histogram over the whole view of the triple of colour channels' residuals at one pixel, normalised
+and square-rooted. Models made before session 14 also count two histograms of neighbour pairs
+per kernel (`pairs=True`), which carried nothing the triples did not (docs/results.md) and were
+most of the counting.
 
 Why compiled loops: the same descriptor written as whole-array torch operations made a
 temporary array per step and one `bincount` per histogram, and it was the whole cost of a
@@ -97,8 +99,11 @@ def _codes(q, pitch, out, n, triple):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _image_counts(pixels, boxes, out, scratch):
-    """Every kernel's three histograms of each box (top, left, height, width) of H x W x 3 pixels into out's rows.
+def _image_counts(pixels, boxes, out, scratch, pairs):
+    """Every kernel's histograms of each box (top, left, height, width) of H x W x 3 pixels into out's rows.
+
+    With `pairs`, three per kernel (pairs along, pairs across, the colour triple: `PER_KERNEL`
+    bins); without, the triple alone (`TRIPLE_BINS`), and the pairs' codes are never made.
 
     The boxes' union is the whole image (`pixel_counts` cuts it out), so every residual and code
     is computed in one loop over whole rows.
@@ -114,8 +119,17 @@ def _image_counts(pixels, boxes, out, scratch):
         dx = 1 + k // 2 if k == 0 or k == 2 or k == 4 else (2 if k == 6 else 0)
         rows, cols = height - dy, width - dx  # anchors with the whole kernel inside the image
         _residuals(f, k, pitch, q, (rows - 1) * pitch + 3 * cols)
-        _codes(q, pitch, joint_codes, (rows - 2) * pitch + 3 * (cols - 1), False)
         _codes(q, pitch, triple_codes, (rows - 1) * pitch + 3 * cols - 2, True)
+        if not pairs:
+            for b in range(boxes.shape[0]):
+                t = out[b, k * TRIPLE_BINS : (k + 1) * TRIPLE_BINS]
+                top, left = boxes[b, 0], boxes[b, 1]
+                for i in range(boxes[b, 2] - dy):
+                    row = triple_codes[(top + i) * pitch + 3 * left :]
+                    for j in range(boxes[b, 3] - dx):
+                        t[row[3 * j]] += 1
+            continue
+        _codes(q, pitch, joint_codes, (rows - 2) * pitch + 3 * (cols - 1), False)
         base = k * PER_KERNEL
         if dy > 0 and dx == 0:  # vertical: its pairs along run down the columns
             along, across = base + PAIR_BINS, base
@@ -150,8 +164,12 @@ def _image_counts(pixels, boxes, out, scratch):
                     t[row[3 * j]] += 1
 
 
-def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int | None = None) -> np.ndarray:
-    """[(H x W x 3 uint8 pixels, K x 4 boxes (top, left, height, width))] -> one row of 1225 counts per box, in order.
+def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int | None = None,
+                 pairs: bool = False) -> np.ndarray:
+    """[(H x W x 3 uint8 pixels, K x 4 boxes (top, left, height, width))] -> one row of counts per box, in order.
+
+    A row holds `descriptor_width(pairs)` counts: each kernel's colour triples (875), or with `pairs` its
+    neighbour pairs along and across and its triples (1225, the layout before session 14).
 
     Pixels may hold any values: only their low 3 bits count. A box must lie inside its image and
     be at least 4 x 4; its counts are those of the box cut out on its own. Sources are shared
@@ -177,7 +195,7 @@ def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int 
         checked.append((pixels, boxes))
         starts.append(total)
         total += len(boxes)
-    out = np.zeros((total, len(KERNELS) * PER_KERNEL), np.int64)
+    out = np.zeros((total, descriptor_width(pairs)), np.int64)
 
     def run(which: range) -> None:
         # Scratch for the residuals and codes, reused across images. A value the loops read is
@@ -186,7 +204,7 @@ def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int 
         for i in which:
             pixels, boxes = checked[i]
             if len(boxes):
-                _image_counts(pixels, boxes, out[starts[i] : starts[i] + len(boxes)], scratch)
+                _image_counts(pixels, boxes, out[starts[i] : starts[i] + len(boxes)], scratch, pairs)
 
     threads = min(len(checked), threads or torch.get_num_threads())
     if threads <= 1:
@@ -197,17 +215,24 @@ def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int 
     return out
 
 
-def srm_counts(views: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """N x H x W x 3 uint8 views (only their low 3 bits count) -> N x 1225 integer counts in the descriptor's layout."""
+def srm_counts(views: np.ndarray, threads: int | None = None, pairs: bool = False) -> np.ndarray:
+    """N x H x W x 3 uint8 views (only their low 3 bits count) -> N x descriptor_width(pairs) integer counts in the descriptor's layout."""
     views = np.asarray(views)
     if views.ndim != 4 or views.shape[3] != 3 or views.shape[1] < 4 or views.shape[2] < 4:
         raise ValueError(f"the SRM descriptor needs 3-channel views of at least 4x4 pixels, not {tuple(views.shape[1:])}")
     box = np.array([[0, 0, views.shape[1], views.shape[2]]], np.int64)
-    return pixel_counts([(view, box) for view in views], threads)
+    return pixel_counts([(view, box) for view in views], threads, pairs)
 
 
-def histogram_slices() -> list[slice]:
-    """The 21 histograms' places in a descriptor, in order."""
+def descriptor_width(pairs: bool = False) -> int:
+    """Values in a descriptor: 7 x 125 triples, or 7 x (25 + 25 + 125) with the neighbour pairs."""
+    return len(KERNELS) * (PER_KERNEL if pairs else TRIPLE_BINS)
+
+
+def histogram_slices(pairs: bool = False) -> list[slice]:
+    """The histograms' places in a descriptor, in order: 7 triples, or 21 (pairs along, across, triple) with pairs."""
+    if not pairs:
+        return [slice(k * TRIPLE_BINS, (k + 1) * TRIPLE_BINS) for k in range(len(KERNELS))]
     spans = []
     for k in range(len(KERNELS)):
         base = k * PER_KERNEL

@@ -1,5 +1,7 @@
 """The srm profile: its fixed stem, its closed-form head and the quadratic detection rule."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from lida_core import srm, statistical
 from lida_core.decide import Decider, calibrate_real_threshold
 from lida_core.fingerprint import fingerprint_bits, tile_boxes, tile_views, to_model_input
-from lida_core.model import SrmStem, build_model, load_checkpoint, save_checkpoint
+from lida_core.model import CheckpointError, SrmStem, build_model, checkpoint_bytes, load_checkpoint, save_checkpoint
 
 # The rich-model kernels as arrays (rows x columns), each with the axis its neighbour pairs run along first.
 KERNELS = [
@@ -21,8 +23,12 @@ KERNELS = [
 ]
 
 
-def _srm_reference(pixels: np.ndarray) -> np.ndarray:
-    """SrmStem's descriptor stated again: valid correlation with each kernel, mod 8, truncated, histograms."""
+def _srm_reference(pixels: np.ndarray, pairs: bool = False) -> np.ndarray:
+    """SrmStem's descriptor stated again: valid correlation with each kernel, mod 8, truncated, histograms.
+
+    Per kernel the colour triple's histogram, after (with `pairs`, the pre-session-14 layout) the
+    neighbour pairs along the kernel's direction and across it.
+    """
     v = (pixels & 7).astype(np.int64)
     parts = []
 
@@ -36,7 +42,7 @@ def _srm_reference(pixels: np.ndarray) -> np.ndarray:
         r = sum(kernel[i, j] * v[i : i + h, j : j + w] for i in range(kh) for j in range(kw))
         signed = np.where(r % 8 >= 4, r % 8 - 8, r % 8)  # the residual modulo 8, in [-4, 3]
         q = np.clip(signed, -2, 2) + 2
-        for ax in (axis, 1 - axis):
+        for ax in (axis, 1 - axis) if pairs else ():
             first = q[:-1] if ax == 0 else q[:, :-1]
             second = q[1:] if ax == 0 else q[:, 1:]
             parts.append(hist(first * 5 + second, 25))
@@ -50,11 +56,17 @@ def _input(pixels):
 
 def test_srm_stem_is_the_rich_model_restated_in_numpy(rng):
     model = build_model("srm")
+    legacy = build_model("srm", stem_options={"pairs": True})
     smooth = np.cumsum(rng.integers(-2, 3, size=(64, 80, 3)), axis=1).clip(0, 255).astype(np.uint8)
     for pixels in (rng.integers(0, 256, size=(64, 80, 3), dtype=np.uint8), smooth):
         out = model.stem(_input(pixels))[0].numpy()
-        assert out.shape == (SrmStem.size(),) == (1225,)
+        assert out.shape == (SrmStem.size(),) == (875,)
         assert np.allclose(out, _srm_reference(pixels), atol=1e-6)
+        with_pairs = legacy.stem(_input(pixels))[0].numpy()
+        assert with_pairs.shape == (SrmStem.size(pairs=True),) == (1225,)
+        assert np.allclose(with_pairs, _srm_reference(pixels, pairs=True), atol=1e-6)
+        # The triples are the same counts in both layouts: the pairs only come before them.
+        assert np.array_equal(out, np.concatenate([with_pairs[k * 175 + 50 : (k + 1) * 175] for k in range(7)]))
     # High-pass kernels sum to zero: a constant offset of the pixels changes no residual.
     base = rng.integers(0, 255, size=(48, 48, 3), dtype=np.uint8)
     assert torch.allclose(model.stem(_input(base + 1)), model.stem(_input(base)), atol=1e-6)
@@ -70,14 +82,16 @@ def test_srm_counts_each_box_of_raw_pixels_as_the_box_cut_out_and_masked(rng):
     for image in (rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8), smooth):
         boxes = np.array([[0, 0, 70, 90], [0, 0, 35, 45], [35, 45, 35, 45], [3, 60, 4, 30], [10, 7, 33, 4],
                           [66, 86, 4, 4], [0, 45, 70, 45]])
-        got = srm.pixel_counts([(image, boxes), (image, boxes[3:5])], threads=2)
-        assert got.shape == (9, 1225) and (got[:, :25].sum(1) > 0).all()
-        for row, (top, left, h, w) in zip(got, [*boxes, *boxes[3:5]], strict=True):
-            alone = srm.srm_counts(np.ascontiguousarray(image[top : top + h, left : left + w] & 7)[None], threads=1)[0]
-            np.testing.assert_array_equal(row, alone)
-            reference = _srm_reference(image[top : top + h, left : left + w]) ** 2  # normalised counts
-            for span in srm.histogram_slices():
-                assert np.allclose(row[span] / max(row[span].sum(), 1), np.nan_to_num(reference[span]))
+        for pairs, width in ((False, 875), (True, 1225)):
+            got = srm.pixel_counts([(image, boxes), (image, boxes[3:5])], threads=2, pairs=pairs)
+            assert got.shape == (9, width) and (got[:, :25].sum(1) > 0).all()
+            for row, (top, left, h, w) in zip(got, [*boxes, *boxes[3:5]], strict=True):
+                alone = srm.srm_counts(np.ascontiguousarray(image[top : top + h, left : left + w] & 7)[None], threads=1,
+                                       pairs=pairs)[0]
+                np.testing.assert_array_equal(row, alone)
+                reference = _srm_reference(image[top : top + h, left : left + w], pairs) ** 2  # normalised counts
+                for span in srm.histogram_slices(pairs):
+                    assert np.allclose(row[span] / max(row[span].sum(), 1), np.nan_to_num(reference[span]))
     with pytest.raises(ValueError, match="inside the image"):
         srm.pixel_counts([(smooth, np.array([[0, 88, 10, 4]]))])
     with pytest.raises(ValueError, match="at least 4x4"):
@@ -102,15 +116,36 @@ def test_srm_head_round_trips_with_its_reference_rows(tmp_path, rng):
     model = build_model("srm").eval()
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
     kept = statistical.fit_pretrain(model, images)
-    assert kept.shape == (12, 1225)  # every image and its JPEG copy
+    assert kept.shape == (12, 875)  # every image and its JPEG copy
     path = str(tmp_path / "m.pt")
     save_checkpoint(model, path)
     loaded, _ = load_checkpoint(path, profile="srm", fingerprint=model.fingerprint)
-    assert loaded.backbone.reference.shape == (12, 1225)
+    assert loaded.backbone.reference.shape == (12, 875) and not loaded.stem.pairs
     x = _input(rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8))
     with torch.no_grad():
         assert torch.allclose(loaded.eval()(x), model(x))
         assert not torch.allclose(build_model("srm").eval()(x), model(x))  # the fitted head, not the initial one
+
+
+def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_path, rng):
+    """A checkpoint without recorded stem options is a pre-session-14 srm model: pairs and triples, 1225 values."""
+    old = build_model("srm", stem_options={"pairs": True}).eval()
+    statistical.fit_pretrain(old, [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)])
+    payload = torch.load(io.BytesIO(checkpoint_bytes(old)), weights_only=True)
+    assert payload.pop("stem_options") == {"pairs": True}  # as checkpoints were written before
+    path = tmp_path / "old.pt"
+    torch.save(payload, path)
+    loaded, _ = load_checkpoint(str(path), profile="srm")
+    assert loaded.stem.pairs and loaded.backbone.mean.shape == (1225,)
+    x = _input(rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), old(x))
+    for bad in ({"pairs": "yes"}, {"colours": True}, ["pairs"]):
+        payload["stem_options"] = bad
+        torch.save(payload, path)
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(str(path))
+        assert "\n" not in str(caught.value) and str(path) in str(caught.value)
 
 
 def test_fitted_head_finds_the_direction_a_nuisance_hides():
