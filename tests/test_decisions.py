@@ -158,3 +158,19 @@ def test_unknown_clusters_are_the_connected_groups_above_the_threshold():
     assert unknown_clusters(e, 0.98, min_size=2, block=2) == [[0, 1, 2], [3, 4]]
     assert unknown_clusters(e, 0.98, min_size=3) == [[0, 1, 2]]
     assert unknown_clusters(e, 1.01) == []
+
+
+def test_holdout_folds_hold_out_every_image_once_and_keep_each_source_trainable():
+    """The closed-form promotion gate's folds: split_holdout's size, every image of a 3+ source held out once."""
+    from lida_core.training import holdout_folds, split_holdout
+
+    labels = ["real"] * 5 + ["gan"] * 5 + ["pair"] * 2 + ["big"] * 11
+    folds = holdout_folds(labels, 0.2, seed=4)
+    held = [i for _, fold in folds for i in fold]
+    assert sorted(held) == [i for i, s in enumerate(labels) if s != "pair"]  # each once; a 2-image source never
+    for train, fold in folds:
+        assert sorted(train + fold) == list(range(len(labels))) and not set(train) & set(fold)
+        assert {labels[i] for i in train} == set(labels)  # every source keeps an image to train on
+    first = folds[0][1]
+    assert sorted(labels[i] for i in first) == sorted(labels[i] for i in split_holdout(labels, 0.2, seed=4)[1])
+    assert holdout_folds(labels, 0.0, seed=4) == []

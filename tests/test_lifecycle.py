@@ -236,6 +236,10 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     adapted = json_out(run_lida(ws, "adapt"))
     assert adapted["promoted"], adapted
     meta = load_model(Workspace(str(ws))).meta
+    # The first gallery fit of a pre-trained model is promoted (it alone has a generator side);
+    # the cross-fitted gate judged every gallery image held out once.
+    assert meta["promotion"]["rule"].startswith("first gallery fit")
+    assert meta["metrics"]["holdout_images"] == 6 * len(samples.sample_sources())  # the fixture writes 6 per source
     assert len(meta["decider"]["quadratic"]["generator_means"]) == len(samples.sample_sources()) - 1  # every generator
     samples.write_samples(str(tmp_path / "inbox"), 2, start=500)  # unseen images of every source
     run_lida(ws, "scan", str(tmp_path / "inbox"), "--scan-id", "s1")
