@@ -438,7 +438,6 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             # real images stand in, and the model's training record says so (docs/method.md).
             cfg.prototype = "gallery"
         candidate = LoadedModel("candidate", copy.deepcopy(current.model), {**current.meta})
-        train_idx, held_idx = training.split_holdout(sources, cfg.holdout, seed)
         if candidate.model.fit == "closed-form":
             # The gate is cross-fitted: per fold, a head fitted on the rest scores the held-out
             # images, and every gallery image is held out once; the current model scores the
@@ -461,6 +460,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             result.best_holdout_accuracy = after
             decider = decider_for(candidate, ws, images, sources, config, fitted)
         else:
+            train_idx, held_idx = training.split_holdout(sources, cfg.holdout, seed)
             before = training.holdout_accuracy(current.model, images, sources, train_idx, held_idx, current.input_kind)
             result, _ = fit_model(candidate, images, sources, cfg, progress)
             after = result.best_holdout_accuracy

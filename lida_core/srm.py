@@ -120,17 +120,12 @@ def _image_counts(pixels, boxes, out, scratch, pairs):
         rows, cols = height - dy, width - dx  # anchors with the whole kernel inside the image
         _residuals(f, k, pitch, q, (rows - 1) * pitch + 3 * cols)
         _codes(q, pitch, triple_codes, (rows - 1) * pitch + 3 * cols - 2, True)
-        if not pairs:
-            for b in range(boxes.shape[0]):
-                t = out[b, k * TRIPLE_BINS : (k + 1) * TRIPLE_BINS]
-                top, left = boxes[b, 0], boxes[b, 1]
-                for i in range(boxes[b, 2] - dy):
-                    row = triple_codes[(top + i) * pitch + 3 * left :]
-                    for j in range(boxes[b, 3] - dx):
-                        t[row[3 * j]] += 1
-            continue
-        _codes(q, pitch, joint_codes, (rows - 2) * pitch + 3 * (cols - 1), False)
-        base = k * PER_KERNEL
+        if pairs:
+            _codes(q, pitch, joint_codes, (rows - 2) * pitch + 3 * (cols - 1), False)
+            base = k * PER_KERNEL
+            triple = base + 2 * PAIR_BINS
+        else:
+            base = triple = k * TRIPLE_BINS
         if dy > 0 and dx == 0:  # vertical: its pairs along run down the columns
             along, across = base + PAIR_BINS, base
         else:
@@ -139,25 +134,26 @@ def _image_counts(pixels, boxes, out, scratch, pairs):
             h = out[b]
             top, left = boxes[b, 0], boxes[b, 1]
             hq, wq = boxes[b, 2] - dy, boxes[b, 3] - dx  # the box's valid residuals
-            joint[:] = 0
-            for i in range(hq - 1):
-                row = joint_codes[(top + i) * pitch + 3 * left:]
-                for x in range(3 * (wq - 1)):
-                    joint[row[x]] += 1
-            for c in range(3):
-                s = (top + hq - 1) * pitch + 3 * left + c  # the last row has right neighbours only
-                for j in range(wq - 1):
-                    h[along + q[s + 3 * j] * WIDTH + q[s + 3 * j + 3]] += 1
-                s = top * pitch + 3 * (left + wq - 1) + c  # the last column has lower neighbours only
+            if pairs:
+                joint[:] = 0
                 for i in range(hq - 1):
-                    h[across + q[s + i * pitch] * WIDTH + q[s + i * pitch + pitch]] += 1
-            for a in range(WIDTH):
-                for e in range(WIDTH):
-                    for d in range(WIDTH):
-                        n = joint[(a * WIDTH + e) * WIDTH + d]
-                        h[along + a * WIDTH + e] += n
-                        h[across + a * WIDTH + d] += n
-            t = h[base + 2 * PAIR_BINS:]
+                    row = joint_codes[(top + i) * pitch + 3 * left:]
+                    for x in range(3 * (wq - 1)):
+                        joint[row[x]] += 1
+                for c in range(3):
+                    s = (top + hq - 1) * pitch + 3 * left + c  # the last row has right neighbours only
+                    for j in range(wq - 1):
+                        h[along + q[s + 3 * j] * WIDTH + q[s + 3 * j + 3]] += 1
+                    s = top * pitch + 3 * (left + wq - 1) + c  # the last column has lower neighbours only
+                    for i in range(hq - 1):
+                        h[across + q[s + i * pitch] * WIDTH + q[s + i * pitch + pitch]] += 1
+                for a in range(WIDTH):
+                    for e in range(WIDTH):
+                        for d in range(WIDTH):
+                            n = joint[(a * WIDTH + e) * WIDTH + d]
+                            h[along + a * WIDTH + e] += n
+                            h[across + a * WIDTH + d] += n
+            t = h[triple : triple + TRIPLE_BINS]
             for i in range(hq):
                 row = triple_codes[(top + i) * pitch + 3 * left:]
                 for j in range(wq):
