@@ -211,6 +211,15 @@ def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int 
     return out
 
 
+def warm_up() -> None:
+    """Load the compiled loops now (numba's cache: about 0.7 s a process, holding a lock the first callers wait on).
+
+    A scan worker calls it on a thread when it loads the model, so the loading overlaps the
+    decoding of its first images instead of stalling every worker's first chunk.
+    """
+    pixel_counts([(np.zeros((4, 4, 3), np.uint8), np.array([[0, 0, 4, 4]], np.int64))], threads=1)
+
+
 def srm_counts(views: np.ndarray, threads: int | None = None, pairs: bool = False) -> np.ndarray:
     """N x H x W x 3 uint8 views (only their low 3 bits count) -> N x descriptor_width(pairs) integer counts in the descriptor's layout."""
     views = np.asarray(views)

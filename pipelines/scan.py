@@ -43,7 +43,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 import schemas
 from lida_core import compact as compaction
 from lida_core.decode import JPEG_FORMATS, DecodeError, decode_image
-from lida_core.embed import embed
+from lida_core.embed import embed, reads_pixels
 from lida_core.idset import ImageIds
 from lida_core.index import search_and_decide
 from lida_core.inputs import list_inputs, read_input
@@ -358,6 +358,7 @@ class EmbedderHandler(ModelHandler):
         loaded = load_model(Workspace(self.workspace), self.model_version)
         if loaded.input_kind != "fingerprint":  # the RGB ablation keeps the plain path
             return loaded
+        warm_up(loaded.model)
         # CPU: low bits of the decoded pixels; device: the rest of the fingerprint and the model.
         return DeviceEmbedder(loaded.model, self.device, batch_size=None if self.device == "cuda" else self.batch_size)
 
@@ -565,14 +566,29 @@ def summary(images: pa.Table, ws: Workspace, scan_id: str) -> dict:
             "errors": errors}
 
 
-def check_ready(ws: Workspace, model_version: str) -> None:
+def check_ready(ws: Workspace, model_version: str):
     """What the workers will need, checked here before any shard is written: the weights load, the
-    model has its decisions, and the published index is this model's (one line each, exit 2)."""
+    model has its decisions, and the published index is this model's (one line each, exit 2).
+    Returns the loaded model."""
     from lida_core.index import query_decider
     from lida_core.lifecycle import load_model
 
-    load_model(ws, model_version)
+    loaded = load_model(ws, model_version)
     query_decider(ws, model_version, ws.model_meta(model_version), ws.config())
+    return loaded
+
+
+def warm_up(model) -> None:
+    """Start loading a model's compiled loops on a thread (srm's: numba's cache, ~0.7 s a process).
+
+    The first chunk of every worker waited on that load. Begun in a worker's `load_model`, it
+    overlaps the first images' decoding; begun by the driver, it overlaps the plan and Beam's
+    start-up, which is what local worker threads (the same process) see. Once loaded, a call is free.
+    """
+    if reads_pixels(model):
+        from lida_core import srm
+
+        threading.Thread(target=srm.warm_up, name="lida-srm-warm-up", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -635,7 +651,10 @@ def run_scan(
         raise WorkspaceError(f"invalid scan id {scan_id[:120]!r}: up to 100 ASCII letters, digits, - and _")
     with ws.lock(f"scan {scan_id}"):
         model_version = ws.require_model_version()
-        check_ready(ws, model_version)
+        loaded = check_ready(ws, model_version)
+        if runner == "local":  # worker threads share this process (pipelines/runners.py)
+            warm_up(loaded.model)
+        del loaded
         plan = plan_scan(ws, scan_id, paths)
         shards = list(enumerate(plan["shards"]))
         # A `lida compact` that died mid-swap is finished first; shards it merged count as done.

@@ -174,3 +174,26 @@ def test_holdout_folds_hold_out_every_image_once_and_keep_each_source_trainable(
     first = folds[0][1]
     assert sorted(labels[i] for i in first) == sorted(labels[i] for i in split_holdout(labels, 0.2, seed=4)[1])
     assert holdout_folds(labels, 0.0, seed=4) == []
+
+
+def test_decisions_scored_as_a_batch_are_those_scored_one_query_at_a_time(rng):
+    """`decide` (and a scan's `search_and_decide`) score all queries in one product; each decision must not move."""
+    from lida_core.statistical import QuadraticDetector
+
+    real = unit(*(np.array([1.0, 0.0, 0.0, 0.0]) + rng.normal(0, 0.05, (30, 4))))
+    generated = unit(*(np.array([1.0, 0.3, 0.0, 0.0]) + rng.normal(0, 0.05, (30, 4))))
+    gallery, labels = np.concatenate([real[:5], generated[:5]]), ["real"] * 5 + ["gan"] * 5
+    queries = np.concatenate([real[5:], generated[5:]])
+    prototype = real_prototype(real[:5])
+    quadratic = QuadraticDetector.fit(real[:5], generated[:5], ["gan"] * 5).to_dict()
+    for decider in (Decider(prototype, 0.99, None), Decider(prototype, 0.0, None, generators=generated[:1]),
+                    Decider(prototype, 0.0, None, quadratic=quadratic)):
+        batch = decider.decide(queries, gallery, labels)
+        sims = queries @ gallery.T
+        for i, decision in enumerate(batch):
+            order = np.argsort(-sims[i], kind="stable")
+            alone = decider.decide_from_similarities(queries[i], sims[i][order], np.asarray(labels)[order].tolist())
+            assert decision["real_score"] == pytest.approx(alone["real_score"], abs=1e-6)
+            assert {k: v for k, v in decision.items() if k != "real_score"} == {k: v for k, v in alone.items() if k != "real_score"}
+        called = [d["is_generated"] for d in batch]
+        assert 0 < sum(called) < len(called)  # the rule decides both ways here, so agreement is not vacuous

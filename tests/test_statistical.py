@@ -258,3 +258,15 @@ def test_pretraining_keeps_file_bytes_not_pixels(tmp_path, rng):
     assert np.array_equal(picked[0], eager.pixels[3]) and np.array_equal(picked[1], eager.pixels[1])
     copies = statistical.with_jpeg_copies(picked, seed=2)
     assert np.array_equal(copies[-1], statistical.with_jpeg_copies([eager.pixels[3], eager.pixels[1]], seed=2)[-1])
+
+
+def test_warm_up_loads_the_compiled_counting_before_any_image():
+    """In a fresh process (this one may have counted already): nothing loaded before, loaded after."""
+    import subprocess
+    import sys
+
+    code = ("from lida_core import srm; before = len(srm._image_counts.signatures); srm.warm_up(); "
+            "print(before, len(srm._image_counts.signatures))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.split() == ["0", "1"]
+    assert srm.pixel_counts([(np.full((4, 4, 3), 9, np.uint8), np.array([[0, 0, 4, 4]]))], threads=1).sum() > 0
