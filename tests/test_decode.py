@@ -180,3 +180,21 @@ def test_a_jpeg_libjpeg_warns_about_is_left_to_pillow():
     with Image.open(io.BytesIO(damaged)) as image:
         assert _jpeg_pixels(damaged, image) is None
     np.testing.assert_array_equal(decode_image(damaged).pixels, _pillow_rgb(damaged))
+
+
+def test_read_input_returns_every_byte_and_refuses_files_over_the_limit(tmp_path):
+    from lida_core.inputs import InputReadError, read_input
+
+    for size in (0, 1, 511, 4096, 100_003):
+        path = tmp_path / f"{size}.bin"
+        path.write_bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())
+        assert read_input(str(path)) == path.read_bytes()
+        assert read_input(str(path), max_bytes=size) == path.read_bytes()  # at the limit is allowed
+        if size:
+            with pytest.raises(InputReadError, match="too large"):
+                read_input(str(path), max_bytes=size - 1)
+    # A regular file whose size stat does not know (procfs says 0): read to its end, still bounded.
+    status = read_input("/proc/self/status")
+    assert status.startswith(b"Name:") and len(status) > 100
+    with pytest.raises(InputReadError, match="too large"):
+        read_input("/proc/self/status", max_bytes=50)
