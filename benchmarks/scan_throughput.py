@@ -12,6 +12,7 @@ the same images (where the time goes).
     .venv/bin/python benchmarks/scan_throughput.py                      # 2,000 JPEGs 512x512 q90, srm
     .venv/bin/python benchmarks/scan_throughput.py --images 2000 20000  # memory must stay flat
     .venv/bin/python benchmarks/scan_throughput.py --format png --profile stats
+    .venv/bin/python benchmarks/scan_throughput.py --images 2000 20000 --repeat 2  # best of 2 (noisy machines)
 
 Inputs are distinct smooth images with sensor-like noise (no two share content, so none is a
 duplicate the scan would skip), written once per run.
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("jpeg", "png"), default="jpeg")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--profile", default="srm", help="the workspace's profile (default srm, the CPU default)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="floor and scan N times each, alternated; the best of each is kept (peak memory: the highest)")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark's folder (printed)")
     parser.add_argument("--runner-option", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to lida scan (mode=multi_threading forces worker threads at any size)")
@@ -168,13 +171,24 @@ def measure(args: argparse.Namespace, work: Path) -> int:
             continue
         paths = write_inputs(inbox, count, args.size, args.format)
         written += count
-        floor = count / decode_floor(paths)
-        floor_lida = count / decode_floor(paths, _floor_one_lida)
-        scan = timed_scan(ws, inbox, f"bench-{count}", args.runner_option)
-        rate = count / scan["seconds"]
-        rows.append({"images": count, "floor_img_s": floor, "floor_lida_img_s": floor_lida, "scan_img_s": rate, "ratio": rate / floor,
-                     "first_shard_s": scan["first_shard_seconds"], "peak_rss_gib": scan["peak_rss_bytes"] / 2**30,
-                     "status": scan["result"]["status"]})
+        # Noise on this machine only ever slows a run down, and it moved the floor from 712 to
+        # 1,065 img/s between runs: each measure is the best of --repeat, alternated.
+        best: dict = {}
+        for attempt in range(args.repeat):
+            floor = count / decode_floor(paths)
+            floor_lida = count / decode_floor(paths, _floor_one_lida)
+            scan_id = f"bench-{count}-{attempt}"
+            scan = timed_scan(ws, inbox, scan_id, args.runner_option)
+            # The next attempt must embed these images again, as a first scan does: drop this scan's embeddings rows.
+            for part in (ws / "tables").rglob(f"scan-{scan_id}-*.parquet"):
+                part.unlink()
+            best = {"floor": max(best.get("floor", 0), floor), "floor_lida": max(best.get("floor_lida", 0), floor_lida),
+                    "rate": max(best.get("rate", 0), count / scan["seconds"]),
+                    "first": min(best.get("first", float("inf")), scan["first_shard_seconds"] or float("inf")),
+                    "rss": max(best.get("rss", 0), scan["peak_rss_bytes"]), "status": scan["result"]["status"]}
+        rows.append({"images": count, "floor_img_s": best["floor"], "floor_lida_img_s": best["floor_lida"], "scan_img_s": best["rate"],
+                     "ratio": best["rate"] / best["floor"], "first_shard_s": best["first"], "peak_rss_gib": best["rss"] / 2**30,
+                     "status": best["status"], "attempts": args.repeat})
         shutil.rmtree(inbox)
     model = model_rate(ws, write_inputs(work / "model", 256, args.size, args.format))
     print(f"profile {args.profile}, {args.format} {args.size}x{args.size}, {os.cpu_count()} cores; "
