@@ -157,20 +157,25 @@ class Decider:
         """Decisions against a whole gallery (exact search); `jpeg` says which queries were JPEG files."""
         labels = np.asarray(gallery_labels)
         sims = queries @ gallery.T if len(gallery) else np.zeros((len(queries), 0), np.float32)
+        orders = [np.argsort(-row, kind="stable") for row in sims]
+        return self.decide_neighbours(queries, [(row[order], labels[order].tolist()) for row, order in zip(sims, orders, strict=True)],
+                                      [bool(jpeg and jpeg[i]) for i in range(len(queries))])
+
+    def decide_neighbours(self, queries: np.ndarray, neighbours: Sequence[tuple[Sequence[float], Sequence[str]]],
+                          jpeg: Sequence[bool]) -> list[dict]:
+        """Each query's decision from its (similarities, labels), most similar first; detection scored for all at once.
+
+        One matrix product for the batch instead of one per query: a tenth of a scan's attribution stage.
+        """
         real_scores = self.scores(queries) if len(queries) else []
-        out = []
-        for i in range(len(queries)):
-            order = np.argsort(-sims[i], kind="stable")
-            out.append(self.decide_from_similarities(queries[i], sims[i][order], labels[order].tolist(), bool(jpeg and jpeg[i]),
-                                                     real_score=float(real_scores[i])))
-        return out
+        return [self.decide_from_similarities(query, sims, labels, bool(is_jpeg), real_score=float(score))
+                for query, (sims, labels), is_jpeg, score in zip(queries, neighbours, jpeg, real_scores, strict=True)]
 
     def decide_from_similarities(self, query: np.ndarray, similarities: Sequence[float], labels: Sequence[str],
                                  jpeg: bool = False, real_score: float | None = None) -> dict:
         """One decision from the query's neighbours, most similar first (as an index returns them).
 
-        `real_score`: the query's `scores`, when the caller scored a whole batch at once (one
-        matrix product instead of one per query: a tenth of a scan's attribution stage).
+        `real_score`: the query's `scores`, when the caller scored a batch (`decide_neighbours`).
         """
         sims = np.asarray(similarities, dtype=np.float64)
         labels = list(labels)

@@ -324,10 +324,8 @@ def search_and_decide(decider: Decider, index: GalleryIndex | None, embeddings: 
         sims, ids = index.search(embeddings, k, model_version)
     else:
         sims, ids = np.zeros((len(embeddings), 0), np.float32), np.zeros((len(embeddings), 0), np.int64)
-    real_scores = decider.scores(embeddings) if len(embeddings) else []
-    out = []
+    neighbours = []
     for row in range(len(embeddings)):
         labels = [index.sources[j] for j in ids[row] if j >= 0] if k else []
-        out.append(decider.decide_from_similarities(embeddings[row], sims[row][: len(labels)], labels, bool(jpeg[row]),
-                                                    real_score=float(real_scores[row])))
-    return out
+        neighbours.append((sims[row][: len(labels)], labels))
+    return decider.decide_neighbours(embeddings, neighbours, jpeg)
