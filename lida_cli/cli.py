@@ -270,8 +270,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     ws = Workspace(args.workspace)
     r = pretrain_version(ws, args.paths, args.epochs, args.batch_size, args.lr, args.labels, args.input, args.seed,
                          _Progress(args.json), before_current=lambda version: reindex(ws, version))
+    calibration = (f"calibrated on all of them in {r['calibration_folds']} cross-fitted folds" if r.get("calibration_folds")
+                   else f"{r['calibration']} held out for calibration")
     return _emit(args, r, f"model {r['model_version']} (from {r['parent']}): pre-trained on {r['images']} real images, "
-                          f"{r['calibration']} held out for calibration (threshold {r['threshold']:.3f})" + _errors_text(r["errors"]))
+                          f"{calibration} (threshold {r['threshold']:.3f})" + _errors_text(r["errors"]))
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:

@@ -231,10 +231,16 @@ def pretrain_version(
     decoded = decode_inputs(uris, progress, keep_bytes=True, lazy=closed_form)
     if len(decoded.pixels) < 2 * MIN_CALIBRATION:
         raise WorkspaceError(f"only {len(decoded.pixels)} of {len(uris)} images could be decoded")
-    # Hold out a calibration slice of real images, chosen by content hash (stable across runs).
+    # Calibration images, chosen by content hash (stable across runs). A trained network holds
+    # out a slice; a closed-form fit keeps every image and cross-fits in folds dealt in this order.
     order = sorted(range(len(decoded.pixels)), key=lambda i: hashlib.sha256((decoded.image_ids[i] + str(seed)).encode()).hexdigest())
-    n_cal = max(MIN_CALIBRATION, int(round(get_profile(config.profile).calibration_share * len(order))))
-    cal_idx, train_idx = sorted(order[:n_cal]), sorted(order[n_cal:])
+    if closed_form:
+        fold_of = np.empty(len(order), np.int64)
+        fold_of[order] = np.arange(len(order)) % statistical.CALIBRATION_FOLDS
+        cal_idx, train_idx = [], list(range(len(order)))
+    else:
+        n_cal = max(MIN_CALIBRATION, int(round(get_profile(config.profile).calibration_share * len(order))))
+        cal_idx, train_idx = sorted(order[:n_cal]), sorted(order[n_cal:])
     train_images = decoded.pixels.take(train_idx) if closed_form else [decoded.pixels[i] for i in train_idx]
     class_labels = [class_of[decoded.uris[i]] for i in train_idx] if cfg.labels else None
 
@@ -261,11 +267,14 @@ def pretrain_version(
         progress("epoch", entry)
 
     closed_form = model.fit == "closed-form"
-    reference = None  # the closed-form fit's descriptors of the training images
+    cross_fit = None  # a closed-form fit's reference rows: their descriptors, folds and formats
     with ws.lock("pretrain"):
         if closed_form:  # a fixed stem: keep the real descriptors and fit the head on them, no epochs
             progress("fit", {"images": len(train_images)})
-            reference = statistical.fit_pretrain(model, train_images, seed)
+            _, rows = statistical.fit_pretrain(model, train_images, seed)
+            image = rows % len(train_idx)  # rows: the images, then their JPEG copies
+            cross_fit = {"reference": statistical.reference_descriptors(model), "folds": fold_of[image],
+                         "jpeg": (rows >= len(train_idx)) | np.asarray(decoded.jpeg, dtype=bool)[image]}
             result = {"history": []}
             cfg.epochs = 0
         else:
@@ -280,9 +289,12 @@ def pretrain_version(
                 on_epoch_end=save_state,
             )
         loaded = LoadedModel("candidate", model, {"input": input_kind})
-        cal_images = decoded.pixels.take(cal_idx) if closed_form else [decoded.pixels[i] for i in cal_idx]
-        decider, cal_scores = _pretraining_decider(loaded, config, train_images, reference,
-                                                   cal_images, [decoded.jpeg[i] for i in cal_idx], seed)
+        if cross_fit is not None:
+            progress("calibrate", {"folds": statistical.CALIBRATION_FOLDS, "images": len(train_idx)})
+            decider, cal_scores = _closed_form_decider(loaded, config, cross_fit)
+        else:
+            decider, cal_scores = _pretraining_decider(loaded, config, train_images, [decoded.pixels[i] for i in cal_idx],
+                                                       [decoded.jpeg[i] for i in cal_idx])
         prototype, threshold = decider.prototype, decider.real_threshold
         calibration_ids = [ws.put_blob(decoded.raw[i]) for i in cal_idx]
         meta = {
@@ -295,6 +307,7 @@ def pretrain_version(
             "data": {**_data_summary([decoded.image_ids[i] for i in train_idx], [decide.REAL] * len(train_idx)),
                      "errors": len(decoded.errors)},
             "calibration": calibration_ids,
+            **({"cross_fit": {"folds": cross_fit["folds"].tolist(), "jpeg": cross_fit["jpeg"].tolist()}} if cross_fit else {}),
             # the paper's p_r for adaptation: the mean feature of the pre-training real images
             "pretraining_prototype": prototype.tolist(),
             "training": {**asdict(cfg), "resumed_from": start_epoch,
@@ -310,7 +323,9 @@ def pretrain_version(
         ws.set_current_model(version)
         if ws.exists(ws.run_path(f"pretrain-{key}")):  # no epoch ran (0 epochs): no run state was written
             ws.fs.rm(ws.path(ws.run_path(f"pretrain-{key}")), recursive=True)
-    return {"model_version": version, "parent": parent, "images": len(train_idx), "calibration": len(cal_idx),
+    return {"model_version": version, "parent": parent, "images": len(train_idx),
+            "calibration": len(train_idx) if cross_fit else len(cal_idx),
+            "calibration_folds": statistical.CALIBRATION_FOLDS if cross_fit else None,
             "errors": decoded.errors, "threshold": threshold, "epochs": cfg.epochs}
 
 
@@ -324,25 +339,52 @@ def _pretraining_inputs(paths: Sequence[str], labelled: bool) -> tuple[list[str]
     return [u for files in groups.values() for u in files], {u: i for i, files in enumerate(groups.values()) for u in files}
 
 
-def _pretraining_decider(loaded: LoadedModel, config: WorkspaceConfig, train_images, reference: np.ndarray | None,
-                         cal_images, cal_jpeg: list[bool], seed: int) -> tuple[decide.Decider, np.ndarray]:
-    """The pre-trained model's decider, its threshold calibrated on the held-out real images; and their scores.
-
-    A closed-form profile (`reference`: the training images' descriptors) decides with the
-    quadratic rule fitted on the real side alone, one threshold per format (the held-out images
-    and their JPEG copies); a trained network with the similarity to the real prototype.
-    """
-    if reference is not None:
-        real = statistical.embeddings_from_descriptors(loaded.model, reference)
-        detector = statistical.QuadraticDetector.fit(real, real[:0], [])
-        scores = detector.scores(loaded.embed(statistical.with_jpeg_copies(cal_images, seed)))
-        threshold, jpeg_threshold = _thresholds(scores, cal_jpeg + [True] * len(cal_images), config.target_fpr)
-        return decide.Decider(decide.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
-                              quadratic=detector.to_dict(), jpeg_threshold=jpeg_threshold), scores
+def _pretraining_decider(loaded: LoadedModel, config: WorkspaceConfig, train_images, cal_images,
+                         cal_jpeg: list[bool]) -> tuple[decide.Decider, np.ndarray]:
+    """A pre-trained network's decider: similarity to the real prototype, its threshold from the held-out images."""
     prototype = decide.real_prototype(loaded.embed(train_images))
     scores = loaded.embed(cal_images) @ prototype
     return decide.Decider(prototype, decide.calibrate_real_threshold(scores, config.target_fpr), None, config.decision,
                           config.k, config.top_k), scores
+
+
+def _closed_form_decider(model: LoadedModel, config: WorkspaceConfig, cross_fit: dict,
+                         fitted: dict | None = None) -> tuple[decide.Decider, np.ndarray]:
+    """The quadratic rule on the current head, its thresholds cross-fitted over the pre-training rows.
+
+    `cross_fit`: the model's reference rows (descriptors, folds, JPEG or not); `fitted`: what
+    `statistical.fit_gallery` fitted (the reference rows first, then the gallery's real
+    images; the generated ones), or None after pre-training (the real side alone). One
+    threshold per format, each a conformal quantile of its own rows' out-of-fold scores.
+    """
+    reference = cross_fit["reference"]
+    if fitted is None:
+        fitted = {"real": reference, "generated": reference[:0], "labels": np.array([], dtype=str)}
+    if not np.array_equal(fitted["real"][: len(reference)], reference):
+        raise WorkspaceError("the closed-form fit does not start with the model's reference rows; re-run 'lida pretrain'")
+    scores = statistical.cross_fitted_scores(reference, cross_fit["folds"], fitted["real"][len(reference):], fitted["generated"],
+                                             fitted["labels"], model.model.embedding_dim)
+    real = statistical.embeddings_from_descriptors(model.model, fitted["real"])
+    generated = statistical.embeddings_from_descriptors(model.model, fitted["generated"])
+    detector = statistical.QuadraticDetector.fit(real, generated, fitted["labels"])
+    found = decide.generator_prototypes(generated, fitted["labels"])
+    threshold, jpeg_threshold = _thresholds(scores, cross_fit["jpeg"], config.target_fpr)
+    return decide.Decider(decide.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
+                          np.stack(list(found.values())) if found else None, quadratic=detector.to_dict(),
+                          jpeg_threshold=jpeg_threshold), scores
+
+
+def _cross_fit(model: LoadedModel) -> dict | None:
+    """The model's reference rows with their folds and formats, when its pre-training cross-fitted them (else None)."""
+    record = model.meta.get("cross_fit")
+    if not isinstance(record, dict) or model.model.fit != "closed-form":
+        return None
+    reference = statistical.reference_descriptors(model.model)
+    folds, jpeg = np.asarray(record.get("folds", []), dtype=np.int64), np.asarray(record.get("jpeg", []), dtype=bool)
+    if not (len(folds) == len(jpeg) == len(reference)):
+        raise WorkspaceError(f"model {model.version}: its calibration record covers {len(folds)} rows, its reference "
+                             f"{len(reference)}; re-run 'lida pretrain'")
+    return {"reference": reference, "folds": folds, "jpeg": jpeg}
 
 
 # ---------------------------------------------------------------- adaptation
@@ -378,7 +420,10 @@ def decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Work
     (closed-form profiles) is fitted on `fitted`, the descriptors `statistical.fit_gallery` used.
     """
     rule = detection_method(config)
-    calibration, calibration_jpeg = _calibration_images(ws, model)
+    cross_fit = _cross_fit(model)
+    if rule == "quadratic" and fitted is not None and cross_fit is not None:
+        return _closed_form_decider(model, config, cross_fit, fitted)[0]
+    calibration, calibration_jpeg = _calibration_images(ws, model)  # a held-out slice (networks; srm before session 16)
     if rule == "quadratic":
         if fitted is None or not calibration:
             raise WorkspaceError(f"the quadratic detection rule needs a closed-form profile (srm) with 'lida pretrain' run first; "
@@ -473,7 +518,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
         promoted = bool(first_fit or np.isnan(before) or (not np.isnan(after) and after >= before))
         meta = {
             **{k: v for k, v in current.meta.items()
-               if k in ("profile", "fingerprint", "input", "tiles", "calibration", "pretraining_prototype")},
+               if k in ("profile", "fingerprint", "input", "tiles", "calibration", "cross_fit", "pretraining_prototype")},
             "kind": "adapt",
             "parent": current.version,
             "data": _data_summary(ids, sources),

@@ -221,7 +221,13 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     ws = tmp_path / "ws"
     assert json_out(run_lida(ws, "init"))["profile"] == "srm"
     pre = json_out(run_lida(ws, "pretrain", str(sample_dirs / "pretrain")))
-    assert pre["epochs"] == 0 and pre["calibration"] == 8  # a closed-form fit: no epochs; 30% (at least 8) held out
+    # A closed-form fit: no epochs, every image in the fit, each scored for calibration by a fit without its fold.
+    assert pre["epochs"] == 0 and pre["calibration"] == pre["images"] and pre["calibration_folds"] == 5, pre
+    meta = load_model(Workspace(str(ws))).meta
+    folds, jpeg = meta["cross_fit"]["folds"], meta["cross_fit"]["jpeg"]
+    assert meta["calibration"] == [] and len(folds) == len(jpeg) == 2 * pre["images"]
+    assert folds[: pre["images"]] == folds[pre["images"]:] and sorted(set(folds)) == [0, 1, 2, 3, 4]  # a copy shares its image's fold
+    assert jpeg == [False] * pre["images"] + [True] * pre["images"]  # PNG photographs, then their JPEG copies
     r = json_out(run_lida(ws, "eval", str(sample_dirs / "labelled"), "--shots", "3", "--perturb", "jpeg:90", "--perturb", "blur:1.5"))
     # 7 sources, 3 queries each: chance is 1/7 for Rank-1 and 0.5 for balanced accuracy.
     assert r["detection"] == "quadratic" and r["rank1"] >= 0.5 and r["balanced_accuracy"] >= 0.85, r
@@ -249,6 +255,35 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     detected = np.mean([row["is_generated"] == (t != "real") for row, t in zip(rows, truth, strict=True)])
     attributed = np.mean([row["predicted_source"] == t for row, t in zip(rows, truth, strict=True)])
     assert detected >= 0.85 and attributed >= 0.5, (detected, attributed)
+
+
+def test_srm_models_calibrated_on_a_held_out_slice_still_decide(tmp_path, sample_dirs):
+    """An srm model pre-trained before session 16 kept 30% of its photographs out as blobs, with no cross-fit record."""
+    from lida_core import samples
+    from lida_core.decode import decode_image
+
+    ws = tmp_path / "ws"
+    run_lida(ws, "init")
+    run_lida(ws, "pretrain", str(sample_dirs / "pretrain"))
+    workspace = Workspace(str(ws))
+    version = workspace.require_model_version()
+    meta = workspace.model_meta(version)
+    files = [Path(p) for p in samples.write_samples(str(tmp_path / "held"), 8, sources=["real"], start=900)]
+    meta["calibration"] = [workspace.put_blob(f.read_bytes()) for f in files]  # as those models recorded them
+    del meta["cross_fit"]
+    workspace.write_json(f"models/{version}/meta.json", meta)
+    r = json_out(run_lida(ws, "eval", str(sample_dirs / "labelled"), "--shots", "3"))
+    assert r["detection"] == "quadratic" and r["balanced_accuracy"] >= 0.75, r
+    # Its thresholds come from those 8 images and their JPEG copies, scored by the adapted fit.
+    from lida_core.lifecycle import _calibration_images
+
+    images, jpeg = _calibration_images(workspace, load_model(workspace))
+    assert len(images) == 16 and jpeg == [False] * 8 + [True] * 8
+    assert np.array_equal(images[0], decode_image(files[0].read_bytes(), "x").pixels)
+    meta["calibration"] = []  # neither record: the rule has nothing to calibrate on, and says so
+    workspace.write_json(f"models/{version}/meta.json", meta)
+    bad = run_lida(ws, "eval", str(sample_dirs / "labelled"), "--shots", "3", check=False)
+    assert bad.returncode != 0 and "with 'lida pretrain' run first" in bad.stderr, bad.stderr
 
 
 def _hold_lock_once(root, log, barrier):

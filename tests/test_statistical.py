@@ -115,8 +115,8 @@ def test_srm_descriptors_from_pixels_equal_the_stem_on_each_tile_fingerprint(sha
 def test_srm_head_round_trips_with_its_reference_rows(tmp_path, rng):
     model = build_model("srm").eval()
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
-    kept = statistical.fit_pretrain(model, images)
-    assert kept.shape == (12, 875)  # every image and its JPEG copy
+    kept, rows = statistical.fit_pretrain(model, images)
+    assert kept.shape == (12, 875) and rows.tolist() == list(range(12))  # every image, then its JPEG copy
     path = str(tmp_path / "m.pt")
     save_checkpoint(model, path)
     loaded, _ = load_checkpoint(path, profile="srm", fingerprint=model.fingerprint)
@@ -130,7 +130,7 @@ def test_srm_head_round_trips_with_its_reference_rows(tmp_path, rng):
 def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_path, rng):
     """A checkpoint without recorded stem options is a pre-session-14 srm model: pairs and triples, 1225 values."""
     old = build_model("srm", stem_options={"pairs": True}).eval()
-    statistical.fit_pretrain(old, [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)])
+    statistical.fit_pretrain(old, [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)])  # (rows, places)
     payload = torch.load(io.BytesIO(checkpoint_bytes(old)), weights_only=True)
     assert payload.pop("stem_options") == {"pairs": True}  # as checkpoints were written before
     path = tmp_path / "old.pt"
@@ -209,6 +209,48 @@ def test_quadratic_rule_flags_tight_clusters_at_the_calibrated_rate():
     assert decision["is_generated"] and decision["predicted_source"] in set(labels)
 
 
+def test_reference_rows_beyond_the_cap_are_sampled_and_their_places_kept(rng, monkeypatch):
+    monkeypatch.setattr(statistical, "MAX_REFERENCE", 7)
+    model = build_model("srm").eval()
+    images = [rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8) for _ in range(5)]
+    kept, rows = statistical.fit_pretrain(model, images)
+    assert kept.shape == (7, 875) and len(set(rows.tolist())) == 7 and rows.max() < 10
+    every = statistical.descriptors(model, statistical.with_jpeg_copies(images))  # image i's copy is row 5 + i
+    assert np.allclose(kept, every[rows])
+
+
+def _clustered(g, n_real, dim=40):
+    """Wide real rows and three tight generator clusters, as descriptors (before the head)."""
+    real = g.normal(size=(n_real, dim))
+    centres = 3 * g.normal(size=(3, dim))
+    labels = np.repeat(["a", "b", "c"], 6)
+    generated = centres[np.repeat([0, 1, 2], 6)] + 0.3 * g.normal(size=(18, dim))
+    return real, generated, labels
+
+
+def test_cross_fitted_scores_never_score_a_row_with_a_fit_that_saw_its_fold():
+    g = np.random.default_rng(5)
+    reference, generated, labels = _clustered(g, 60)
+    gallery_real = g.normal(size=(4, 40))
+    folds = np.arange(60) % 5
+    scores = statistical.cross_fitted_scores(reference, folds, gallery_real, generated, labels, rank=8)
+    moved = reference.copy()
+    moved[0] = 10 * g.normal(size=40)  # one row of fold 0 changes
+    again = statistical.cross_fitted_scores(moved, folds, gallery_real, generated, labels, rank=8)
+    fold0 = folds == 0
+    assert np.array_equal(again[fold0][1:], scores[fold0][1:])  # its fold-mates were scored without it
+    assert not np.allclose(again[~fold0], scores[~fold0])  # every other fold's fit included it
+    # Scored by a fit that saw them, the same rows look more typical of real images than they are.
+    mean, weight = statistical.fit_head(np.vstack([reference, gallery_real]), generated, labels, 8)
+    embed = lambda x: statistical._normalise((x - mean) @ weight)  # noqa: E731
+    detector = statistical.QuadraticDetector.fit(embed(np.vstack([reference, gallery_real])), embed(generated), labels)
+    assert np.median(detector.scores(embed(reference))) > np.median(scores)
+    with pytest.raises(ValueError, match="at least two folds"):
+        statistical.cross_fitted_scores(reference, np.zeros(60, int), gallery_real, generated, labels, rank=8)
+    with pytest.raises(ValueError, match="a fold for each"):
+        statistical.cross_fitted_scores(reference, folds[:-1], gallery_real, generated, labels, rank=8)
+
+
 def test_jpeg_copies_are_reencoded_and_seeded(rng):
     images = [rng.integers(0, 256, size=(32, 40, 3), dtype=np.uint8) for _ in range(3)]
     copies = statistical.with_jpeg_copies(images, seed=1)
@@ -217,6 +259,12 @@ def test_jpeg_copies_are_reencoded_and_seeded(rng):
     assert not any(np.array_equal(c, i) for c, i in zip(copies[3:], images, strict=True))
     again = statistical.with_jpeg_copies(images, seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(copies, again, strict=True))
+    # One quality from each equal slice of the range: 26 copies take each of 70..95 once, 52 twice.
+    low, high = statistical.JPEG_QUALITIES
+    for n, seed in ((26, 0), (26, 3), (52, 1)):
+        qualities = statistical.with_jpeg_copies([images[0]] * n, seed=seed).qualities
+        assert sorted(qualities) == sorted(list(range(low, high + 1)) * (n // 26))
+    assert statistical.with_jpeg_copies([images[0]] * 26, seed=0).qualities != statistical.with_jpeg_copies([images[0]] * 26, seed=3).qualities
 
 
 def test_jpeg_inputs_are_decided_against_their_own_threshold():
