@@ -411,7 +411,7 @@ class Profile:
     turns: bool = True  # training views may be turned and flipped (False: the features are directional)
     detection: str = "prototype"  # default real/generated rule (workspace.DETECTIONS); a workspace's config may override
     fit: str = "sgd"  # "closed-form": the head is fitted by `lida_core.statistical`, not trained by gradient descent
-    calibration_share: float = 0.1  # share of pre-training's real images held out to calibrate the real threshold
+    calibration_share: float = 0.1  # share of pre-training's real images held out to calibrate the real threshold (networks)
     # Training defaults (`lida pretrain` / `lida adapt` flags override epochs and lr). The CPU
     # network trains from scratch and needs a larger step to move within minutes. It adapts on
     # 16 views of 64 px per gallery image instead of 4 of 128 px (the same pixels per epoch):
@@ -508,8 +508,8 @@ register_profile(
         turns=False,
         detection="quadratic",
         fit="closed-form",
-        # More held-out real images: the quadratic rule's threshold is a low quantile of their scores.
-        calibration_share=0.3,
+        # No held-out slice: a closed-form fit keeps every pre-training photograph and cross-fits
+        # its threshold (`statistical.cross_fitted_scores`); `calibration_share` is the networks'.
         stem_options={"pairs": False},  # the colour triples alone since session 14
     )
 )
