@@ -291,7 +291,7 @@ def pretrain_version(
         loaded = LoadedModel("candidate", model, {"input": input_kind})
         if cross_fit is not None:
             progress("calibrate", {"folds": statistical.CALIBRATION_FOLDS, "images": len(train_idx)})
-            decider, cal_scores = _closed_form_decider(loaded, config, cross_fit)
+            decider, cal_scores = _quadratic_decider(loaded, config, None, cross_fit=cross_fit)
         else:
             decider, cal_scores = _pretraining_decider(loaded, config, train_images, [decoded.pixels[i] for i in cal_idx],
                                                        [decoded.jpeg[i] for i in cal_idx])
@@ -348,27 +348,35 @@ def _pretraining_decider(loaded: LoadedModel, config: WorkspaceConfig, train_ima
                           config.k, config.top_k), scores
 
 
-def _closed_form_decider(model: LoadedModel, config: WorkspaceConfig, cross_fit: dict,
-                         fitted: dict | None = None) -> tuple[decide.Decider, np.ndarray]:
-    """The quadratic rule on the current head, its thresholds cross-fitted over the pre-training rows.
+def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict | None, cross_fit: dict | None = None,
+                       held_out: tuple[Sequence[np.ndarray], list[bool]] | None = None) -> tuple[decide.Decider, np.ndarray]:
+    """The quadratic rule on the current head, one threshold per format; and the calibration scores.
 
-    `cross_fit`: the model's reference rows (descriptors, folds, JPEG or not); `fitted`: what
-    `statistical.fit_gallery` fitted (the reference rows first, then the gallery's real
-    images; the generated ones), or None after pre-training (the real side alone). One
-    threshold per format, each a conformal quantile of its own rows' out-of-fold scores.
+    `fitted`: what `statistical.fit_gallery` fitted (the reference rows first, then the
+    gallery's real images; the generated ones), or None after pre-training (the real side
+    alone). The thresholds are conformal quantiles of each format's calibration scores: with
+    `cross_fit` (the model's reference rows, their folds and formats), each row scored by a
+    fit without its fold; with `held_out` (images and which are JPEG; srm models pre-trained
+    before session 16), those images scored by this fit.
     """
-    reference = cross_fit["reference"]
     if fitted is None:
+        reference = cross_fit["reference"]
         fitted = {"real": reference, "generated": reference[:0], "labels": np.array([], dtype=str)}
-    if not np.array_equal(fitted["real"][: len(reference)], reference):
-        raise WorkspaceError("the closed-form fit does not start with the model's reference rows; re-run 'lida pretrain'")
-    scores = statistical.cross_fitted_scores(reference, cross_fit["folds"], fitted["real"][len(reference):], fitted["generated"],
-                                             fitted["labels"], model.model.embedding_dim)
     real = statistical.embeddings_from_descriptors(model.model, fitted["real"])
     generated = statistical.embeddings_from_descriptors(model.model, fitted["generated"])
     detector = statistical.QuadraticDetector.fit(real, generated, fitted["labels"])
+    if cross_fit is not None:
+        reference = cross_fit["reference"]
+        if not np.array_equal(fitted["real"][: len(reference)], reference):
+            raise WorkspaceError("the closed-form fit does not start with the model's reference rows; re-run 'lida pretrain'")
+        scores = statistical.cross_fitted_scores(reference, cross_fit["folds"], fitted["real"][len(reference):],
+                                                 fitted["generated"], fitted["labels"], model.model.embedding_dim)
+        jpeg = cross_fit["jpeg"]
+    else:
+        images, jpeg = held_out
+        scores = detector.scores(model.embed(images))
     found = decide.generator_prototypes(generated, fitted["labels"])
-    threshold, jpeg_threshold = _thresholds(scores, cross_fit["jpeg"], config.target_fpr)
+    threshold, jpeg_threshold = _thresholds(scores, jpeg, config.target_fpr)
     return decide.Decider(decide.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
                           np.stack(list(found.values())) if found else None, quadratic=detector.to_dict(),
                           jpeg_threshold=jpeg_threshold), scores
@@ -422,20 +430,13 @@ def decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Work
     rule = detection_method(config)
     cross_fit = _cross_fit(model)
     if rule == "quadratic" and fitted is not None and cross_fit is not None:
-        return _closed_form_decider(model, config, cross_fit, fitted)[0]
+        return _quadratic_decider(model, config, fitted, cross_fit=cross_fit)[0]
     calibration, calibration_jpeg = _calibration_images(ws, model)  # a held-out slice (networks; srm before session 16)
     if rule == "quadratic":
         if fitted is None or not calibration:
             raise WorkspaceError(f"the quadratic detection rule needs a closed-form profile (srm) with 'lida pretrain' run first; "
                                  f"this workspace's profile is {config.profile} ('lida config detection none' restores its own rule)")
-        real = statistical.embeddings_from_descriptors(model.model, fitted["real"])
-        generated = statistical.embeddings_from_descriptors(model.model, fitted["generated"])
-        detector = statistical.QuadraticDetector.fit(real, generated, fitted["labels"])
-        found = decide.generator_prototypes(generated, fitted["labels"])
-        threshold, jpeg_threshold = _thresholds(detector.scores(model.embed(calibration)), calibration_jpeg, config.target_fpr)
-        return decide.Decider(decide.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
-                                np.stack(list(found.values())) if found else None, quadratic=detector.to_dict(),
-                                jpeg_threshold=jpeg_threshold)
+        return _quadratic_decider(model, config, fitted, held_out=(calibration, calibration_jpeg))[0]
     emb = model.embed(images)
     real = emb[np.asarray(sources) == decide.REAL]
     prototype = decide.real_prototype(real)
