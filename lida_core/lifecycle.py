@@ -359,9 +359,8 @@ def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict
     fit without its fold; with `held_out` (images and which are JPEG; srm models pre-trained
     before session 16), those images scored by this fit.
     """
-    if fitted is None:
-        reference = cross_fit["reference"]
-        fitted = {"real": reference, "generated": reference[:0], "labels": np.array([], dtype=str)}
+    if fitted is None:  # pre-training: the real side alone
+        fitted = {"real": cross_fit["reference"], "generated": cross_fit["reference"][:0], "labels": np.array([], dtype=str)}
     real = statistical.embeddings_from_descriptors(model.model, fitted["real"])
     generated = statistical.embeddings_from_descriptors(model.model, fitted["generated"])
     detector = statistical.QuadraticDetector.fit(real, generated, fitted["labels"])

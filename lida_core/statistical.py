@@ -146,7 +146,12 @@ def reference_descriptors(model: Embedder) -> np.ndarray:
 def embeddings_from_descriptors(model: Embedder, feats: np.ndarray) -> np.ndarray:
     """What `embed.embed` returns for these descriptors (single-tile images): normalised head outputs."""
     head = model.backbone
-    return _normalise((feats - head.mean.double().numpy()) @ head.weight.double().numpy()).astype(np.float32)
+    return project(feats, head.mean.double().numpy(), head.weight.double().numpy())
+
+
+def project(feats: np.ndarray, mean: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Descriptors through a fitted head (`fit_head`'s mean and weight): normalised float32 embeddings."""
+    return _normalise((feats - mean) @ weight).astype(np.float32)
 
 
 def fit_pretrain(model: Embedder, real_images: Sequence[np.ndarray], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -184,12 +189,8 @@ def cross_fitted_scores(reference: np.ndarray, folds: Sequence[int], gallery_rea
         held = folds == fold
         real = np.vstack([reference[~held], gallery_real])
         mean, weight = fit_head(real, generated, labels, rank)
-
-        def embed(x, mean=mean, weight=weight):
-            return _normalise((x - mean) @ weight).astype(np.float32)
-
-        detector = QuadraticDetector.fit(embed(real), embed(generated), labels)
-        scores[held] = detector.scores(embed(reference[held]))
+        detector = QuadraticDetector.fit(project(real, mean, weight), project(generated, mean, weight), labels)
+        scores[held] = detector.scores(project(reference[held], mean, weight))
     return scores
 
 

@@ -241,10 +241,10 @@ def test_cross_fitted_scores_never_score_a_row_with_a_fit_that_saw_its_fold():
     assert np.array_equal(again[fold0][1:], scores[fold0][1:])  # its fold-mates were scored without it
     assert not np.allclose(again[~fold0], scores[~fold0])  # every other fold's fit included it
     # Scored by a fit that saw them, the same rows look more typical of real images than they are.
-    mean, weight = statistical.fit_head(np.vstack([reference, gallery_real]), generated, labels, 8)
-    embed = lambda x: statistical._normalise((x - mean) @ weight)  # noqa: E731
-    detector = statistical.QuadraticDetector.fit(embed(np.vstack([reference, gallery_real])), embed(generated), labels)
-    assert np.median(detector.scores(embed(reference))) > np.median(scores)
+    real = np.vstack([reference, gallery_real])
+    mean, weight = statistical.fit_head(real, generated, labels, 8)
+    detector = statistical.QuadraticDetector.fit(statistical.project(real, mean, weight), statistical.project(generated, mean, weight), labels)
+    assert np.median(detector.scores(statistical.project(reference, mean, weight))) > np.median(scores)
     with pytest.raises(ValueError, match="at least two folds"):
         statistical.cross_fitted_scores(reference, np.zeros(60, int), gallery_real, generated, labels, rank=8)
     with pytest.raises(ValueError, match="a fold for each"):
