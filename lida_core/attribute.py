@@ -26,7 +26,7 @@ def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
             listed += [(u, None) for u in list_inputs([path])]
         except InputError as exc:  # a missing path is that path's answer, not the end of every other's
             listed.append((display_uri(str(path)), "no such file or folder" if "no such" in str(exc) else str(exc)))
-    decoded = decode_inputs([uri for uri, problem in listed if not problem])
+    decoded = decode_inputs([uri for uri, problem in listed if not problem], jpeg_space=loaded.model.fingerprint.jpeg)
     failed, found = dict(decoded.errors), {uri: i for i, uri in enumerate(decoded.uris)}
     decisions = (gallery_index.search_and_decide(decider, index, loaded.embed(decoded.pixels), decoded.jpeg, loaded.version)
                  if decoded.uris else [])

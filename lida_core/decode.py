@@ -28,6 +28,16 @@ Rules, each chosen so the stored pixel values reach the fingerprint unchanged:
 - Decompression bombs: refused when width*height exceeds `max_pixels` (checked from the
   header, before any pixel is decoded). Truncated or corrupt files: refused.
 Refusals raise `DecodeError`, which names the file and the reason in one line.
+
+JPEGs in the decoder's own colour space (`jpeg_space="ycc"`, the srm profile's setting). A
+colour JPEG stores Y, Cb and Cr; the RGB above is the decoder's fixed-point conversion of them,
+rounded and clipped, and that rounding rewrites the low bits where the JPEG's own traces lie.
+With "ycc", a colour JPEG (Pillow mode RGB, YCbCr-coded) is decoded by Pillow to YCbCr as the
+decoder holds it (chroma upsampled the same smooth way, no conversion) and returned as a
+`YCbCrPixels` array: H x W x 3 like any other, marked so that what needs RGB (a JPEG copy, a
+blur) converts it with `ycc_to_rgb`, libjpeg's own conversion, bit for bit
+(tests/test_decode.py). Grey, CMYK and Adobe-RGB JPEGs, MPO files and every other format
+decode as above, in RGB.
 """
 
 from __future__ import annotations
@@ -51,6 +61,34 @@ _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
 JPEG_FORMATS = ("JPEG", "MPO")  # Pillow's names for JPEG files (MPO: a camera's multi-picture JPEG)
+JPEG_SPACES = ("rgb", "ycc")  # how a colour JPEG is handed on (the module's last paragraph)
+
+
+class YCbCrPixels(np.ndarray):
+    """A colour JPEG's pixels as its decoder's Y, Cb, Cr (H x W x 3 uint8); `ycc_to_rgb` gives its RGB."""
+
+
+_SCALE = 16  # libjpeg's jdcolor.c: fixed point with 16 fractional bits, each product rounded half up
+
+
+def _fix(x: float) -> int:
+    return int(x * (1 << _SCALE) + 0.5)
+
+
+def ycc_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    """libjpeg(-turbo)'s YCbCr -> RGB (jdcolor.c's integer tables), the same pixels its RGB decode gives.
+
+    A plain array (not `YCbCrPixels`) is returned as it is: it is RGB already.
+    """
+    if not isinstance(ycc, YCbCrPixels):
+        return ycc
+    v = np.asarray(ycc).astype(np.int32)
+    y, cb, cr = v[..., 0], v[..., 1] - 128, v[..., 2] - 128
+    half = 1 << (_SCALE - 1)
+    r = y + ((_fix(1.40200) * cr + half) >> _SCALE)
+    g = y + ((-_fix(0.34414) * cb - _fix(0.71414) * cr + half) >> _SCALE)
+    b = y + ((_fix(1.77200) * cb + half) >> _SCALE)
+    return np.clip(np.stack([r, g, b], axis=-1), 0, 255).astype(np.uint8)
 
 
 class DecodeError(ValueError):
@@ -72,8 +110,12 @@ class DecodedImage:
     frames: int
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode `data` to RGB uint8 following the module's rules, or raise DecodeError."""
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 jpeg_space: str = "rgb") -> DecodedImage:
+    """Decode `data` to RGB uint8 following the module's rules (a colour JPEG to YCbCr with
+    `jpeg_space="ycc"`: the module's last paragraph), or raise DecodeError."""
+    if jpeg_space not in JPEG_SPACES:
+        raise ValueError(f"jpeg_space must be one of {JPEG_SPACES}, got {jpeg_space!r}")
     if not data:
         raise DecodeError(name, "empty file")
     try:
@@ -91,12 +133,14 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             frames = int(getattr(image, "n_frames", 1) or 1)
             if frames > 1:
                 image.seek(0)
-            pixels = _jpeg_pixels(data, image)
+            pixels = _jpeg_ycc(image, width, height) if jpeg_space == "ycc" else None
+            if pixels is None:
+                pixels = _jpeg_pixels(data, image)
             if pixels is None:
                 image.load()
                 pixels = _to_rgb(image, name)
             fmt = image.format or "unknown"
-            mode = image.mode
+            mode = "RGB" if isinstance(pixels, YCbCrPixels) else image.mode  # the file's, not the draft's raw mode
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -108,7 +152,23 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
         if "truncated" in reason.lower():
             reason = "truncated file: " + reason
         raise DecodeError(name, f"corrupt image: {reason}") from None
+    if isinstance(pixels, YCbCrPixels):
+        return DecodedImage(pixels, fmt, mode, width, height, frames)
     return DecodedImage(np.ascontiguousarray(pixels), fmt, mode, width, height, frames)
+
+
+def _jpeg_ycc(image: Image.Image, width: int, height: int) -> YCbCrPixels | None:
+    """A YCbCr-coded colour JPEG's pixels as its decoder holds them before the RGB conversion; None: not one."""
+    if image.format != "JPEG" or image.mode != "RGB" or image.info.get("adobe_transform", 1) == 0:
+        return None  # grey, CMYK, Adobe-RGB (transform 0: no YCbCr) and MPO files decode as before
+    image.draft("YCbCr", image.size)  # the raw mode only: same size, so no scaled (DCT-domain) decoding
+    if image.mode != "YCbCr" or image.size != (width, height):
+        return None
+    image.load()
+    pixels = np.asarray(image, dtype=np.uint8)
+    if pixels.shape != (height, width, 3):
+        return None
+    return np.ascontiguousarray(pixels).view(YCbCrPixels)
 
 
 def _jpeg_pixels(data: bytes, image: Image.Image) -> np.ndarray | None:
@@ -190,27 +250,28 @@ class LazyImages(Sequence):
     of 24 MP each would otherwise hold 7 GB of pixels at once.
     """
 
-    def __init__(self, raw: Sequence[bytes], names: Sequence[str]):
-        self.raw, self.names = list(raw), list(names)
+    def __init__(self, raw: Sequence[bytes], names: Sequence[str], jpeg_space: str = "rgb"):
+        self.raw, self.names, self.jpeg_space = list(raw), list(names), jpeg_space
 
     def __len__(self) -> int:
         return len(self.raw)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return LazyImages(self.raw[index], self.names[index])
-        return decode_image(self.raw[index], self.names[index]).pixels
+            return LazyImages(self.raw[index], self.names[index], self.jpeg_space)
+        return decode_image(self.raw[index], self.names[index], jpeg_space=self.jpeg_space).pixels
 
     def take(self, indexes: Sequence[int]) -> LazyImages:
-        return LazyImages([self.raw[i] for i in indexes], [self.names[i] for i in indexes])
+        return LazyImages([self.raw[i] for i in indexes], [self.names[i] for i in indexes], self.jpeg_space)
 
 
 def decode_inputs(uris: Sequence[str], progress: Callable[[str, dict], None] | None = None, keep_bytes: bool = False,
-                  lazy: bool = False) -> Decoded:
+                  lazy: bool = False, jpeg_space: str = "rgb") -> Decoded:
     """Read, hash and decode every input (the in-process loop: fits, evaluation, `lida attribute`, gallery chunks).
 
     Files that cannot be read or decoded become (uri, reason) errors. `lazy` keeps only the
-    bytes (pixels become a LazyImages, decoded when read). The Beam scan reads each file in its
+    bytes (pixels become a LazyImages, decoded when read). `jpeg_space` is the model's (its
+    fingerprint settings'). The Beam scan reads each file in its
     shard stage instead, where the bytes also go into the shard's tar.
     """
     from lida_core.inputs import read_input
@@ -219,7 +280,7 @@ def decode_inputs(uris: Sequence[str], progress: Callable[[str, dict], None] | N
     for n, uri in enumerate(uris, 1):
         try:
             data = read_input(uri)
-            decoded = decode_image(data, uri)
+            decoded = decode_image(data, uri, jpeg_space=jpeg_space)
         except DecodeError as exc:
             out.errors.append((uri, exc.reason))
         except OSError as exc:
@@ -236,5 +297,5 @@ def decode_inputs(uris: Sequence[str], progress: Callable[[str, dict], None] | N
         if progress:
             progress("decode", {"done": n, "total": len(uris)})
     if lazy:
-        out.pixels = LazyImages(out.raw, out.uris)
+        out.pixels = LazyImages(out.raw, out.uris, jpeg_space)
     return out

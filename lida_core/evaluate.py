@@ -120,8 +120,9 @@ def evaluate(
             f"pre-trained with 'lida pretrain --input {input_kind}'"
         )
     gallery_uris, gallery_src, query_uris, query_src, layout = _draw(directory, shots, seed, max_queries)
-    gallery = decode_inputs(gallery_uris, progress)
-    queries = decode_inputs(query_uris, progress)
+    space = current.model.fingerprint.jpeg  # a JPEG read as the model reads it (lida_core.decode)
+    gallery = decode_inputs(gallery_uris, progress, jpeg_space=space)
+    queries = decode_inputs(query_uris, progress, jpeg_space=space)
     g_src = [s for s, u in zip(gallery_src, gallery_uris, strict=True) if u in set(gallery.uris)]
     q_src = [s for s, u in zip(query_src, query_uris, strict=True) if u in set(queries.uris)]
     model = LoadedModel(current.version, copy.deepcopy(current.model), current.meta)
@@ -140,7 +141,7 @@ def evaluate(
     robustness = []
     for i, perturbation in enumerate(perturbations):
         progress("perturb", {"done": i, "total": len(perturbations), "perturbation": str(perturbation), "images": len(q_src)})
-        p_emb = model.embed([perturbation.apply(x) for x in queries.pixels])
+        p_emb = model.embed([perturbation.apply(x, space) for x in queries.pixels])
         jpeg = [perturbation.makes_jpeg or j for j in queries.jpeg]
         robustness.append({"perturbation": str(perturbation), **_scores(decider, p_emb, q_src, g_emb, g_src, jpeg)[0]})
     predicted = [d["predicted_source"] for d in decisions]

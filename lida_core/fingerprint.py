@@ -42,7 +42,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lida_core.decode import DecodeError, decode_image
+from lida_core.decode import JPEG_SPACES, DecodeError, decode_image
 
 __all__ = [
     "FingerprintSettings",
@@ -76,6 +76,10 @@ class FingerprintSettings:
     seed: int = 0
     fit: str = "resize"
     size: int = 256
+    # How a colour JPEG's pixels are read: "rgb" (decoded to RGB, as every file is), or "ycc"
+    # (its decoder's YCbCr before the rounding RGB conversion; `lida_core.decode`). Written in
+    # `str()` only when "ycc", so every settings string made before reads back as "rgb".
+    jpeg: str = "rgb"
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 7:
@@ -92,6 +96,8 @@ class FingerprintSettings:
             raise ValueError("patch must be >= 2 and size >= 8")
         if self.seed < 0:
             raise ValueError("seed must be >= 0")
+        if self.jpeg not in JPEG_SPACES:
+            raise ValueError(f"fingerprint jpeg space must be one of {JPEG_SPACES}, got {self.jpeg!r}")
 
     @property
     def mask(self) -> int:
@@ -110,19 +116,19 @@ class FingerprintSettings:
             region = f"patch{self.patch}{self.patch_select}"
             if self.patch_select == "random":
                 region += f"s{self.seed}"
-        return f"b{self.bits}-{self.mode}-{region}-{self.fit}{self.size}"
+        return f"b{self.bits}-{self.mode}-{region}-{self.fit}{self.size}" + ("-jpegycc" if self.jpeg == "ycc" else "")
 
     @classmethod
     def parse(cls, text: str) -> FingerprintSettings:
-        """Inverse of `str()`: 'b3-scale-full-resize256', 'b3-binary-patch32randoms7-crop128'."""
+        """Inverse of `str()`: 'b3-scale-full-resize256', 'b3-binary-patch32randoms7-crop128', 'b3-scale-full-crop256-jpegycc'."""
         match = re.fullmatch(
-            r"b(\d)-(scale|binary)-(full|patch(\d+)(max|min|random)(?:s(\d+))?)-(resize|crop)(\d+)",
+            r"b(\d)-(scale|binary)-(full|patch(\d+)(max|min|random)(?:s(\d+))?)-(resize|crop)(\d+)(-jpegycc)?",
             text.strip(),
         )
         if not match:
             raise ValueError(f"not a fingerprint settings string: {text!r}")
-        bits, mode, region, patch, select, seed, fit, size = match.groups()
-        kwargs = dict(bits=int(bits), mode=mode, fit=fit, size=int(size))
+        bits, mode, region, patch, select, seed, fit, size, ycc = match.groups()
+        kwargs = dict(bits=int(bits), mode=mode, fit=fit, size=int(size), jpeg="ycc" if ycc else "rgb")
         if region != "full":
             kwargs.update(region="patch", patch=int(patch), patch_select=select, seed=int(seed or 0))
         return cls(**kwargs)
@@ -464,7 +470,7 @@ def load_tile_bits(job: tuple[int, str, str, int, int]) -> tuple[int, list[np.nd
     index, uri, settings_text, size, tiles = job
     settings = FingerprintSettings.parse(settings_text)
     try:
-        pixels = decode_image(read_input(uri), uri).pixels
+        pixels = decode_image(read_input(uri), uri, jpeg_space=settings.jpeg).pixels
     except (DecodeError, OSError) as exc:
         return index, str(exc)
     return index, [prepare_low_bits(tile, settings) for tile in tile_views(pixels, size, tiles)]

@@ -68,7 +68,8 @@ def images(ws: Workspace, version: str) -> tuple[list[np.ndarray], list[str], li
     """(decoded pixels, sources, image ids) of a model version's gallery, from the blobs."""
     rows = table(ws, version)
     ids, sources = rows["image_id"].to_pylist(), rows["source"].to_pylist()
-    return [decode_image(ws.get_blob(i), i).pixels for i in ids], sources, ids
+    space = ws.config().jpeg_space  # as the workspace's models read a JPEG
+    return [decode_image(ws.get_blob(i), i, jpeg_space=space).pixels for i in ids], sources, ids
 
 
 def carry(ws: Workspace, parent: str, model: LoadedModel, version: str, pixels: list[np.ndarray] | None = None) -> int:

@@ -228,7 +228,7 @@ def pretrain_version(
     if len(uris) < 2 * MIN_CALIBRATION:
         raise WorkspaceError(f"pre-training needs at least {2 * MIN_CALIBRATION} real images, found {len(uris)}")
     closed_form = get_profile(config.profile).fit == "closed-form"  # one pass over the images: keep bytes, not pixels
-    decoded = decode_inputs(uris, progress, keep_bytes=True, lazy=closed_form)
+    decoded = decode_inputs(uris, progress, keep_bytes=True, lazy=closed_form, jpeg_space=config.jpeg_space)
     if len(decoded.pixels) < 2 * MIN_CALIBRATION:
         raise WorkspaceError(f"only {len(decoded.pixels)} of {len(uris)} images could be decoded")
     # Calibration images, chosen by content hash (stable across runs). A trained network holds
@@ -399,10 +399,11 @@ def _cross_fit(model: LoadedModel) -> dict | None:
 
 def _calibration_images(ws: Workspace, model: LoadedModel) -> tuple[list[np.ndarray], list[bool]]:
     """The held-out real images of pre-training and which are JPEG, with JPEG copies where the profile fits in closed form."""
-    decoded = [decode_image(ws.get_blob(i), i) for i in model.meta.get("calibration") or []]
+    space = model.model.fingerprint.jpeg
+    decoded = [decode_image(ws.get_blob(i), i, jpeg_space=space) for i in model.meta.get("calibration") or []]
     images, jpeg = [d.pixels for d in decoded], [d.format in JPEG_FORMATS for d in decoded]
     if model.model.fit == "closed-form" and images:
-        return statistical.with_jpeg_copies(images), jpeg + [True] * len(images)
+        return statistical.with_jpeg_copies(images, jpeg_space=space), jpeg + [True] * len(images)
     return images, jpeg
 
 

@@ -4,8 +4,11 @@
 perturbation (the paper's robustness protocol: JPEG at quality 95, 90 and 85, and Gaussian
 blur). Each is applied to the decoded pixels in memory:
 
-- `jpeg:Q`  written by Pillow at quality Q (1-95) and read back by `decode_image`, as every file is;
+- `jpeg:Q`  written by Pillow at quality Q (1-95) and read back by `decode_image`, as every file is
+  (in the model's JPEG colour space: `FingerprintSettings.jpeg`);
 - `blur:S`  Pillow's Gaussian blur with standard deviation S pixels (0 < S <= 10).
+
+Both start from RGB: a JPEG decoded to its YCbCr (`decode.YCbCrPixels`) is converted first.
 """
 
 from __future__ import annotations
@@ -17,16 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from lida_core.decode import decode_image
+from lida_core.decode import decode_image, ycc_to_rgb
 
 KINDS = {"jpeg": (1, 95), "blur": (0, 10)}  # accepted value ranges (blur's lower bound is exclusive)
 
 
-def jpeg_copy(pixels: np.ndarray, quality: int) -> np.ndarray:
-    """The image as Pillow writes it at this JPEG quality, read back by lida's one decoder."""
+def jpeg_copy(pixels: np.ndarray, quality: int, jpeg_space: str = "rgb") -> np.ndarray:
+    """The image as Pillow writes it at this JPEG quality, read back by lida's one decoder (in `jpeg_space`)."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=int(quality))
-    return decode_image(buffer.getvalue(), f"JPEG copy at quality {quality}").pixels
+    Image.fromarray(ycc_to_rgb(pixels)).save(buffer, "JPEG", quality=int(quality))
+    return decode_image(buffer.getvalue(), f"JPEG copy at quality {quality}", jpeg_space=jpeg_space).pixels
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,11 @@ class Perturbation:
         """Whether the perturbed image is a JPEG (its decision then uses the JPEG threshold)."""
         return self.kind == "jpeg"
 
-    def apply(self, pixels: np.ndarray) -> np.ndarray:
+    def apply(self, pixels: np.ndarray, jpeg_space: str = "rgb") -> np.ndarray:
+        """The perturbed image; a JPEG result is read back in `jpeg_space` (the model's), a blurred one is RGB."""
         if self.kind == "jpeg":
-            return jpeg_copy(pixels, int(self.value))
-        blurred = Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=float(self.value)))
+            return jpeg_copy(pixels, int(self.value), jpeg_space)
+        blurred = Image.fromarray(ycc_to_rgb(pixels)).filter(ImageFilter.GaussianBlur(radius=float(self.value)))
         return np.asarray(blurred)
 
 

@@ -54,8 +54,8 @@ CALIBRATION_FOLDS = 5  # cross-fitted calibration of the real threshold (`cross_
 class _WithCopies(Sequence):
     """images[0..n) then their JPEG copies, each copy made when it is read: n large photographs never sit in memory twice."""
 
-    def __init__(self, images: Sequence[np.ndarray], qualities: list[int]):
-        self.images, self.qualities = images, qualities
+    def __init__(self, images: Sequence[np.ndarray], qualities: list[int], jpeg_space: str):
+        self.images, self.qualities, self.jpeg_space = images, qualities, jpeg_space
 
     def __len__(self) -> int:
         return 2 * len(self.images)
@@ -68,11 +68,13 @@ class _WithCopies(Sequence):
             index += 2 * n
         if not 0 <= index < 2 * n:
             raise IndexError(index)
-        return self.images[index] if index < n else jpeg_copy(self.images[index - n], self.qualities[index - n])
+        return self.images[index] if index < n else jpeg_copy(self.images[index - n], self.qualities[index - n], self.jpeg_space)
 
 
-def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0) -> Sequence[np.ndarray]:
+def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0, jpeg_space: str = "rgb") -> Sequence[np.ndarray]:
     """The images followed by one re-encoded copy of each (made on reading), at qualities spread over JPEG_QUALITIES.
+
+    Each copy is read back in `jpeg_space`, the model's (`FingerprintSettings.jpeg`).
 
     Stratified, not drawn independently: n copies take one quality from each of n equal
     slices of the range, in a seeded order. The JPEG threshold is a low quantile of the copies'
@@ -85,7 +87,7 @@ def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0) -> Sequence[np
     low, high = JPEG_QUALITIES
     n = len(images)
     strata = np.floor(low + (high + 1 - low) * (np.arange(n) + rng.random(n)) / max(n, 1)).astype(int)
-    return _WithCopies(images, [int(q) for q in rng.permutation(strata)])
+    return _WithCopies(images, [int(q) for q in rng.permutation(strata)], jpeg_space)
 
 
 @torch.no_grad()
@@ -160,7 +162,7 @@ def fit_pretrain(model: Embedder, real_images: Sequence[np.ndarray], seed: int =
     Returns the kept descriptors and, for each, its row in images-then-copies order (row i < n
     is image i, row n + i its JPEG copy): at most MAX_REFERENCE rows are kept.
     """
-    feats = descriptors(model, with_jpeg_copies(real_images, seed))
+    feats = descriptors(model, with_jpeg_copies(real_images, seed, model.fingerprint.jpeg))
     rows = np.arange(len(feats))
     if len(feats) > MAX_REFERENCE:
         rows = np.sort(np.random.default_rng(seed).choice(len(feats), MAX_REFERENCE, replace=False))
@@ -200,7 +202,7 @@ def fit_gallery(model: Embedder, images: Sequence[np.ndarray], sources: Sequence
     Returns the fitted descriptors by role, for the detector: {"real": ..., "generated": ..., "labels": ...}.
     """
     sources = np.asarray([str(s) for s in sources])
-    copies = with_jpeg_copies(images, seed)
+    copies = with_jpeg_copies(images, seed, model.fingerprint.jpeg)
     feats = descriptors(model, copies)
     labels = np.concatenate([sources, sources])
     real = np.vstack([reference_descriptors(model), feats[labels == REAL]])

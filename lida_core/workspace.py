@@ -98,6 +98,11 @@ class WorkspaceConfig:
     index_memory_mb: int = 4096  # the attribution index's memory: over it, compressed codes (index.choose_index)
     created_at: str = ""
 
+    @property
+    def jpeg_space(self) -> str:
+        """How this workspace's models read a colour JPEG ("rgb" or "ycc"): part of its fingerprint settings."""
+        return FingerprintSettings.parse(self.fingerprint).jpeg
+
     @classmethod
     def from_dict(cls, data: dict) -> WorkspaceConfig:
         known = {f for f in cls.__dataclass_fields__}

@@ -41,7 +41,7 @@ class ReadGalleryChunk(beam.DoFn):
 
     def process(self, element):
         number, uris = element
-        decoded = decode_inputs(uris, keep_bytes=True)
+        decoded = decode_inputs(uris, keep_bytes=True, jpeg_space=self.ws.config().jpeg_space)
         stubs = tuple({"image_id": self.ws.put_blob(raw), "uri": uri} for uri, raw in zip(decoded.uris, decoded.raw, strict=True))
         self.ws.write_json(f"{self.run}/{number:06d}.read.json", {"errors": decoded.errors, "decoded": len(stubs)})
         if stubs:

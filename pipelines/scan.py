@@ -178,6 +178,7 @@ class ShardAndDecode(beam.DoFn):
 
     def setup(self) -> None:
         self.ws = Workspace(self.workspace)
+        self.jpeg_space = self.ws.config().jpeg_space  # a JPEG read as the workspace's models read it
 
     def process(self, index: int):
         name = shard_name(index)
@@ -221,7 +222,7 @@ class ShardAndDecode(beam.DoFn):
                                format=original["format"], width=original["width"], height=original["height"])
                     continue
                 try:
-                    decoded = decode_image(data, uri)
+                    decoded = decode_image(data, uri, jpeg_space=self.jpeg_space)
                 except DecodeError as exc:
                     row.update(status="error", error=exc.reason)
                     _error_counter(exc.reason.split(":", 1)[0].split(" (", 1)[0]).inc()
@@ -259,7 +260,7 @@ class ShardAndDecode(beam.DoFn):
                 for r in rows[start : start + size]:
                     offset, length = offsets[r["key"]]
                     handle.seek(offset)
-                    decoded = decode_image(handle.read(length), r["uri"])
+                    decoded = decode_image(handle.read(length), r["uri"], jpeg_space=self.jpeg_space)
                     pixels.append(decoded.pixels)
                     items.append(Item(name, r["key"]))
                 yield CHUNK_OUT, (items, pixels)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import encode
-from lida_core.decode import DecodeError, _jpeg_pixels, decode_image
+from lida_core.decode import DecodeError, YCbCrPixels, _jpeg_pixels, decode_image, ycc_to_rgb
 from lida_core.samples import sample_image
 
 
@@ -180,6 +180,56 @@ def test_a_jpeg_libjpeg_warns_about_is_left_to_pillow():
     with Image.open(io.BytesIO(damaged)) as image:
         assert _jpeg_pixels(damaged, image) is None
     np.testing.assert_array_equal(decode_image(damaged).pixels, _pillow_rgb(damaged))
+
+
+@pytest.mark.parametrize("quality", [50, 90, 100])
+@pytest.mark.parametrize("subsampling", [0, 1, 2])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpegs_read_in_their_decoders_ycbcr_give_its_rgb_back_bit_for_bit(quality, subsampling, progressive):
+    """`jpeg_space="ycc"`: the planes libjpeg converts, and `ycc_to_rgb` is that conversion exactly."""
+    import simplejpeg
+
+    pixels = _JPEG_SOURCES["generated"]()[:77, :101]
+    data = encode(pixels, "JPEG", quality=quality, subsampling=subsampling, progressive=progressive,
+                  optimize=progressive)
+    decoded = decode_image(data, "x.jpg", jpeg_space="ycc")
+    assert isinstance(decoded.pixels, YCbCrPixels) and decoded.pixels.shape == (77, 101, 3)
+    assert (decoded.format, decoded.mode, decoded.width, decoded.height) == ("JPEG", "RGB", 101, 77)
+    # its luma is what libjpeg hands out for a grey read (no colour arithmetic at all)
+    luma = simplejpeg.decode_jpeg(data, colorspace="GRAY", fastdct=False, fastupsample=False)[..., 0]
+    np.testing.assert_array_equal(decoded.pixels[..., 0], luma)
+    rgb = ycc_to_rgb(decoded.pixels)
+    assert type(rgb) is np.ndarray
+    np.testing.assert_array_equal(rgb, _pillow_rgb(data))
+    assert not np.array_equal(np.asarray(decoded.pixels) & 7, rgb & 7)  # the low bits differ: the point of it
+
+
+def test_only_colour_jpegs_are_read_in_ycbcr(rng):
+    photo = sample_image("real", 5)
+    others = {"png": encode(photo), "grey jpeg": encode(Image.fromarray(photo[..., 1]), "JPEG", quality=90),
+              "cmyk jpeg": encode(Image.fromarray(photo).convert("CMYK"), "JPEG", quality=90)}
+    for what, data in others.items():
+        pixels = decode_image(data, what, jpeg_space="ycc").pixels
+        assert type(pixels) is np.ndarray, what
+        np.testing.assert_array_equal(pixels, decode_image(data, what).pixels)
+        assert ycc_to_rgb(pixels) is pixels  # RGB already
+    cut = encode(photo, "JPEG", quality=90)
+    with pytest.raises(DecodeError, match="truncated|corrupt"):
+        decode_image(cut[: len(cut) // 2], "cut.jpg", jpeg_space="ycc")
+    with pytest.raises(ValueError, match="jpeg_space"):
+        decode_image(cut, "x.jpg", jpeg_space="yuv")
+
+
+def test_copies_and_blurs_of_a_ycbcr_jpeg_start_from_its_rgb():
+    from lida_core.perturb import Perturbation, jpeg_copy
+
+    data = encode(sample_image("vae_ldm", 2), "JPEG", quality=85)
+    ycc, rgb = decode_image(data, jpeg_space="ycc").pixels, decode_image(data).pixels
+    np.testing.assert_array_equal(jpeg_copy(ycc, 75), jpeg_copy(rgb, 75))
+    copy = jpeg_copy(rgb, 75, "ycc")  # read back as the model reads JPEGs
+    assert isinstance(copy, YCbCrPixels)
+    np.testing.assert_array_equal(ycc_to_rgb(copy), jpeg_copy(rgb, 75))
+    np.testing.assert_array_equal(Perturbation("blur", 1.0).apply(ycc, "ycc"), Perturbation("blur", 1.0).apply(rgb))
 
 
 def test_read_input_returns_every_byte_and_refuses_files_over_the_limit(tmp_path):

@@ -127,7 +127,8 @@ def test_images_smaller_than_a_patch_are_read_whole(rng):
     np.testing.assert_array_equal(whole, patch)
 
 
-@pytest.mark.parametrize("settings", ALL_SETTINGS[:8] + [FingerprintSettings(bits=2, region="patch", patch=16, patch_select="random", seed=5)], ids=str)
+@pytest.mark.parametrize("settings", ALL_SETTINGS[:8] + [FingerprintSettings(bits=2, region="patch", patch=16, patch_select="random", seed=5),
+                                      FingerprintSettings(fit="crop", jpeg="ycc")], ids=str)
 def test_settings_round_trip_through_their_string(settings):
     text = str(settings)
     assert FingerprintSettings.parse(text) == settings
@@ -140,6 +141,17 @@ def test_bad_settings_are_refused():
             FingerprintSettings(**kwargs)
     with pytest.raises(ValueError, match="not a fingerprint settings string"):
         FingerprintSettings.parse("b3-scale")
+    with pytest.raises(ValueError, match="jpeg space"):
+        FingerprintSettings(jpeg="yuv")
+
+
+def test_settings_strings_written_before_the_jpeg_space_read_as_rgb():
+    """Every model and table row made before session 17 says nothing of JPEGs: they were decoded to RGB."""
+    assert FingerprintSettings.parse("b3-scale-full-crop256").jpeg == "rgb"
+    assert str(FingerprintSettings.parse("b3-scale-full-crop256-jpegycc")) == "b3-scale-full-crop256-jpegycc"
+    from lida_core.model import get_profile
+
+    assert get_profile("srm").fingerprint.jpeg == "ycc" and get_profile("paper").fingerprint.jpeg == "rgb"
 
 
 @pytest.mark.parametrize("size", [(610, 6), (900, 3), (17, 1000), (1, 1), (256, 256), (513, 129)])
