@@ -1,5 +1,6 @@
 """Workspace, model versions, pre-training, gallery, adaptation and evaluation through `lida`."""
 
+import hashlib
 import json
 import os
 import signal
@@ -255,6 +256,25 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     detected = np.mean([row["is_generated"] == (t != "real") for row, t in zip(rows, truth, strict=True)])
     attributed = np.mean([row["predicted_source"] == t for row, t in zip(rows, truth, strict=True)])
     assert detected >= 0.85 and attributed >= 0.5, (detected, attributed)
+    # A scanned JPEG is read in its decoder's YCbCr (the profile's fingerprint setting, in every row's lineage).
+    from PIL import Image
+
+    from lida_core.decode import decode_image
+
+    (tmp_path / "jpegs").mkdir()
+    for path in sorted((tmp_path / "inbox").rglob("*.png"))[:4]:
+        Image.open(path).convert("RGB").save(tmp_path / "jpegs" / f"{path.parent.name}-{path.stem}.jpg", quality=88)
+    run_lida(ws, "scan", str(tmp_path / "jpegs"), "--scan-id", "s2")
+    loaded = load_model(Workspace(str(ws)))
+    jpegs = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in (tmp_path / "jpegs").iterdir()}
+    rows = [row for row in pq.read_table(ws / "tables" / "embeddings").to_pylist() if row["image_id"] in jpegs]
+    assert len(rows) == 4 and {row["fingerprint"] for row in rows} == {"b3-scale-full-crop256-jpegycc"}
+    for row in rows:
+        path = jpegs[row["image_id"]]
+        data, scanned = path.read_bytes(), np.array(row["embedding"], np.float32)
+        ycc, rgb = (loaded.embed([decode_image(data, path.name, jpeg_space=space).pixels])[0] for space in ("ycc", "rgb"))
+        np.testing.assert_allclose(scanned, ycc, atol=1e-5)
+        assert np.abs(scanned - rgb).max() > 1e-3  # RGB's low bits would have given another embedding
 
 
 def test_srm_models_calibrated_on_a_held_out_slice_still_decide(tmp_path, sample_dirs):
