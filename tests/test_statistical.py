@@ -215,7 +215,8 @@ def test_reference_rows_beyond_the_cap_are_sampled_and_their_places_kept(rng, mo
     images = [rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8) for _ in range(5)]
     kept, rows = statistical.fit_pretrain(model, images)
     assert kept.shape == (7, 875) and len(set(rows.tolist())) == 7 and rows.max() < 10
-    every = statistical.descriptors(model, statistical.with_jpeg_copies(images))  # image i's copy is row 5 + i
+    # image i's copy is row 5 + i, read back as the model reads a JPEG
+    every = statistical.descriptors(model, statistical.with_jpeg_copies(images, jpeg_space=model.fingerprint.jpeg))
     assert np.allclose(kept, every[rows])
 
 
