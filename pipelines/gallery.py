@@ -38,10 +38,11 @@ class ReadGalleryChunk(beam.DoFn):
 
     def setup(self) -> None:
         self.ws = Workspace(self.workspace)
+        self.jpeg_space = self.ws.config().jpeg_space  # a JPEG read as the workspace's models read it
 
     def process(self, element):
         number, uris = element
-        decoded = decode_inputs(uris, keep_bytes=True, jpeg_space=self.ws.config().jpeg_space)
+        decoded = decode_inputs(uris, keep_bytes=True, jpeg_space=self.jpeg_space)
         stubs = tuple({"image_id": self.ws.put_blob(raw), "uri": uri} for uri, raw in zip(decoded.uris, decoded.raw, strict=True))
         self.ws.write_json(f"{self.run}/{number:06d}.read.json", {"errors": decoded.errors, "decoded": len(stubs)})
         if stubs:
