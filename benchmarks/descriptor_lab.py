@@ -14,7 +14,13 @@ from one view of the pixels:
 - `lowx`: the kept low bits with the channels recoded as colour differences (R - G, G, B - G,
   modulo 8): a camera's demosaicing ties its channels' noise together, a generator's differ;
 
-each at truncation T (`low:2`, `whole:3`...). A `p2` suffix (`lowp2:2`) appends period-2
+each at truncation T (`low:2`, `whole:3`...), and optionally split (`low:2/g`): each triple
+histogram counted per content class of its pixel, from the high 5 bits of the luma only (`/i`:
+dark, mid, bright; `/g`: flat, gentle, textured by its central differences, what the `srm`
+profile counts since session 18), each class normalised on its own. As the profile does, the
+lab counts the colour triples alone (`--pairs` adds the neighbour pairs it counted before
+session 14) and reads a colour JPEG in its decoder's YCbCr (`--jpeg-space rgb`: as before
+session 17). A `p2` suffix (`lowp2:2`) appends period-2
 contrasts: each histogram counted over the four (row, column) parities, and the absolute
 differences between parities (columns, rows, diagonals). Upsampling layers leave period-2
 traces that a stationary histogram averages away; the absolute value makes the contrasts
@@ -28,8 +34,9 @@ photographs held out), so only the descriptor changes. Mean ± sd over K-shot dr
 the ranking allows at the target rate, so a gain there is the descriptor's, not a looser
 threshold's.
 
-    .venv/bin/python benchmarks/descriptor_lab.py [--data DIR] [--descriptors low:2 whole:3 content:2]
+    .venv/bin/python benchmarks/descriptor_lab.py [--data DIR] [--descriptors low:2 low:2/g content:2/g]
         [--shots 5] [--seeds 0 1 2 3 4] [--sources stable_diffusion_v1 dit_xl2] [--region full]
+        [--jpeg-space ycc] [--pairs]
 
 `--sources` keeps those generators (and `real`): the devset's sources whose content varies
 are Stable Diffusion v1 and DiT-XL/2.
@@ -45,13 +52,13 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT  # noqa: E402  (benchmarks/common.py puts the project on sys.path)
 
 from lida_core.decide import REAL, calibrate_real_threshold  # noqa: E402
+from lida_core.decode import JPEG_SPACES, YCbCrPixels, decode_image  # noqa: E402
 from lida_core.fingerprint import tile_views  # noqa: E402
 from lida_core.perturb import jpeg_copy  # noqa: E402
 from lida_core.statistical import JPEG_QUALITIES, QuadraticDetector, fit_head  # noqa: E402
@@ -71,10 +78,38 @@ def _residuals(v: np.ndarray) -> list[tuple[np.ndarray, int]]:
             (kb, 1)]
 
 
-def describe(pixels: np.ndarray, view: str, truncation: int) -> np.ndarray:
-    """The rich model of one view of H x W x 3 uint8 pixels (square-rooted normalised histograms)."""
+SPLITS = {"": None, "i": "intensity", "g": "gradient"}
+
+
+def classes(pixels: np.ndarray, split: str | None, ycc: bool) -> np.ndarray | None:
+    """Each pixel's class 0-2 by its content (the high 5 bits only, so the low-bit noise never moves it), or None.
+
+    `intensity`: the luma's (Y for a YCbCr JPEG, (R + 2G + B) / 4 otherwise) dark / mid / bright
+    thirds. `gradient`: the luma content's central differences summed over both axes: flat (0),
+    gentle (1-2 levels of 32), textured (more).
+    """
+    if split is None:
+        return None
+    p = (pixels >> 3).astype(np.int16)
+    luma = p[..., 0] if ycc else (p[..., 0] + 2 * p[..., 1] + p[..., 2]) // 4
+    if split == "intensity":
+        return np.minimum(luma * 3 // 32, 2).astype(np.int64)
+    padded = np.pad(luma, 1, mode="edge")
+    g = np.abs(padded[1:-1, 2:] - padded[1:-1, :-2]) + np.abs(padded[2:, 1:-1] - padded[:-2, 1:-1])
+    return np.where(g == 0, 0, np.where(g <= 2, 1, 2)).astype(np.int64)
+
+
+def describe(pixels: np.ndarray, view: str, truncation: int, pairs: bool = False, split: str | None = None) -> np.ndarray:
+    """The rich model of one view of H x W x 3 uint8 pixels (square-rooted normalised histograms).
+
+    `pairs`: also the neighbour-pair histograms (the `srm` profile counted them before session
+    14). `split`: each triple histogram counted per content class (`classes`), each normalised
+    by its own count, so how much of the image is dark or flat (content) does not enter.
+    """
     phase = view.endswith("p2")
     view = view.removesuffix("p2")
+    ycc = isinstance(pixels, YCbCrPixels)
+    cls = classes(pixels, split, ycc)
     if view == "lowx":
         p = pixels.astype(np.int16)
         values, view = np.stack([p[..., 0] - p[..., 1], p[..., 1], p[..., 2] - p[..., 1]], axis=-1) & 7, "low"
@@ -86,14 +121,18 @@ def describe(pixels: np.ndarray, view: str, truncation: int) -> np.ndarray:
         if view == "low":
             residual = ((residual + 4) & 7) - 4  # modulo 8, wrapped to [-4, 4)
         q = (np.clip(residual, -truncation, truncation) + truncation).astype(np.int64)
-        for direction in (axis, 1 - axis):
+        for direction in (axis, 1 - axis) if pairs else ():
             a = q if direction == 1 else q.transpose(1, 0, 2)
             codes = a[:, :-1] * width + a[:, 1:]
             parts.append(np.bincount(codes.ravel(), minlength=width**2))
             if phase:
                 contrasts += _contrasts(codes if direction == 1 else codes.transpose(1, 0, 2), width**2)
         codes = (q[..., 0] * width + q[..., 1]) * width + q[..., 2]
-        parts.append(np.bincount(codes.ravel(), minlength=width**3))
+        if cls is None:
+            parts.append(np.bincount(codes.ravel(), minlength=width**3))
+        else:  # the residual at (y, x) of a kernel spanning rows y..y+a, columns x..x+b: the class at its first pixel
+            c = cls[: codes.shape[0], : codes.shape[1]]
+            parts += [np.bincount(codes[c == k].ravel(), minlength=width**3) for k in range(3)]
         if phase:
             contrasts += _contrasts(codes[..., None], width**3)
     base = np.sqrt(np.concatenate([p / max(p.sum(), 1) for p in parts]))
@@ -113,32 +152,33 @@ def _contrasts(codes: np.ndarray, bins: int) -> list[np.ndarray]:
 REGIONS = ("full", "half", "quarter", "quarters")
 
 
-def describe_region(pixels: np.ndarray, view: str, truncation: int, region: str) -> np.ndarray:
+def describe_region(pixels: np.ndarray, view: str, truncation: int, region: str, pairs: bool = False,
+                    split: str | None = None) -> np.ndarray:
     """`describe` on part of the image: all of it, its top half, one quarter tile, or the mean over the four."""
     height, width = pixels.shape[:2]
     if region == "half":
-        return describe(pixels[: height // 2], view, truncation)
+        return describe(pixels[: height // 2], view, truncation, pairs, split)
     if region in ("quarter", "quarters"):
         tiles = tile_views(pixels, min(height, width) // 2, 4)
-        return np.mean([describe(t, view, truncation) for t in tiles[: 1 if region == "quarter" else 4]], axis=0)
-    return describe(pixels, view, truncation)
+        return np.mean([describe(t, view, truncation, pairs, split) for t in tiles[: 1 if region == "quarter" else 4]], axis=0)
+    return describe(pixels, view, truncation, pairs, split)
 
 
 def _one(job):
-    path, quality, descriptors, region = job
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"))
-    copy = jpeg_copy(pixels, quality)  # of the whole image, as the product makes its copies
-    return ([describe_region(pixels, v, t, region) for v, t in descriptors],
-            [describe_region(copy, v, t, region) for v, t in descriptors])
+    path, quality, descriptors, region, jpeg_space, pairs = job
+    pixels = decode_image(Path(path).read_bytes(), path, jpeg_space=jpeg_space).pixels  # the product's decoder
+    copy = jpeg_copy(pixels, quality, jpeg_space)  # of the whole image, as the product makes its copies
+    return ([describe_region(pixels, v, t, region, pairs, s) for v, t, s in descriptors],
+            [describe_region(copy, v, t, region, pairs, s) for v, t, s in descriptors])
 
 
-def load(folder: Path, descriptors, pool, region: str = "full") -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+def load(folder: Path, descriptors, pool, region: str = "full", jpeg_space: str = "ycc",
+         pairs: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """Per descriptor: (N x D of the files, N x D of their JPEG copies), and each file's source folder."""
     rng = np.random.default_rng(7)
     low, high = JPEG_QUALITIES
     files = [(f, d.name) for d in sorted(p for p in folder.iterdir() if p.is_dir()) for f in sorted(d.iterdir()) if f.is_file()]
-    jobs = [(str(f), int(rng.integers(low, high + 1)), descriptors, region) for f, _ in files]
+    jobs = [(str(f), int(rng.integers(low, high + 1)), descriptors, region, jpeg_space, pairs) for f, _ in files]
     done = pool.map(_one, jobs, chunksize=4)
     plain = [np.array([d[0][i] for d in done]) for i in range(len(descriptors))]
     copies = [np.array([d[1][i] for d in done]) for i in range(len(descriptors))]
@@ -208,25 +248,32 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--parts", nargs="+", default=["png", "jpeg90"])
     parser.add_argument("--sources", nargs="+", help="keep only these generators (and real)")
+    parser.add_argument("--jpeg-space", choices=JPEG_SPACES, default="ycc",
+                        help="how colour JPEGs are read (default ycc: the decoder's YCbCr, as the srm profile reads them)")
+    parser.add_argument("--pairs", action="store_true", help="also count the neighbour-pair histograms (srm before session 14)")
     parser.add_argument("--region", choices=REGIONS, default="full", help="the part of each image read (default: all of it)")
     args = parser.parse_args(argv)
     if not (args.data / "pretrain" / "real").is_dir():
         parser.error(f"{args.data} is not the devset (no pretrain/real folder)")
     descriptors = []
     for d in args.descriptors:
-        view, _, t = d.partition(":")
-        if view.removesuffix("p2") not in ("low", "whole", "content", "lowx") or not t.isdigit() or not 1 <= int(t) <= 4:
-            parser.error(f"descriptor {d!r}: VIEW:T with VIEW low, whole, content or lowx (a p2 suffix adds period-2 contrasts) and T 1-4")
-        descriptors.append((view, int(t)))
+        spec, _, split = d.partition("/")
+        view, _, t = spec.partition(":")
+        if (view.removesuffix("p2") not in ("low", "whole", "content", "lowx") or not t.isdigit() or not 1 <= int(t) <= 4
+                or split not in SPLITS):
+            parser.error(f"descriptor {d!r}: VIEW:T[/SPLIT] with VIEW low, whole, content or lowx (a p2 suffix adds "
+                         "period-2 contrasts), T 1-4 and SPLIT i (intensity) or g (gradient)")
+        descriptors.append((view, int(t), SPLITS[split]))
     started = time.perf_counter()
     with Pool(os.cpu_count() or 1) as pool:
-        pre, pre_copies, _ = load(args.data / "pretrain", descriptors, pool, args.region)
-        parts = {p: load(args.data / p, descriptors, pool, args.region) for p in args.parts}
-    print(f"descriptors computed in {time.perf_counter() - started:.0f} s; region {args.region}; {args.shots}-shot, seeds {args.seeds}"
+        pre, pre_copies, _ = load(args.data / "pretrain", descriptors, pool, args.region, args.jpeg_space, args.pairs)
+        parts = {p: load(args.data / p, descriptors, pool, args.region, args.jpeg_space, args.pairs) for p in args.parts}
+    print(f"descriptors computed in {time.perf_counter() - started:.0f} s; region {args.region}; JPEG read as {args.jpeg_space}; "
+          f"{'pairs and triples' if args.pairs else 'triples'}; {args.shots}-shot, seeds {args.seeds}"
           + (f", sources {args.sources} and real" if args.sources else ""))
     print("| descriptor | part | Rank-1 | attribution | balanced | AUROC | FPR | oracle attribution / balanced | detected, per generator |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for i, (view, t) in enumerate(descriptors):
+    for i, (view, t, split) in enumerate(descriptors):
         for part, (feats, copies, labels) in parts.items():
             keep = np.isin(labels, [*args.sources, REAL]) if args.sources else np.ones(len(labels), bool)
             runs = [evaluate(feats[i][keep], copies[i][keep], labels[keep], pre[i], pre_copies[i], part != "png",
@@ -234,7 +281,7 @@ def main(argv=None) -> None:
             mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
             sd = {k: np.std([r[k] for r in runs]) for k in runs[0]}
             detected = ", ".join(f"{k.split(' ', 1)[1]} {v:.2f}" for k, v in mean.items() if k.startswith("detected"))
-            print(f"| {view}:{t} | {part} | {mean['rank1']:.3f} | {mean['attribution']:.3f} ± {sd['attribution']:.3f} | "
+            print(f"| {view}:{t}{'/' + split if split else ''} | {part} | {mean['rank1']:.3f} | {mean['attribution']:.3f} ± {sd['attribution']:.3f} | "
                   f"{mean['balanced']:.3f} | {mean['auroc']:.3f} | {mean['fpr']:.3f} | "
                   f"{mean['oracle attribution']:.3f} / {mean['oracle balanced']:.3f} | {detected} |", flush=True)
 
