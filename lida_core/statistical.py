@@ -126,11 +126,54 @@ def fit_head(real: np.ndarray, generated: np.ndarray, labels: Sequence[str], ran
     mean = real.mean(0)
     within = [real - mean] + [generated[labels == s] - generated[labels == s].mean(0) for s in sorted(set(labels.tolist()))]
     residuals = np.vstack(within)
+    centred = np.vstack([real, generated]) - mean
+    if len(residuals) < residuals.shape[1]:  # fewer rows than values (the split srm descriptor): in the rows' span
+        return mean, _fit_head_in_span(residuals, centred, rank)
     whiten = shrunk_inverse_sqrt(residuals.T @ residuals / len(residuals), HEAD_SHRINK)
-    spread = (np.vstack([real, generated]) - mean) @ whiten
+    spread = centred @ whiten
     w, v = np.linalg.eigh(spread.T @ spread)
     top = v[:, np.argsort(-w, kind="stable")[:rank]]
     return mean, whiten @ top
+
+
+def _fit_head_in_span(residuals: np.ndarray, centred: np.ndarray, rank: int) -> np.ndarray:
+    """`fit_head`'s weight without a D x D eigendecomposition, for N < D rows (the same map, up to each direction's sign).
+
+    The within-class scatter S = V diag(s2) V' has rank at most N, so its shrunk inverse square
+    root is V diag(a) V' + b (I - V V'), with a = ((1 - shrink) s2 + shrink l)^(-1/2) and
+    b = (shrink l)^(-1/2), l = tr S / D; and the top directions of the whitened rows are the
+    top right singular vectors of those rows. Both cost N^2 D instead of D^3: with the split
+    descriptor's 2625 values, seconds per fit become a fraction of one.
+    """
+    d = residuals.shape[1]
+    s2, vt = _row_span(residuals / np.sqrt(len(residuals)))
+    level = max(float(s2.sum()) / d, 1e-12)
+    a = 1.0 / np.sqrt(np.maximum((1 - HEAD_SHRINK) * s2 + HEAD_SHRINK * level, 1e-12 * level))
+    b = 1.0 / np.sqrt(HEAD_SHRINK * level)
+
+    def whiten(x: np.ndarray) -> np.ndarray:  # x @ C^(-1/2), C^(-1/2) symmetric
+        along = x @ vt.T
+        return (along * a) @ vt + b * (x - along @ vt)
+
+    w, top = _row_span(whiten(centred))
+    top = top[np.argsort(-w, kind="stable")[:rank]]
+    if len(top) < rank:  # fewer rows than the head's width: complete with seeded directions of no spread, as eigh would
+        extra = np.random.default_rng(0).normal(size=(rank - len(top), d))
+        q, _ = np.linalg.qr(np.vstack([top, extra]).T)
+        top = np.vstack([top, q[:, len(top) : rank].T])
+    return whiten(top).T
+
+
+def _row_span(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(squared singular values, right singular vectors as rows) of N x D x, N < D, through the N x N Gram matrix.
+
+    LAPACK's SVD of a 400 x 2625 matrix took 3.5 s here, the Gram matrix's eigh 0.3 s; directions
+    with no spread (squared singular value under 1e-12 of the largest) are left out.
+    """
+    w, u = np.linalg.eigh(x @ x.T)
+    keep = w > 1e-12 * max(float(w.max(initial=0.0)), 1e-300)
+    w, u = w[keep], u[:, keep]
+    return w, (u / np.sqrt(w)).T @ x
 
 
 def set_head(model: Embedder, mean: np.ndarray, weight: np.ndarray, reference: np.ndarray | None = None) -> None:
