@@ -163,6 +163,9 @@ def _jpeg_ycc(image: Image.Image, width: int, height: int) -> YCbCrPixels | None
         return None  # grey, CMYK, Adobe-RGB (transform 0: no YCbCr) and MPO files decode as before
     image.draft("YCbCr", image.size)  # the raw mode only: same size, so no scaled (DCT-domain) decoding
     if image.mode != "YCbCr" or image.size != (width, height):
+        # Pillow 12 leaves the mode alone only when the file has several tiles (nothing changed) or
+        # its raw mode is not RGB (then only a scale of 1 is recorded): either way the image still
+        # decodes as it would have without the draft, so the RGB paths below read it as before.
         return None
     image.load()
     pixels = np.asarray(image, dtype=np.uint8)
