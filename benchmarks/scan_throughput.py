@@ -159,10 +159,11 @@ def measure(args: argparse.Namespace, work: Path) -> int:
     samples.write_samples(str(work / "pretrain"), 32, sources=["real"], start=20000)
     samples.write_samples(str(work / "gallery"), 5, sources=["real", "tconv_gan", "vae_ldm"], start=30000)
     lida(ws, "init", "--profile", args.profile)
-    lida(ws, "pretrain", str(work / "pretrain"), *(["--epochs", "1"] if args.profile not in ("srm",) else []))
+    closed_form = args.profile in ("srm", "srm-split")  # fitted in seconds, no epochs
+    lida(ws, "pretrain", str(work / "pretrain"), *([] if closed_form else ["--epochs", "1"]))
     for source in ("real", "tconv_gan", "vae_ldm"):
         lida(ws, "gallery", "add", "--source", source, str(work / "gallery" / source))
-    if args.profile == "srm":
+    if closed_form:
         lida(ws, "adapt")
     rows, written = [], 0
     for count in sorted(args.images):

@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from lida_core.embed import described_sums, reads_pixels
-from lida_core.fingerprint import FingerprintSettings, fit_to_size, load_tile_bits, tile_views, to_model_input
+from lida_core.fingerprint import (
+    FingerprintSettings,
+    fit_to_size,
+    load_pixels,
+    load_tile_bits,
+    tile_views,
+    to_model_input,
+)
 from lida_core.fingerprint import prepare_low_bits as prepare
 from lida_core.model import Embedder
 
@@ -149,6 +156,8 @@ class DeviceEmbedder:
         import multiprocessing as mp
 
         errors: dict[int, str] = {}
+        if self.reads_kept and getattr(self.model.stem, "split", False):
+            return self._embed_files_described(uris, workers, errors)
         jobs = [(i, uri, str(self.settings), self.model.input_size, self.tiles) for i, uri in enumerate(uris)]
 
         def stream(pool):
@@ -164,6 +173,35 @@ class DeviceEmbedder:
             out = self.run(stream(pool), len(uris))
         for i in errors:
             out[i] = 0.0
+        return out, errors
+
+
+    def _embed_files_described(self, uris: Sequence[str], workers: int | None, errors: dict[int, str]):
+        """embed_files for a stem that reads whole decoded pixels (split srm): workers decode, this process describes.
+
+        Such a stem needs each pixel's high bits for its content classes, which the kept low
+        bits that `load_tile_bits` sends do not hold.
+        """
+        import multiprocessing as mp
+
+        out = np.zeros((len(uris), self.model.embedding_dim), dtype=np.float32)
+        jobs = [(i, uri, self.settings.jpeg) for i, uri in enumerate(uris)]
+        chunk: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> None:
+            if chunk:
+                out[[i for i, _ in chunk]] = self._embed_described([p for _, p in chunk])
+                chunk.clear()
+
+        with mp.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:
+            for i, result in pool.imap_unordered(load_pixels, jobs, chunksize=4):
+                if isinstance(result, str):
+                    errors[i] = result
+                    continue
+                chunk.append((i, result))
+                if len(chunk) >= self.batch_size:
+                    flush()
+            flush()
         return out, errors
 
 

@@ -42,7 +42,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lida_core.decode import JPEG_SPACES, DecodeError, decode_image
+from lida_core.decode import JPEG_SPACES, DecodeError, YCbCrPixels, decode_image
 
 __all__ = [
     "FingerprintSettings",
@@ -439,12 +439,26 @@ def tile_views(pixels: np.ndarray, size: int, tiles: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(pixels[y : y + h, x : x + w]) for y, x, h, w in boxes]
 
 
-def low_bit_boxes(pixels: np.ndarray, settings: FingerprintSettings, size: int, tiles: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def prepare_pixels(pixels: np.ndarray, settings: FingerprintSettings) -> np.ndarray:
+    """`prepare_low_bits`' region and fit of the whole values (for a stem that also reads content); YCbCr stays marked."""
+    _require_rgb(pixels)
+    top, left, h, w = patch_box(pixels, settings)
+    view = pixels[top : top + h, left : left + w]
+    if settings.fit == "crop":
+        view = fit_to_size(view, settings)
+    out = np.ascontiguousarray(view)
+    return out.view(YCbCrPixels) if isinstance(pixels, YCbCrPixels) else out
+
+
+def low_bit_boxes(pixels: np.ndarray, settings: FingerprintSettings, size: int, tiles: int,
+                  whole: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """For readers of raw pixels (the srm stem): where each tile view's kept low bits lie, nothing copied.
 
     [(array, K x 4 boxes (top, left, height, width))], view for view in `tile_views` order:
     the low bits of each box are `prepare_low_bits` of that view. A view that is not a plain box
-    of the image (a crop padded up to size, a patch) comes prepared, as its own array.
+    of the image (a crop padded up to size, a patch) comes prepared, as its own array: its low
+    bits alone, or with `whole` its whole values (`prepare_pixels`, for a stem that reads the
+    content class of each pixel too).
     """
     _require_rgb(pixels)
     s = settings.size
@@ -453,11 +467,23 @@ def low_bit_boxes(pixels: np.ndarray, settings: FingerprintSettings, size: int, 
         if settings.fit == "crop" and settings.region == "full" and h >= s and w >= s:  # fit_to_size's centre crop
             boxes.append((top + (h - s) // 2, left + (w - s) // 2, s, s))
         else:
-            kept = prepare_low_bits(pixels[top : top + h, left : left + w], settings)
+            tile = pixels[top : top + h, left : left + w]
+            kept = prepare_pixels(tile, settings) if whole else prepare_low_bits(tile, settings)
             prepared.append((kept, np.array([[0, 0, kept.shape[0], kept.shape[1]]])))
     # Never both, so the order is tile_views' order: tiles all have one size, so they are all
     # boxes or all prepared, and a single view is one or the other.
     return ([(pixels, np.array(boxes))] if boxes else []) + prepared
+
+
+def load_pixels(job: tuple[int, str, str]) -> tuple[int, np.ndarray | str]:
+    """A decode worker's job (index, uri, JPEG space) -> (index, the decoded pixels, or the error); no torch."""
+    from lida_core.inputs import read_input
+
+    index, uri, jpeg_space = job
+    try:
+        return index, decode_image(read_input(uri), uri, jpeg_space=jpeg_space).pixels
+    except (DecodeError, OSError) as exc:
+        return index, str(exc)
 
 
 def load_tile_bits(job: tuple[int, str, str, int, int]) -> tuple[int, list[np.ndarray] | str]:

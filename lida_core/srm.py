@@ -42,10 +42,13 @@ import numpy as np
 import torch
 from numba import njit
 
+from lida_core.decode import YCbCrPixels
+
 TRUNCATION = 2
 WIDTH = 2 * TRUNCATION + 1  # quantised residual values 0..4
 PAIR_BINS, TRIPLE_BINS = WIDTH**2, WIDTH**3
 PER_KERNEL = 2 * PAIR_BINS + TRIPLE_BINS  # along, across, triple: 175
+SPLIT_CLASSES = 3  # content classes of a split descriptor: flat, gentle, textured (`_box_classes`)
 
 U2, U3, U4, U5, U6, U7 = (np.uint8(n) for n in (2, 3, 4, 5, 6, 7))  # typed constants keep the loops in uint8
 
@@ -99,11 +102,38 @@ def _codes(q, pitch, out, n, triple):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _image_counts(pixels, boxes, out, scratch, pairs):
+def _box_classes(pixels, top, left, height, width, ycc, out):
+    """Each pixel's content class in the box (top, left, height, width) into out (row-major, height x width).
+
+    The luma's content (its high 5 bits: Y >> 3 for YCbCr, ((R >> 3) + 2 (G >> 3) + (B >> 3)) // 4
+    for RGB), its central differences along both axes summed, the box's edge pixels repeated:
+    0 flat (no change), 1 gentle (1-2 levels of 32), 2 textured. The low bits never reach it.
+    """
+    for i in range(height):
+        for j in range(width):
+            p = pixels[top + i, left + j]
+            if ycc:
+                out[i * width + j] = p[0] >> 3
+            else:
+                out[i * width + j] = ((p[0] >> 3) + 2 * (p[1] >> 3) + (p[2] >> 3)) // 4
+    luma = out[: height * width].copy()
+    for i in range(height):
+        up, down = (i - 1 if i > 0 else 0), (i + 1 if i < height - 1 else height - 1)
+        for j in range(width):
+            lt, rt = (j - 1 if j > 0 else 0), (j + 1 if j < width - 1 else width - 1)
+            g = abs(np.int16(luma[i * width + rt]) - np.int16(luma[i * width + lt])) \
+                + abs(np.int16(luma[down * width + j]) - np.int16(luma[up * width + j]))
+            out[i * width + j] = 0 if g == 0 else (1 if g <= 2 else 2)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _image_counts(pixels, boxes, out, scratch, pairs, split, ycc):
     """Every kernel's histograms of each box (top, left, height, width) of H x W x 3 pixels into out's rows.
 
     With `pairs`, three per kernel (pairs along, pairs across, the colour triple: `PER_KERNEL`
     bins); without, the triple alone (`TRIPLE_BINS`), and the pairs' codes are never made.
+    With `split` (triples only), each kernel's triples are counted in three histograms, by the
+    content class of the residual's anchor pixel (`_box_classes`; `ycc`: the pixels are YCbCr).
 
     The boxes' union is the whole image (`pixel_counts` cuts it out), so every residual and code
     is computed in one loop over whole rows.
@@ -114,6 +144,14 @@ def _image_counts(pixels, boxes, out, scratch, pairs):
     size = height * pitch
     q, joint_codes, triple_codes = scratch[:size], scratch[size : 2 * size], scratch[2 * size : 3 * size]
     joint = np.zeros(TRIPLE_BINS, np.int64)
+    areas = boxes[:, 2] * boxes[:, 3]
+    classes = np.zeros(areas.sum() if split else 0, np.uint8)
+    if split:
+        start = 0
+        for b in range(boxes.shape[0]):
+            _box_classes(pixels, boxes[b, 0], boxes[b, 1], boxes[b, 2], boxes[b, 3], ycc, classes[start : start + areas[b]])
+            start += areas[b]
+    per_kernel = SPLIT_CLASSES * TRIPLE_BINS if split else TRIPLE_BINS
     for k in range(7):
         dy = 1 + k // 2 if k == 1 or k == 3 or k == 5 else (2 if k == 6 else 0)  # the kernel's support past its anchor
         dx = 1 + k // 2 if k == 0 or k == 2 or k == 4 else (2 if k == 6 else 0)
@@ -125,11 +163,12 @@ def _image_counts(pixels, boxes, out, scratch, pairs):
             base = k * PER_KERNEL
             triple = base + 2 * PAIR_BINS
         else:
-            base = triple = k * TRIPLE_BINS
+            base = triple = k * per_kernel
         if dy > 0 and dx == 0:  # vertical: its pairs along run down the columns
             along, across = base + PAIR_BINS, base
         else:
             along, across = base, base + PAIR_BINS
+        start = 0
         for b in range(boxes.shape[0]):
             h = out[b]
             top, left = boxes[b, 0], boxes[b, 1]
@@ -153,26 +192,41 @@ def _image_counts(pixels, boxes, out, scratch, pairs):
                             n = joint[(a * WIDTH + e) * WIDTH + d]
                             h[along + a * WIDTH + e] += n
                             h[across + a * WIDTH + d] += n
-            t = h[triple : triple + TRIPLE_BINS]
-            for i in range(hq):
-                row = triple_codes[(top + i) * pitch + 3 * left:]
-                for j in range(wq):
-                    t[row[3 * j]] += 1
+            if split:
+                t = h[triple : triple + SPLIT_CLASSES * TRIPLE_BINS]
+                bw = boxes[b, 3]
+                for i in range(hq):
+                    row = triple_codes[(top + i) * pitch + 3 * left:]
+                    c = classes[start + i * bw:]
+                    for j in range(wq):
+                        t[np.int64(c[j]) * TRIPLE_BINS + row[3 * j]] += 1
+                start += areas[b]
+            else:
+                t = h[triple : triple + TRIPLE_BINS]
+                for i in range(hq):
+                    row = triple_codes[(top + i) * pitch + 3 * left:]
+                    for j in range(wq):
+                        t[row[3 * j]] += 1
 
 
 def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int | None = None,
-                 pairs: bool = False) -> np.ndarray:
+                 pairs: bool = False, split: bool = False) -> np.ndarray:
     """[(H x W x 3 uint8 pixels, K x 4 boxes (top, left, height, width))] -> one row of counts per box, in order.
 
-    A row holds `descriptor_width(pairs)` counts: each kernel's colour triples (875), or with `pairs` its
-    neighbour pairs along and across and its triples (1225, the layout before session 14).
+    A row holds `descriptor_width(pairs, split)` counts: each kernel's colour triples (875), or with `pairs` its
+    neighbour pairs along and across and its triples (1225, the layout before session 14), or with
+    `split` its triples by the content class of their pixel (3 x 875; `_box_classes`).
 
-    Pixels may hold any values: only their low 3 bits count. A box must lie inside its image and
+    Pixels may hold any values: only their low 3 bits are counted (and, with `split`, the high
+    bits choose the class; a `decode.YCbCrPixels` array's luma is its first channel). A box must lie inside its image and
     be at least 4 x 4; its counts are those of the box cut out on its own. Sources are shared
     among `threads` threads (None: torch's setting, which Beam workers set to 1).
     """
+    if split and pairs:
+        raise ValueError("the split descriptor counts the colour triples alone (no neighbour pairs)")
     checked, starts, total = [], [], 0
     for pixels, boxes in sources:
+        ycc = isinstance(pixels, YCbCrPixels)
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         boxes = np.ascontiguousarray(boxes, dtype=np.int64).reshape(-1, 4)
         if pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -188,19 +242,19 @@ def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int 
             if (y0, x0, y1, x1) != (0, 0, *pixels.shape[:2]):
                 pixels = np.ascontiguousarray(pixels[y0:y1, x0:x1])
                 boxes = boxes - np.array([y0, x0, 0, 0])
-        checked.append((pixels, boxes))
+        checked.append((pixels, boxes, ycc))
         starts.append(total)
         total += len(boxes)
-    out = np.zeros((total, descriptor_width(pairs)), np.int64)
+    out = np.zeros((total, descriptor_width(pairs, split)), np.int64)
 
     def run(which: range) -> None:
         # Scratch for the residuals and codes, reused across images. A value the loops read is
         # either written first for this image or one the counts never use.
         scratch = np.zeros(3 * max((checked[i][0].size for i in which), default=0), np.uint8)
         for i in which:
-            pixels, boxes = checked[i]
+            pixels, boxes, ycc = checked[i]
             if len(boxes):
-                _image_counts(pixels, boxes, out[starts[i] : starts[i] + len(boxes)], scratch, pairs)
+                _image_counts(pixels, boxes, out[starts[i] : starts[i] + len(boxes)], scratch, pairs, split, ycc)
 
     threads = min(len(checked), threads or torch.get_num_threads())
     if threads <= 1:
@@ -217,7 +271,8 @@ def warm_up() -> None:
     A scan worker calls it on a thread when it loads the model, so the loading overlaps the
     decoding of its first images instead of stalling every worker's first chunk.
     """
-    pixel_counts([(np.zeros((4, 4, 3), np.uint8), np.array([[0, 0, 4, 4]], np.int64))], threads=1)
+    for split in (False, True):
+        pixel_counts([(np.zeros((4, 4, 3), np.uint8), np.array([[0, 0, 4, 4]], np.int64))], threads=1, split=split)
 
 
 def srm_counts(views: np.ndarray, threads: int | None = None, pairs: bool = False) -> np.ndarray:
@@ -229,15 +284,17 @@ def srm_counts(views: np.ndarray, threads: int | None = None, pairs: bool = Fals
     return pixel_counts([(view, box) for view in views], threads, pairs)
 
 
-def descriptor_width(pairs: bool = False) -> int:
-    """Values in a descriptor: 7 x 125 triples, or 7 x (25 + 25 + 125) with the neighbour pairs."""
-    return len(KERNELS) * (PER_KERNEL if pairs else TRIPLE_BINS)
+def descriptor_width(pairs: bool = False, split: bool = False) -> int:
+    """Values in a descriptor: 7 x 125 triples, 7 x (25 + 25 + 125) with the neighbour pairs, 7 x 3 x 125 split."""
+    return len(KERNELS) * (PER_KERNEL if pairs else SPLIT_CLASSES * TRIPLE_BINS if split else TRIPLE_BINS)
 
 
-def histogram_slices(pairs: bool = False) -> list[slice]:
-    """The histograms' places in a descriptor, in order: 7 triples, or 21 (pairs along, across, triple) with pairs."""
+def histogram_slices(pairs: bool = False, split: bool = False) -> list[slice]:
+    """The histograms' places in a descriptor, in order: 7 triples, 21 (pairs along, across, triple) with
+    pairs, or 21 triples (kernel by kernel, flat, gentle and textured) split."""
     if not pairs:
-        return [slice(k * TRIPLE_BINS, (k + 1) * TRIPLE_BINS) for k in range(len(KERNELS))]
+        n = len(KERNELS) * (SPLIT_CLASSES if split else 1)
+        return [slice(k * TRIPLE_BINS, (k + 1) * TRIPLE_BINS) for k in range(n)]
     spans = []
     for k in range(len(KERNELS)):
         base = k * PER_KERNEL

@@ -12,6 +12,7 @@ import torch
 from test_fingerprint import ALL_SETTINGS
 
 from lida_core import accel, embed
+from lida_core.decode import decode_image
 from lida_core.fingerprint import FingerprintSettings, fingerprint_bits, to_model_input
 from lida_core.model import Embedder, build_model, get_profile
 
@@ -48,7 +49,7 @@ def test_device_embedder_matches_training_embed(fingerprint):
 
 
 def test_srm_embedder_reads_the_kept_bits_as_the_float_path_does():
-    """srm's stem takes the kept low bits straight from the CPU half; the result is the float path's."""
+    """srm's unsplit stem (sessions 14-17) takes the kept low bits straight from the CPU half; the result is the float path's."""
     model = build_model("srm")
     fast = accel.DeviceEmbedder(model, "cpu", batch_size=3)
     assert fast.reads_kept and embed.reads_pixels(model)
@@ -57,6 +58,30 @@ def test_srm_embedder_reads_the_kept_bits_as_the_float_path_does():
     kept = torch.from_numpy(np.stack([accel.prepare(image, model.fingerprint) for image in images[:4]]))
     floats = to_model_input(accel.finish(kept, model.fingerprint))
     assert torch.equal(model.stem.from_low_bits(kept), model.stem(floats))  # the descriptors: bit for bit
+
+
+def test_split_srm_embed_files_decodes_whole_pixels_in_workers(tmp_path):
+    """The split stem needs the high bits, which the kept-bits path drops: its workers send decoded pixels (JPEGs in YCbCr)."""
+    from PIL import Image
+
+    model = build_model("srm-split")
+    assert model.stem.split and model.fingerprint.jpeg == "ycc"
+    with pytest.raises(ValueError, match="content class"):
+        model.stem.from_low_bits(torch.zeros((1, 8, 8, 3), dtype=torch.uint8))
+    images = _images(5, sizes=((130, 140), (600, 530), (256, 256), (300, 171), (90, 80)))
+    paths = []
+    for i, image in enumerate(images):
+        path = tmp_path / (f"{i}.jpg" if i % 2 else f"{i}.png")
+        Image.fromarray(image).save(path, **({"quality": 90} if i % 2 else {}))
+        paths.append(str(path))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    paths.append(str(tmp_path / "bad.jpg"))
+    emb, errors = accel.DeviceEmbedder(model, "cpu", batch_size=2).embed_files(paths, workers=2)
+    assert list(errors) == [5] and not emb[5].any()
+    decoded = [decode_image(open(p, "rb").read(), p, jpeg_space="ycc").pixels for p in paths[:5]]
+    np.testing.assert_allclose(emb[:5], embed.embed(model, decoded), atol=1e-6)
+    rgb = [decode_image(open(p, "rb").read(), p).pixels for p in paths[:5]]  # the JPEGs read in RGB would differ
+    assert not np.allclose(emb[1::2][:2], embed.embed(model, rgb)[1::2][:2], atol=1e-3)
 
 
 def test_device_embedder_surfaces_cpu_side_errors():

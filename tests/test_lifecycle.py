@@ -277,6 +277,36 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
         assert np.abs(scanned - rgb).max() > 1e-3  # RGB's low bits would have given another embedding
 
 
+@pytest.mark.slow  # two gallery adds and a scan, each a Beam job
+def test_split_srm_profile_scans_what_it_was_fitted_on(tmp_path, sample_dirs):
+    """srm-split through the real command: its checkpoint keeps the split, and a scan embeds whole pixels as the fit did."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from lida_core.decode import decode_image
+
+    ws = tmp_path / "ws"
+    assert json_out(run_lida(ws, "init", "--profile", "srm-split"))["profile"] == "srm-split"
+    run_lida(ws, "pretrain", str(sample_dirs / "pretrain"))
+    for source in ("real", "tconv_gan"):
+        run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
+    assert json_out(run_lida(ws, "adapt"))["promoted"]
+    loaded = load_model(Workspace(str(ws)))
+    assert loaded.model.stem.split and loaded.model.backbone.mean.shape == (2625,)
+    (tmp_path / "inbox").mkdir()
+    for i, path in enumerate(sorted((sample_dirs / "labelled" / "tconv_gan").glob("*.png"))[:4]):
+        image = Image.open(path).convert("RGB")
+        image.save(tmp_path / "inbox" / f"{i}.jpg", quality=90) if i % 2 else image.save(tmp_path / "inbox" / f"{i}.png")
+    run_lida(ws, "scan", str(tmp_path / "inbox"), "--scan-id", "s1")
+    files = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in (tmp_path / "inbox").iterdir()}
+    rows = pq.read_table(ws / "tables" / "embeddings").to_pylist()
+    assert sorted(row["image_id"] for row in rows) == sorted(files)
+    for row in rows:
+        path = files[row["image_id"]]
+        pixels = decode_image(path.read_bytes(), path.name, jpeg_space="ycc").pixels
+        np.testing.assert_allclose(np.array(row["embedding"], np.float32), loaded.embed([pixels])[0], atol=1e-5)
+
+
 def test_srm_models_calibrated_on_a_held_out_slice_still_decide(tmp_path, sample_dirs):
     """An srm model pre-trained before session 16 kept 30% of its photographs out as blobs, with no cross-fit record."""
     from lida_core import samples

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lida_core import srm, statistical
+from lida_core import embed, srm, statistical
 from lida_core.decide import Decider, calibrate_real_threshold
-from lida_core.fingerprint import fingerprint_bits, tile_boxes, tile_views, to_model_input
+from lida_core.decode import YCbCrPixels
+from lida_core.fingerprint import fingerprint_bits, prepare_pixels, tile_boxes, tile_views, to_model_input
 from lida_core.model import CheckpointError, SrmStem, build_model, checkpoint_bytes, load_checkpoint, save_checkpoint
 
 # The rich-model kernels as arrays (rows x columns), each with the axis its neighbour pairs run along first.
@@ -112,19 +113,110 @@ def test_srm_descriptors_from_pixels_equal_the_stem_on_each_tile_fingerprint(sha
     assert [view.shape[:2] for _, view in views[: len(boxes)]] == [(h, w) for _, _, h, w in boxes]
 
 
-def test_srm_head_round_trips_with_its_reference_rows(tmp_path, rng):
-    model = build_model("srm").eval()
+def _classes_reference(pixels: np.ndarray, ycc: bool) -> np.ndarray:
+    """Each pixel's content class stated again: the luma's high 5 bits, central differences (edges repeated)."""
+    p = (pixels >> 3).astype(np.int64)
+    luma = p[..., 0] if ycc else (p[..., 0] + 2 * p[..., 1] + p[..., 2]) // 4
+    padded = np.pad(luma, 1, mode="edge")
+    g = np.abs(padded[1:-1, 2:] - padded[1:-1, :-2]) + np.abs(padded[2:, 1:-1] - padded[:-2, 1:-1])
+    return np.where(g == 0, 0, np.where(g <= 2, 1, 2))
+
+
+def _split_reference(pixels: np.ndarray, ycc: bool = False) -> np.ndarray:
+    """The split descriptor's normalised counts: per kernel, the triples of the pixels of each class in turn."""
+    v = (pixels & 7).astype(np.int64)
+    classes = _classes_reference(pixels, ycc)
+    parts = []
+    for kernel, _ in KERNELS:
+        kh, kw = kernel.shape
+        h, w = v.shape[0] - kh + 1, v.shape[1] - kw + 1
+        r = sum(kernel[i, j] * v[i : i + h, j : j + w] for i in range(kh) for j in range(kw))
+        q = np.clip(np.where(r % 8 >= 4, r % 8 - 8, r % 8), -2, 2) + 2
+        codes, anchor = q[..., 0] * 25 + q[..., 1] * 5 + q[..., 2], classes[:h, :w]  # a residual's class: its first pixel's
+        for k in range(3):
+            counts = np.bincount(codes[anchor == k], minlength=125).astype(np.float64)
+            parts.append(counts / max(counts.sum(), 1))
+    return np.concatenate(parts)
+
+
+def _textured(rng, shape=(70, 90)):
+    """Flat, gently and strongly changing regions side by side, with noise in the low bits."""
+    base = np.zeros((*shape, 3), np.int64)
+    base[:, shape[1] // 3 : 2 * shape[1] // 3] = (np.arange(shape[0]) * 9)[:, None, None]  # a gentle ramp
+    base[:, 2 * shape[1] // 3 :] = rng.integers(0, 200, size=(shape[0], shape[1] - 2 * shape[1] // 3, 3))
+    return (base + rng.integers(0, 8, size=base.shape)).clip(0, 255).astype(np.uint8)
+
+
+def test_split_srm_counts_each_content_class_apart_and_sum_to_the_unsplit_counts(rng):
+    image = _textured(rng)
+    boxes = np.array([[0, 0, 70, 90], [0, 0, 35, 45], [35, 45, 35, 45], [3, 55, 4, 30], [66, 86, 4, 4]])
+    split = srm.pixel_counts([(image, boxes)], threads=2, split=True)
+    plain = srm.pixel_counts([(image, boxes)], threads=1)
+    assert split.shape == (5, 2625) == (5, srm.descriptor_width(split=True)) and len(srm.histogram_slices(split=True)) == 21
+    # the classes partition the positions: summed over them, a kernel's split triples are its plain ones
+    assert np.array_equal(split.reshape(5, 7, 3, 125).sum(2), plain.reshape(5, 7, 125))
+    assert (split[0].reshape(7, 3, 125).sum(2) > 0).all()  # every kernel sees every class in this image
+    for row, (top, left, h, w) in zip(split, boxes, strict=True):  # each box as if cut out on its own (its edges repeated)
+        box = image[top : top + h, left : left + w]
+        np.testing.assert_array_equal(row, srm.pixel_counts([(np.ascontiguousarray(box), np.array([[0, 0, h, w]]))], split=True)[0])
+        normalised = np.concatenate([row[span] / max(row[span].sum(), 1) for span in srm.histogram_slices(split=True)])
+        assert np.allclose(normalised, _split_reference(box))
+    # The classes read the high bits only: new low bits move the counts, never which class a residual falls in.
+    noisier = (image & 0xF8) | rng.integers(0, 8, size=image.shape, dtype=np.uint8)
+    assert np.array_equal(_classes_reference(noisier, False), _classes_reference(image, False))
+    again = srm.pixel_counts([(noisier, boxes[:1])], split=True)[0].reshape(7, 3, 125)
+    assert np.array_equal(again.sum(2), split[0].reshape(7, 3, 125).sum(2))  # per class, as many residuals
+    with pytest.raises(ValueError, match="triples alone"):
+        srm.pixel_counts([(image, boxes)], pairs=True, split=True)
+
+
+def test_split_srm_reads_a_jpeg_luma_from_its_first_channel(rng):
+    """A YCbCr JPEG's classes come from Y; the same array as RGB takes the weighted channel mean."""
+    image = _textured(rng)
+    image[..., 1] = rng.integers(0, 256, size=image.shape[:2])  # a second channel that would class everything textured
+    box = np.array([[0, 0, *image.shape[:2]]])
+    as_ycc = srm.pixel_counts([(image.view(YCbCrPixels), box)], split=True)[0]
+    as_rgb = srm.pixel_counts([(image, box)], split=True)[0]
+    assert not np.array_equal(as_ycc, as_rgb)
+    for counts, ycc in ((as_ycc, True), (as_rgb, False)):
+        normalised = np.concatenate([counts[span] / max(counts[span].sum(), 1) for span in srm.histogram_slices(split=True)])
+        assert np.allclose(normalised, _split_reference(image, ycc))
+
+
+@pytest.mark.parametrize("shape", [(600, 530), (256, 256), (90, 80)])
+def test_split_srm_describes_whole_pixels_of_every_tile_and_refuses_fingerprints(shape, rng):
+    model = build_model("srm-split").eval()
+    assert model.stem.split and model.stem.dim == 2625
+    images = [_textured(rng, shape), _textured(rng, shape).view(YCbCrPixels)]
+    described, owners = model.stem.describe(images, model.fingerprint, model.input_size, model.tiles)
+    views = [(i, view) for i, image in enumerate(images) for view in tile_views(image, model.input_size, model.tiles)]
+    assert owners.tolist() == [i for i, _ in views]
+    for row, (i, view) in zip(described.numpy(), views, strict=True):
+        whole = prepare_pixels(view.view(YCbCrPixels) if i == 1 else view, model.fingerprint)  # a small image's view is padded up to size, high bits kept
+        assert whole.shape[:2] == (model.input_size, model.input_size) and isinstance(whole, YCbCrPixels) == (i == 1)
+        assert np.allclose(row, np.sqrt(_split_reference(whole, i == 1)), atol=1e-6)
+    with pytest.raises(ValueError, match="content class"):
+        model.stem(_input(images[0][:64, :64]))
+
+
+@pytest.mark.parametrize("profile,width", [("srm", 875), ("srm-split", 2625)])
+def test_srm_head_round_trips_with_its_reference_rows(profile, width, tmp_path, rng):
+    model = build_model(profile).eval()
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
     kept, rows = statistical.fit_pretrain(model, images)
-    assert kept.shape == (12, 875) and rows.tolist() == list(range(12))  # every image, then its JPEG copy
+    assert kept.shape == (12, width) and rows.tolist() == list(range(12))  # every image, then its JPEG copy
     path = str(tmp_path / "m.pt")
     save_checkpoint(model, path)
-    loaded, _ = load_checkpoint(path, profile="srm", fingerprint=model.fingerprint)
-    assert loaded.backbone.reference.shape == (12, 875) and not loaded.stem.pairs
-    x = _input(rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8))
-    with torch.no_grad():
-        assert torch.allclose(loaded.eval()(x), model(x))
-        assert not torch.allclose(build_model("srm").eval()(x), model(x))  # the fitted head, not the initial one
+    loaded, _ = load_checkpoint(path, profile=profile, fingerprint=model.fingerprint)
+    assert loaded.backbone.reference.shape == (12, width) and not loaded.stem.pairs
+    assert loaded.stem.split == (profile == "srm-split")
+    queries = [rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8) for _ in range(3)]
+    assert np.array_equal(embed.embed(loaded.eval(), queries), embed.embed(model, queries))
+    assert not np.allclose(embed.embed(build_model(profile).eval(), queries), embed.embed(model, queries))  # the fitted head
+    if profile == "srm":  # the float path on fingerprints gives the same embedding as the pixel path
+        x = _input(queries[0])
+        with torch.no_grad():
+            assert np.allclose(model(x).numpy() / np.linalg.norm(model(x).numpy()), embed.embed(model, queries[:1]), atol=1e-6)
 
 
 def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_path, rng):
@@ -132,7 +224,7 @@ def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_
     old = build_model("srm", stem_options={"pairs": True}).eval()
     statistical.fit_pretrain(old, [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)])  # (rows, places)
     payload = torch.load(io.BytesIO(checkpoint_bytes(old)), weights_only=True)
-    assert payload.pop("stem_options") == {"pairs": True}  # as checkpoints were written before
+    assert payload.pop("stem_options") == {"pairs": True, "split": False}  # checkpoints before session 14 recorded none
     path = tmp_path / "old.pt"
     torch.save(payload, path)
     loaded, _ = load_checkpoint(str(path), profile="srm")
@@ -146,6 +238,21 @@ def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_
         with pytest.raises(CheckpointError) as caught:
             load_checkpoint(str(path))
         assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_srm_checkpoints_of_sessions_14_to_17_load_unsplit(tmp_path, rng):
+    """They record {"pairs": False} and nothing of the split: the stem's default (no split), even under a split profile."""
+    old = build_model("srm").eval()
+    images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    statistical.fit_pretrain(old, images)
+    payload = torch.load(io.BytesIO(checkpoint_bytes(old)), weights_only=True)
+    payload["stem_options"] = {"pairs": False}  # what those sessions wrote
+    payload["profile"] = "srm-split"  # a profile whose own options split: the checkpoint's layout still wins
+    torch.save(payload, tmp_path / "s17.pt")
+    loaded, _ = load_checkpoint(str(tmp_path / "s17.pt"), profile="srm-split")
+    assert not loaded.stem.split and not loaded.stem.pairs and loaded.backbone.mean.shape == (875,)
+    assert np.array_equal(embed.embed(loaded.eval(), images), embed.embed(old, images))
+    assert build_model("srm-split").stem.split  # while a new model of that profile is split
 
 
 def test_fitted_head_finds_the_direction_a_nuisance_hides():
@@ -214,7 +321,7 @@ def test_reference_rows_beyond_the_cap_are_sampled_and_their_places_kept(rng, mo
     model = build_model("srm").eval()
     images = [rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8) for _ in range(5)]
     kept, rows = statistical.fit_pretrain(model, images)
-    assert kept.shape == (7, 875) and len(set(rows.tolist())) == 7 and rows.max() < 10
+    assert kept.shape == (7, model.stem.dim) and len(set(rows.tolist())) == 7 and rows.max() < 10
     # image i's copy is row 5 + i, read back as the model reads a JPEG
     every = statistical.descriptors(model, statistical.with_jpeg_copies(images, jpeg_space=model.fingerprint.jpeg))
     assert np.allclose(kept, every[rows])
