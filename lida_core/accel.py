@@ -175,7 +175,6 @@ class DeviceEmbedder:
             out[i] = 0.0
         return out, errors
 
-
     def _embed_files_described(self, uris: Sequence[str], workers: int | None, errors: dict[int, str]):
         """embed_files for a stem that reads whole decoded pixels (split srm): workers decode, this process describes.
 
