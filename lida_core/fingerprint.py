@@ -491,14 +491,11 @@ def load_tile_bits(job: tuple[int, str, str, int, int]) -> tuple[int, list[np.nd
 
     Light on purpose (numpy and Pillow, no torch), so process pools start fast.
     """
-    from lida_core.inputs import read_input
-
     index, uri, settings_text, size, tiles = job
     settings = FingerprintSettings.parse(settings_text)
-    try:
-        pixels = decode_image(read_input(uri), uri, jpeg_space=settings.jpeg).pixels
-    except (DecodeError, OSError) as exc:
-        return index, str(exc)
+    index, pixels = load_pixels((index, uri, settings.jpeg))
+    if isinstance(pixels, str):  # the error
+        return index, pixels
     return index, [prepare_low_bits(tile, settings) for tile in tile_views(pixels, size, tiles)]
 
 
