@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lida_core.embed import described_sums, reads_pixels
+from lida_core.embed import embed_described, reads_pixels
 from lida_core.fingerprint import (
     FingerprintSettings,
     fit_to_size,
@@ -141,12 +141,9 @@ class DeviceEmbedder:
             return self._embed_described(images)
         return self.run((v for i, image in enumerate(images) for v in self.views(i, image)), len(images))
 
-    @torch.no_grad()
     def _embed_described(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """A stem that reads the pixels themselves (srm's `describe`): descriptors of batch_size images at a time, then the head."""
-        out, _ = described_sums(self.model, images, lambda d: F.normalize(self.model.backbone(d.to(self.device)).float(), dim=1).cpu().numpy(),
-                                self.model.embedding_dim, self.batch_size)
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        """A stem that reads the pixels themselves (srm's `describe`): batch_size images at a time on the device."""
+        return embed_described(self.model, images, self.batch_size, self.device)
 
     def embed_files(self, uris: Sequence[str], workers: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
         """Files -> embeddings: decode + CPU half in `workers` processes, the rest on the device.

@@ -116,10 +116,16 @@ def embed(
     if input_kind == "fingerprint" and tiles in (None, model.tiles) and reads_pixels(model):
         # srm: straight from the pixels, as a scan and the closed-form fit describe them (the same
         # values as its stem on each tile's fingerprint; a split stem reads the high bits too).
-        with torch.no_grad():
-            out, _ = described_sums(model, images, lambda d: F.normalize(model.backbone(d.to(device)).float(), dim=1).cpu().numpy(),
-                                    model.embedding_dim, min(batch_size, 32))
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return embed_described(model, images, min(batch_size, 32), device)
     out, _ = tile_sums(model, images, lambda x: F.normalize(model(x.to(device)).float(), dim=1).cpu().numpy(),
                        model.embedding_dim, batch_size, input_kind, tiles)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+@torch.no_grad()
+def embed_described(model: Embedder, images: Sequence[np.ndarray], batch_size: int = 32,
+                    device: str | torch.device = "cpu") -> np.ndarray:
+    """`embed` for a stem that reads decoded pixels (`reads_pixels`): each image's tiles described, the head, normalised."""
+    out, _ = described_sums(model, images, lambda d: F.normalize(model.backbone(d.to(device)).float(), dim=1).cpu().numpy(),
+                            model.embedding_dim, batch_size)
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
