@@ -32,9 +32,11 @@ every reference image, one conformal real threshold per format from 30% of the p
 photographs held out), so only the descriptor changes. Mean ± sd over K-shot draws. The
 "oracle" columns put the threshold at 5% of the query real photographs' scores instead: what
 the ranking allows at the target rate, so a gain there is the descriptor's, not a looser
-threshold's.
+threshold's. "FPR unseen" is the rate on the real photographs of collections pre-training does
+not hold (`manifest.csv`, as `eval_devset.py` counts them). `DETECT+VOTE` (`low:2+low:2/g`)
+decides real or generated with the first descriptor and votes the source with the second.
 
-    .venv/bin/python benchmarks/descriptor_lab.py [--data DIR] [--descriptors low:2 low:2/g content:2/g]
+    .venv/bin/python benchmarks/descriptor_lab.py [--data DIR] [--descriptors low:2 low:2/g content:2/g low:2+low:2/g]
         [--shots 5] [--seeds 0 1 2 3 4] [--sources stable_diffusion_v1 dit_xl2] [--region full]
         [--jpeg-space ycc] [--pairs]
 
@@ -56,6 +58,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT  # noqa: E402  (benchmarks/common.py puts the project on sys.path)
+from eval_devset import unseen_collections  # noqa: E402
 
 from lida_core.decide import REAL, calibrate_real_threshold  # noqa: E402
 from lida_core.decode import JPEG_SPACES, YCbCrPixels, decode_image  # noqa: E402
@@ -173,8 +176,8 @@ def _one(job):
 
 
 def load(folder: Path, descriptors, pool, region: str = "full", jpeg_space: str = "ycc",
-         pairs: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Per descriptor: (N x D of the files, N x D of their JPEG copies), and each file's source folder."""
+         pairs: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+    """Per descriptor: (N x D of the files, N x D of their JPEG copies); each file's source folder and name."""
     rng = np.random.default_rng(7)
     low, high = JPEG_QUALITIES
     files = [(f, d.name) for d in sorted(p for p in folder.iterdir() if p.is_dir()) for f in sorted(d.iterdir()) if f.is_file()]
@@ -182,7 +185,7 @@ def load(folder: Path, descriptors, pool, region: str = "full", jpeg_space: str 
     done = pool.map(_one, jobs, chunksize=4)
     plain = [np.array([d[0][i] for d in done]) for i in range(len(descriptors))]
     copies = [np.array([d[1][i] for d in done]) for i in range(len(descriptors))]
-    return plain, copies, np.array([s for _, s in files])
+    return plain, copies, np.array([s for _, s in files]), np.array([f.stem for f, _ in files])
 
 
 def split(labels: np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,8 +203,8 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def evaluate(feats, copies, labels, pre, pre_copies, jpeg: bool, shots: int, seed: int) -> dict:
-    """One K-shot draw through the srm profile's fit and decisions."""
+def draw(feats, copies, labels, pre, pre_copies, jpeg: bool, shots: int, seed: int) -> dict:
+    """One K-shot draw through the srm profile's fit and decisions: each query's score, vote and Rank-1 hit."""
     gallery, queries = split(labels, shots, seed)
     order = np.random.default_rng(100 + seed).permutation(len(pre))
     cal, train = order[: int(round(CALIBRATION_SHARE * len(pre)))], order[int(round(CALIBRATION_SHARE * len(pre))):]
@@ -217,33 +220,39 @@ def evaluate(feats, copies, labels, pre, pre_copies, jpeg: bool, shots: int, see
 
     detector = QuadraticDetector.fit(embed(real), embed(generated), gen_labels)
     threshold = calibrate_real_threshold(detector.scores(embed(pre_copies[cal] if jpeg else pre[cal])))
-    q_emb, q_labels = embed(feats[queries]), labels[queries]
-    rank1 = float(np.mean(g_labels[(q_emb @ embed(feats[gallery]).T).argmax(1)] == q_labels))
-    scores = detector.scores(q_emb)
-    called = scores < threshold
-    oracle = scores < np.quantile(scores[labels[queries] == REAL], 0.05)
+    q_emb = embed(feats[queries])
     sources = sorted(set(gen_labels.tolist()))
     centroids = normalise(np.stack([embed(generated)[gen_labels == s].mean(0) for s in sources]))
-    source = np.array(sources)[(q_emb @ centroids.T).argmax(1)]
+    return {"queries": queries, "scores": detector.scores(q_emb), "threshold": threshold,
+            "hit": g_labels[(q_emb @ embed(feats[gallery]).T).argmax(1)] == labels[queries],
+            "source": np.array(sources)[(q_emb @ centroids.T).argmax(1)], "sources": sources}
+
+
+def summarise(detect: dict, vote: dict, labels: np.ndarray, unseen: np.ndarray) -> dict:
+    """The figures of one draw, detecting with one descriptor's scores and voting with another's (or the same)."""
+    q_labels, scores, source = labels[detect["queries"]], detect["scores"], vote["source"]
+    called = scores < detect["threshold"]
     truth_gen = q_labels != REAL
+    oracle = scores < np.quantile(scores[~truth_gen], 0.05)
     positive, negative = -scores[truth_gen], -scores[~truth_gen]
     auroc = float(np.mean(positive[:, None] > negative[None, :]) + 0.5 * np.mean(positive[:, None] == negative[None, :]))
     return {
-        "rank1": rank1,
+        "rank1": float(np.mean(vote["hit"])),
         "attribution": float(np.mean(np.where(called, source, REAL) == q_labels)),
         "balanced": float(0.5 * (np.mean(called[truth_gen]) + np.mean(~called[~truth_gen]))),
         "auroc": auroc,
         "fpr": float(np.mean(called[~truth_gen])),
+        "fpr unseen": float(np.mean(called[unseen[detect["queries"]]])),
         "oracle attribution": float(np.mean(np.where(oracle, source, REAL) == q_labels)),
         "oracle balanced": float(0.5 * (np.mean(oracle[truth_gen]) + np.mean(~oracle[~truth_gen]))),
-        **{f"detected {s}": float(np.mean(called[q_labels == s])) for s in sources},
+        **{f"detected {s}": float(np.mean(called[q_labels == s])) for s in detect["sources"]},
     }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "devset")
-    parser.add_argument("--descriptors", nargs="+", default=["low:2", "whole:3", "content:2"], help="VIEW:T, VIEW in low, whole, content, lowx")
+    parser.add_argument("--descriptors", nargs="+", default=["low:2", "whole:3", "content:2"], help="VIEW:T[/SPLIT], VIEW in low, whole, content, lowx; DETECT+VOTE: two of them")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--parts", nargs="+", default=["png", "jpeg90"])
@@ -255,34 +264,49 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not (args.data / "pretrain" / "real").is_dir():
         parser.error(f"{args.data} is not the devset (no pretrain/real folder)")
-    descriptors = []
-    for d in args.descriptors:
-        spec, _, split = d.partition("/")
-        view, _, t = spec.partition(":")
-        if (view.removesuffix("p2") not in ("low", "whole", "content", "lowx") or not t.isdigit() or not 1 <= int(t) <= 4
-                or split not in SPLITS):
-            parser.error(f"descriptor {d!r}: VIEW:T[/SPLIT] with VIEW low, whole, content or lowx (a p2 suffix adds "
-                         "period-2 contrasts), T 1-4 and SPLIT i (intensity) or g (gradient)")
-        descriptors.append((view, int(t), SPLITS[split]))
+    descriptors, rows = [], []
+    for row in args.descriptors:
+        picked = []
+        for d in row.split("+"):
+            spec, _, split = d.partition("/")
+            view, _, t = spec.partition(":")
+            if (view.removesuffix("p2") not in ("low", "whole", "content", "lowx") or not t.isdigit() or not 1 <= int(t) <= 4
+                    or split not in SPLITS):
+                parser.error(f"descriptor {d!r}: VIEW:T[/SPLIT] with VIEW low, whole, content or lowx (a p2 suffix adds "
+                             "period-2 contrasts), T 1-4 and SPLIT i (intensity) or g (gradient)")
+            if (view, int(t), SPLITS[split]) not in descriptors:
+                descriptors.append((view, int(t), SPLITS[split]))
+            picked.append(descriptors.index((view, int(t), SPLITS[split])))
+        if len(picked) > 2:
+            parser.error(f"{row!r}: at most two descriptors, DETECT+VOTE")
+        rows.append((row, picked[0], picked[-1]))
+    names = unseen_collections(args.data)
     started = time.perf_counter()
     with Pool(os.cpu_count() or 1) as pool:
-        pre, pre_copies, _ = load(args.data / "pretrain", descriptors, pool, args.region, args.jpeg_space, args.pairs)
+        pre, pre_copies, _, _ = load(args.data / "pretrain", descriptors, pool, args.region, args.jpeg_space, args.pairs)
         parts = {p: load(args.data / p, descriptors, pool, args.region, args.jpeg_space, args.pairs) for p in args.parts}
     print(f"descriptors computed in {time.perf_counter() - started:.0f} s; region {args.region}; JPEG read as {args.jpeg_space}; "
           f"{'pairs and triples' if args.pairs else 'triples'}; {args.shots}-shot, seeds {args.seeds}"
           + (f", sources {args.sources} and real" if args.sources else ""))
-    print("| descriptor | part | Rank-1 | attribution | balanced | AUROC | FPR | oracle attribution / balanced | detected, per generator |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for i, (view, t, split) in enumerate(descriptors):
-        for part, (feats, copies, labels) in parts.items():
+    print("| descriptor | part | Rank-1 | attribution | balanced | AUROC | FPR | FPR unseen | oracle attribution / balanced | detected, per generator |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    draws = {}
+    for row, detect, vote in rows:
+        for part, (feats, copies, labels, files) in parts.items():
             keep = np.isin(labels, [*args.sources, REAL]) if args.sources else np.ones(len(labels), bool)
-            runs = [evaluate(feats[i][keep], copies[i][keep], labels[keep], pre[i], pre_copies[i], part != "png",
-                             args.shots, seed) for seed in args.seeds]
+            unseen = np.isin(files[keep], list(names))
+            runs = []
+            for seed in args.seeds:
+                for i in {detect, vote}:
+                    if (i, part, seed) not in draws:
+                        draws[i, part, seed] = draw(feats[i][keep], copies[i][keep], labels[keep], pre[i], pre_copies[i],
+                                                    part != "png", args.shots, seed)
+                runs.append(summarise(draws[detect, part, seed], draws[vote, part, seed], labels[keep], unseen))
             mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
             sd = {k: np.std([r[k] for r in runs]) for k in runs[0]}
             detected = ", ".join(f"{k.split(' ', 1)[1]} {v:.2f}" for k, v in mean.items() if k.startswith("detected"))
-            print(f"| {view}:{t}{'/' + split if split else ''} | {part} | {mean['rank1']:.3f} | {mean['attribution']:.3f} ± {sd['attribution']:.3f} | "
-                  f"{mean['balanced']:.3f} | {mean['auroc']:.3f} | {mean['fpr']:.3f} | "
+            print(f"| {row} | {part} | {mean['rank1']:.3f} | {mean['attribution']:.3f} ± {sd['attribution']:.3f} | "
+                  f"{mean['balanced']:.3f} | {mean['auroc']:.3f} | {mean['fpr']:.3f} | {mean['fpr unseen']:.3f} | "
                   f"{mean['oracle attribution']:.3f} / {mean['oracle balanced']:.3f} | {detected} |", flush=True)
 
 
