@@ -1,9 +1,9 @@
 """The SRM co-occurrence descriptor of the kept low bits, computed in compiled loops (numba).
 
 What it computes is `model.SrmStem`'s docstring: for each of 7 integer high-pass kernels the
-residual of the low-bit values modulo 2^3, wrapped to [-4, 4), truncated to [-2, 2], and the
-histogram over the whole view of the triple of colour channels' residuals at one pixel, normalised
-and square-rooted. Models made before session 14 also count two histograms of neighbour pairs
+residual of the low-bit values modulo 2^3, wrapped to [-4, 4), truncated to [-T, T] (T = 2, or 3
+for `srm` models since session 19), and the histogram over the whole view of the triple of colour
+channels' residuals at one pixel, normalised and square-rooted. Models made before session 14 also count two histograms of neighbour pairs
 per kernel (`pairs=True`), which carried nothing the triples did not (docs/results.md) and were
 most of the counting.
 
@@ -23,7 +23,7 @@ How the loops are laid out:
   them (indexing `f[x + step]` instead was 160 times slower); values past a row's valid width
   are computed and never counted;
 - the two neighbour-pair histograms of a channel are counted as one joint histogram of
-  (value, right neighbour, lower neighbour), 125 bins, and split afterwards (the last row and
+  (value, right neighbour, lower neighbour), (2T + 1)^3 bins, and split afterwards (the last row and
   column, which have only one of the two neighbours, are counted on their own), so each
   position costs one increment instead of two. Counting is most of the time (about 0.43 ns an
   increment; several sub-histograms or pair codes were no faster, session 12);
@@ -44,61 +44,72 @@ from numba import njit
 
 from lida_core.decode import YCbCrPixels
 
-TRUNCATION = 2
-WIDTH = 2 * TRUNCATION + 1  # quantised residual values 0..4
-PAIR_BINS, TRIPLE_BINS = WIDTH**2, WIDTH**3
-PER_KERNEL = 2 * PAIR_BINS + TRIPLE_BINS  # along, across, triple: 175
+TRUNCATIONS = (2, 3)  # T: residuals truncated to [-T, T], 2T + 1 levels (2: every srm model before session 19)
 SPLIT_CLASSES = 3  # content classes of a split descriptor: flat, gentle, textured (`_box_classes`)
 
-U2, U3, U4, U5, U6, U7 = (np.uint8(n) for n in (2, 3, 4, 5, 6, 7))  # typed constants keep the loops in uint8
+U2, U3, U4, U7 = (np.uint8(n) for n in (2, 3, 4, 7))  # typed constants keep the loops in uint8
 
 # The descriptor's layout, in order; `_residuals` states each kernel.
 KERNELS = ("d1h", "d1v", "d2h", "d2v", "d3h", "d3v", "kb")
 
 
+def levels(truncation: int) -> int:
+    """Quantised residual values at truncation T: 2T + 1 (0..2T)."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"the SRM descriptor truncates its residuals at {' or '.join(map(str, TRUNCATIONS))}, not {truncation!r}")
+    return 2 * truncation + 1
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
-def _quantise(r):
-    """A residual modulo 256 (uint8) -> modulo 8, wrapped to [-4, 4), truncated to [-2, 2], shifted to 0..4."""
+def _quantise(r, lo, hi):
+    """A residual modulo 256 (uint8) -> modulo 8, wrapped to [-4, 4), truncated to [-T, T], shifted to 0..2T.
+
+    lo = 4 - T and hi = min(4 + T, 7) are the truncation's bounds on the value shifted by 4
+    (T = 2: 2 and 6; T = 3: 1 and 7, where +3 is already the largest wrapped value).
+    """
     m = np.uint8(r + U4) & U7
-    return np.uint8((m if m > U2 else U2) if m < U6 else U6) - U2
+    return np.uint8(min(max(m, lo), hi) - lo)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _residuals(f, kernel, pitch, o, n):
-    """Kernel `kernel` (an index into KERNELS) at flat positions 0..n-1 of f (interleaved pixels, row pitch `pitch`) into o."""
+def _residuals(f, kernel, pitch, o, n, lo, hi):
+    """Kernel `kernel` (an index into KERNELS) at flat positions 0..n-1 of f (interleaved pixels, row pitch `pitch`) into o,
+    quantised between lo and hi (`_quantise`)."""
     step = 3 if kernel % 2 == 0 else pitch  # the kernel's direction: the next pixel along a row, or down a column
     if kernel == 0 or kernel == 1:
         f1 = f[step:]
         for x in range(n):
-            o[x] = _quantise(np.uint8(f1[x] - f[x]))
+            o[x] = _quantise(np.uint8(f1[x] - f[x]), lo, hi)
     elif kernel == 2 or kernel == 3:
         f1, f2 = f[step:], f[2 * step:]
         for x in range(n):
-            o[x] = _quantise(np.uint8(f[x] + f2[x] - f1[x] - f1[x]))
+            o[x] = _quantise(np.uint8(f[x] + f2[x] - f1[x] - f1[x]), lo, hi)
     elif kernel == 4 or kernel == 5:
         f1, f2, f3 = f[step:], f[2 * step:], f[3 * step:]
         for x in range(n):
-            o[x] = _quantise(np.uint8(U3 * np.uint8(f1[x] - f2[x]) + f3[x] - f[x]))
+            o[x] = _quantise(np.uint8(U3 * np.uint8(f1[x] - f2[x]) + f3[x] - f[x]), lo, hi)
     else:  # kb: -1 2 -1 / 2 -4 2 / -1 2 -1
         a, b, d = f, f[pitch:], f[2 * pitch:]
         a1, a2, b1, b2, d1, d2 = a[3:], a[6:], b[3:], b[6:], d[3:], d[6:]
         for x in range(n):
             edges = np.uint8(a1[x] + b[x] + b2[x] + d1[x])
             corners = np.uint8(a[x] + a2[x] + d[x] + d2[x])
-            o[x] = _quantise(np.uint8(U2 * edges - corners - U4 * b1[x]))
+            o[x] = _quantise(np.uint8(U2 * edges - corners - U4 * b1[x]), lo, hi)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _codes(q, pitch, out, n, triple):
-    """Histogram codes at flat positions 0..n-1: (value, right, lower) of one channel, or the pixel's channel triple."""
+def _codes(q, pitch, out, n, triple, width):
+    """Histogram codes (uint16) at flat positions 0..n-1: (value, right, lower) of one channel, or the pixel's
+    channel triple, each quantised value one digit in base `width`."""
+    w = np.uint16(width)
     if triple:
         q1, q2 = q[1:], q[2:]
         for x in range(n):
-            out[x] = np.uint8(np.uint8(q[x] * U5 + q1[x]) * U5 + q2[x])
+            out[x] = (np.uint16(q[x]) * w + np.uint16(q1[x])) * w + np.uint16(q2[x])
     else:
         q1, qp = q[3:], q[pitch:]
         for x in range(n):
-            out[x] = np.uint8(np.uint8(q[x] * U5 + q1[x]) * U5 + qp[x])
+            out[x] = (np.uint16(q[x]) * w + np.uint16(q1[x])) * w + np.uint16(qp[x])
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -127,11 +138,13 @@ def _box_classes(pixels, top, left, height, width, ycc, out):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _image_counts(pixels, boxes, out, scratch, pairs, split, ycc):
+def _image_counts(pixels, boxes, out, q, codes, pairs, split, ycc, truncation):
     """Every kernel's histograms of each box (top, left, height, width) of H x W x 3 pixels into out's rows.
 
-    With `pairs`, three per kernel (pairs along, pairs across, the colour triple: `PER_KERNEL`
-    bins); without, the triple alone (`TRIPLE_BINS`), and the pairs' codes are never made.
+    Residuals truncated at `truncation` (W = 2T + 1 levels). With `pairs`, three per kernel
+    (pairs along and across, W^2 bins each, and the colour triple, W^3); without, the triple
+    alone, and the pairs' codes are never made. `q` (uint8) and `codes` (uint16, twice as
+    long) are scratch of at least the pixels' size.
     With `split` (triples only), each kernel's triples are counted in three histograms, by the
     content class of the residual's anchor pixel (`_box_classes`; `ycc`: the pixels are YCbCr).
 
@@ -142,8 +155,12 @@ def _image_counts(pixels, boxes, out, scratch, pairs, split, ycc):
     pitch = 3 * width
     f = pixels.reshape(height * pitch)
     size = height * pitch
-    q, joint_codes, triple_codes = scratch[:size], scratch[size : 2 * size], scratch[2 * size : 3 * size]
-    joint = np.zeros(TRIPLE_BINS, np.int64)
+    joint_codes, triple_codes = codes[:size], codes[size : 2 * size]
+    n_levels = 2 * truncation + 1
+    pair_bins, triple_bins = n_levels * n_levels, n_levels * n_levels * n_levels
+    with_pairs = 2 * pair_bins + triple_bins  # a kernel's bins with its pairs: along, across, triple
+    lo, hi = np.uint8(4 - truncation), np.uint8(min(4 + truncation, 7))
+    joint = np.zeros(triple_bins, np.int64)
     areas = boxes[:, 2] * boxes[:, 3]
     classes = np.zeros(areas.sum() if split else 0, np.uint8)
     if split:
@@ -151,23 +168,23 @@ def _image_counts(pixels, boxes, out, scratch, pairs, split, ycc):
         for b in range(boxes.shape[0]):
             _box_classes(pixels, boxes[b, 0], boxes[b, 1], boxes[b, 2], boxes[b, 3], ycc, classes[start : start + areas[b]])
             start += areas[b]
-    per_kernel = SPLIT_CLASSES * TRIPLE_BINS if split else TRIPLE_BINS
+    per_kernel = SPLIT_CLASSES * triple_bins if split else triple_bins
     for k in range(7):
         dy = 1 + k // 2 if k == 1 or k == 3 or k == 5 else (2 if k == 6 else 0)  # the kernel's support past its anchor
         dx = 1 + k // 2 if k == 0 or k == 2 or k == 4 else (2 if k == 6 else 0)
         rows, cols = height - dy, width - dx  # anchors with the whole kernel inside the image
-        _residuals(f, k, pitch, q, (rows - 1) * pitch + 3 * cols)
-        _codes(q, pitch, triple_codes, (rows - 1) * pitch + 3 * cols - 2, True)
+        _residuals(f, k, pitch, q, (rows - 1) * pitch + 3 * cols, lo, hi)
+        _codes(q, pitch, triple_codes, (rows - 1) * pitch + 3 * cols - 2, True, n_levels)
         if pairs:
-            _codes(q, pitch, joint_codes, (rows - 2) * pitch + 3 * (cols - 1), False)
-            base = k * PER_KERNEL
-            triple = base + 2 * PAIR_BINS
+            _codes(q, pitch, joint_codes, (rows - 2) * pitch + 3 * (cols - 1), False, n_levels)
+            base = k * with_pairs
+            triple = base + 2 * pair_bins
         else:
             base = triple = k * per_kernel
         if dy > 0 and dx == 0:  # vertical: its pairs along run down the columns
-            along, across = base + PAIR_BINS, base
+            along, across = base + pair_bins, base
         else:
-            along, across = base, base + PAIR_BINS
+            along, across = base, base + pair_bins
         start = 0
         for b in range(boxes.shape[0]):
             h = out[b]
@@ -182,27 +199,27 @@ def _image_counts(pixels, boxes, out, scratch, pairs, split, ycc):
                 for c in range(3):
                     s = (top + hq - 1) * pitch + 3 * left + c  # the last row has right neighbours only
                     for j in range(wq - 1):
-                        h[along + q[s + 3 * j] * WIDTH + q[s + 3 * j + 3]] += 1
+                        h[along + q[s + 3 * j] * n_levels + q[s + 3 * j + 3]] += 1
                     s = top * pitch + 3 * (left + wq - 1) + c  # the last column has lower neighbours only
                     for i in range(hq - 1):
-                        h[across + q[s + i * pitch] * WIDTH + q[s + i * pitch + pitch]] += 1
-                for a in range(WIDTH):
-                    for e in range(WIDTH):
-                        for d in range(WIDTH):
-                            n = joint[(a * WIDTH + e) * WIDTH + d]
-                            h[along + a * WIDTH + e] += n
-                            h[across + a * WIDTH + d] += n
+                        h[across + q[s + i * pitch] * n_levels + q[s + i * pitch + pitch]] += 1
+                for a in range(n_levels):
+                    for e in range(n_levels):
+                        for d in range(n_levels):
+                            n = joint[(a * n_levels + e) * n_levels + d]
+                            h[along + a * n_levels + e] += n
+                            h[across + a * n_levels + d] += n
             if split:
-                t = h[triple : triple + SPLIT_CLASSES * TRIPLE_BINS]
+                t = h[triple : triple + SPLIT_CLASSES * triple_bins]
                 bw = boxes[b, 3]
                 for i in range(hq):
                     row = triple_codes[(top + i) * pitch + 3 * left:]
                     c = classes[start + i * bw:]
                     for j in range(wq):
-                        t[np.int64(c[j]) * TRIPLE_BINS + row[3 * j]] += 1
+                        t[np.int64(c[j]) * triple_bins + row[3 * j]] += 1
                 start += areas[b]
             else:
-                t = h[triple : triple + TRIPLE_BINS]
+                t = h[triple : triple + triple_bins]
                 for i in range(hq):
                     row = triple_codes[(top + i) * pitch + 3 * left:]
                     for j in range(wq):
@@ -210,12 +227,13 @@ def _image_counts(pixels, boxes, out, scratch, pairs, split, ycc):
 
 
 def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int | None = None,
-                 pairs: bool = False, split: bool = False) -> np.ndarray:
+                 pairs: bool = False, split: bool = False, truncation: int = 2) -> np.ndarray:
     """[(H x W x 3 uint8 pixels, K x 4 boxes (top, left, height, width))] -> one row of counts per box, in order.
 
-    A row holds `descriptor_width(pairs, split)` counts: each kernel's colour triples (875), or with `pairs` its
-    neighbour pairs along and across and its triples (1225, the layout before session 14), or with
-    `split` its triples by the content class of their pixel (3 x 875; `_box_classes`).
+    A row holds `descriptor_width(pairs, split, truncation)` counts: each kernel's colour triples (7 x 125 at
+    truncation 2, 7 x 343 at 3), or with `pairs` its neighbour pairs along and across and its triples (1225,
+    the layout before session 14), or with `split` its triples by the content class of their pixel
+    (3 x 875; `_box_classes`).
 
     Pixels may hold any values: only their low 3 bits are counted (and, with `split`, the high
     bits choose the class; a `decode.YCbCrPixels` array's luma is its first channel). A box must lie inside its image and
@@ -224,6 +242,7 @@ def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int 
     """
     if split and pairs:
         raise ValueError("the split descriptor counts the colour triples alone (no neighbour pairs)")
+    levels(truncation)
     checked, starts, total = [], [], 0
     for pixels, boxes in sources:
         ycc = isinstance(pixels, YCbCrPixels)
@@ -245,16 +264,17 @@ def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int 
         checked.append((pixels, boxes, ycc))
         starts.append(total)
         total += len(boxes)
-    out = np.zeros((total, descriptor_width(pairs, split)), np.int64)
+    out = np.zeros((total, descriptor_width(pairs, split, truncation)), np.int64)
 
     def run(which: range) -> None:
         # Scratch for the residuals and codes, reused across images. A value the loops read is
         # either written first for this image or one the counts never use.
-        scratch = np.zeros(3 * max((checked[i][0].size for i in which), default=0), np.uint8)
+        largest = max((checked[i][0].size for i in which), default=0)
+        q, codes = np.zeros(largest, np.uint8), np.zeros(2 * largest, np.uint16)
         for i in which:
             pixels, boxes, ycc = checked[i]
             if len(boxes):
-                _image_counts(pixels, boxes, out[starts[i] : starts[i] + len(boxes)], scratch, pairs, split, ycc)
+                _image_counts(pixels, boxes, out[starts[i] : starts[i] + len(boxes)], q, codes, pairs, split, ycc, truncation)
 
     threads = min(len(checked), threads or torch.get_num_threads())
     if threads <= 1:
@@ -271,32 +291,36 @@ def warm_up() -> None:
     A scan worker calls it on a thread when it loads the model, so the loading overlaps the
     decoding of its first images instead of stalling every worker's first chunk.
     """
-    pixel_counts([(np.zeros((4, 4, 3), np.uint8), np.array([[0, 0, 4, 4]], np.int64))], threads=1)  # split or not: one compiled loop
+    pixel_counts([(np.zeros((4, 4, 3), np.uint8), np.array([[0, 0, 4, 4]], np.int64))], threads=1)  # any options: one compiled loop
 
 
-def srm_counts(views: np.ndarray, threads: int | None = None, pairs: bool = False) -> np.ndarray:
-    """N x H x W x 3 uint8 views (only their low 3 bits count) -> N x descriptor_width(pairs) integer counts in the descriptor's layout."""
+def srm_counts(views: np.ndarray, threads: int | None = None, pairs: bool = False, truncation: int = 2) -> np.ndarray:
+    """N x H x W x 3 uint8 views (only their low 3 bits count) -> N x descriptor_width(pairs, truncation=T) integer counts
+    in the descriptor's layout."""
     views = np.asarray(views)
     if views.ndim != 4 or views.shape[3] != 3 or views.shape[1] < 4 or views.shape[2] < 4:
         raise ValueError(f"the SRM descriptor needs 3-channel views of at least 4x4 pixels, not {tuple(views.shape[1:])}")
     box = np.array([[0, 0, views.shape[1], views.shape[2]]], np.int64)
-    return pixel_counts([(view, box) for view in views], threads, pairs)
+    return pixel_counts([(view, box) for view in views], threads, pairs, truncation=truncation)
 
 
-def descriptor_width(pairs: bool = False, split: bool = False) -> int:
-    """Values in a descriptor: 7 x 125 triples, 7 x (25 + 25 + 125) with the neighbour pairs, 7 x 3 x 125 split."""
-    return len(KERNELS) * (PER_KERNEL if pairs else SPLIT_CLASSES * TRIPLE_BINS if split else TRIPLE_BINS)
+def descriptor_width(pairs: bool = False, split: bool = False, truncation: int = 2) -> int:
+    """Values in a descriptor, with W = 2T + 1 levels: 7 x W^3 triples (875 at T = 2, 2401 at 3),
+    7 x (W^2 + W^2 + W^3) with the neighbour pairs, 7 x 3 x W^3 split."""
+    return histogram_slices(pairs, split, truncation)[-1].stop
 
 
-def histogram_slices(pairs: bool = False, split: bool = False) -> list[slice]:
+def histogram_slices(pairs: bool = False, split: bool = False, truncation: int = 2) -> list[slice]:
     """The histograms' places in a descriptor, in order: 7 triples, 21 (pairs along, across, triple) with
     pairs, or 21 triples (kernel by kernel, flat, gentle and textured) split."""
+    width = levels(truncation)
+    pair_bins, triple_bins = width**2, width**3
     if not pairs:
         n = len(KERNELS) * (SPLIT_CLASSES if split else 1)
-        return [slice(k * TRIPLE_BINS, (k + 1) * TRIPLE_BINS) for k in range(n)]
+        return [slice(k * triple_bins, (k + 1) * triple_bins) for k in range(n)]
     spans = []
     for k in range(len(KERNELS)):
-        base = k * PER_KERNEL
-        spans += [slice(base, base + PAIR_BINS), slice(base + PAIR_BINS, base + 2 * PAIR_BINS),
-                  slice(base + 2 * PAIR_BINS, base + PER_KERNEL)]
+        base = k * (2 * pair_bins + triple_bins)
+        spans += [slice(base, base + pair_bins), slice(base + pair_bins, base + 2 * pair_bins),
+                  slice(base + 2 * pair_bins, base + 2 * pair_bins + triple_bins)]
     return spans

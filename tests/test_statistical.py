@@ -24,7 +24,7 @@ KERNELS = [
 ]
 
 
-def _srm_reference(pixels: np.ndarray, pairs: bool = False) -> np.ndarray:
+def _srm_reference(pixels: np.ndarray, pairs: bool = False, truncation: int = 2) -> np.ndarray:
     """SrmStem's descriptor stated again: valid correlation with each kernel, mod 8, truncated, histograms.
 
     Per kernel the colour triple's histogram, after (with `pairs`, the pre-session-14 layout) the
@@ -42,12 +42,12 @@ def _srm_reference(pixels: np.ndarray, pairs: bool = False) -> np.ndarray:
         h, w = v.shape[0] - kh + 1, v.shape[1] - kw + 1
         r = sum(kernel[i, j] * v[i : i + h, j : j + w] for i in range(kh) for j in range(kw))
         signed = np.where(r % 8 >= 4, r % 8 - 8, r % 8)  # the residual modulo 8, in [-4, 3]
-        q = np.clip(signed, -2, 2) + 2
+        q, n = np.clip(signed, -truncation, truncation) + truncation, 2 * truncation + 1
         for ax in (axis, 1 - axis) if pairs else ():
             first = q[:-1] if ax == 0 else q[:, :-1]
             second = q[1:] if ax == 0 else q[:, 1:]
-            parts.append(hist(first * 5 + second, 25))
-        parts.append(hist(q[..., 0] * 25 + q[..., 1] * 5 + q[..., 2], 125))
+            parts.append(hist(first * n + second, n**2))
+        parts.append(hist((q[..., 0] * n + q[..., 1]) * n + q[..., 2], n**3))
     return np.sqrt(np.concatenate(parts))
 
 
@@ -56,13 +56,17 @@ def _input(pixels):
 
 
 def test_srm_stem_is_the_rich_model_restated_in_numpy(rng):
-    model = build_model("srm")
-    legacy = build_model("srm", stem_options={"pairs": True})
+    model = build_model("srm", stem_options={"truncation": 2})  # every srm model before session 19
+    current = build_model("srm")
+    legacy = build_model("srm", stem_options={"pairs": True, "truncation": 2})
     smooth = np.cumsum(rng.integers(-2, 3, size=(64, 80, 3)), axis=1).clip(0, 255).astype(np.uint8)
     for pixels in (rng.integers(0, 256, size=(64, 80, 3), dtype=np.uint8), smooth):
         out = model.stem(_input(pixels))[0].numpy()
         assert out.shape == (SrmStem.size(),) == (875,)
         assert np.allclose(out, _srm_reference(pixels), atol=1e-6)
+        wide = current.stem(_input(pixels))[0].numpy()
+        assert current.stem.truncation == 3 and wide.shape == (SrmStem.size(3),) == (2401,)
+        assert np.allclose(wide, _srm_reference(pixels, truncation=3), atol=1e-6)
         with_pairs = legacy.stem(_input(pixels))[0].numpy()
         assert with_pairs.shape == (SrmStem.size(pairs=True),) == (1225,)
         assert np.allclose(with_pairs, _srm_reference(pixels, pairs=True), atol=1e-6)
@@ -83,20 +87,39 @@ def test_srm_counts_each_box_of_raw_pixels_as_the_box_cut_out_and_masked(rng):
     for image in (rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8), smooth):
         boxes = np.array([[0, 0, 70, 90], [0, 0, 35, 45], [35, 45, 35, 45], [3, 60, 4, 30], [10, 7, 33, 4],
                           [66, 86, 4, 4], [0, 45, 70, 45]])
-        for pairs, width in ((False, 875), (True, 1225)):
-            got = srm.pixel_counts([(image, boxes), (image, boxes[3:5])], threads=2, pairs=pairs)
-            assert got.shape == (9, width) and (got[:, :25].sum(1) > 0).all()
+        for pairs, t, width in ((False, 2, 875), (True, 2, 1225), (False, 3, 2401), (True, 3, 3087)):
+            got = srm.pixel_counts([(image, boxes), (image, boxes[3:5])], threads=2, pairs=pairs, truncation=t)
+            assert got.shape == (9, width) == (9, srm.descriptor_width(pairs, truncation=t))
+            assert (got[:, srm.histogram_slices(pairs, truncation=t)[0]].sum(1) > 0).all()
             for row, (top, left, h, w) in zip(got, [*boxes, *boxes[3:5]], strict=True):
                 alone = srm.srm_counts(np.ascontiguousarray(image[top : top + h, left : left + w] & 7)[None], threads=1,
-                                       pairs=pairs)[0]
+                                       pairs=pairs, truncation=t)[0]
                 np.testing.assert_array_equal(row, alone)
-                reference = _srm_reference(image[top : top + h, left : left + w], pairs) ** 2  # normalised counts
-                for span in srm.histogram_slices(pairs):
+                reference = _srm_reference(image[top : top + h, left : left + w], pairs, t) ** 2  # normalised counts
+                for span in srm.histogram_slices(pairs, truncation=t):
                     assert np.allclose(row[span] / max(row[span].sum(), 1), np.nan_to_num(reference[span]))
     with pytest.raises(ValueError, match="inside the image"):
         srm.pixel_counts([(smooth, np.array([[0, 88, 10, 4]]))])
     with pytest.raises(ValueError, match="at least 4x4"):
         srm.pixel_counts([(smooth, np.array([[0, 0, 3, 10]]))])
+
+
+def test_srm_truncation_3_keeps_what_truncation_2_merges(rng):
+    """Merging levels -3 and 3 into -2 and 2 turns the 343-bin triples into the 125-bin ones, count for count."""
+    image = _textured(rng)
+    boxes = np.array([[0, 0, 70, 90], [35, 45, 35, 45], [66, 86, 4, 4]])
+    wide = srm.pixel_counts([(image, boxes)], truncation=3).reshape(3, 7, 7, 7, 7)  # box, kernel, then the three levels
+    narrow = srm.pixel_counts([(image, boxes)], truncation=2).reshape(3, 7, 125)
+    merge = np.clip(np.arange(7) - 3, -2, 2) + 2  # T = 3 level -> T = 2 level
+    folded = np.zeros((3, 7, 5, 5, 5), np.int64)
+    np.add.at(folded, (slice(None), slice(None), merge[:, None, None], merge[None, :, None], merge[None, None, :]), wide)
+    np.testing.assert_array_equal(folded.reshape(3, 7, 125), narrow)
+    assert wide[:, :, [0, 6]].sum() > 0  # and the outer levels are there to keep on these residuals
+    for bad in (1, 4, True, "3"):
+        with pytest.raises(ValueError, match="truncat"):
+            srm.pixel_counts([(image, boxes)], truncation=bad)
+        with pytest.raises(ValueError, match="truncation"):
+            build_model("srm", stem_options={"truncation": bad})
 
 
 @pytest.mark.parametrize("shape", [(512, 512), (600, 530), (300, 1000), (1024, 768), (256, 256), (200, 300), (90, 80)])
@@ -199,7 +222,7 @@ def test_split_srm_describes_whole_pixels_of_every_tile_and_refuses_fingerprints
         model.stem(_input(images[0][:64, :64]))
 
 
-@pytest.mark.parametrize("profile,width", [("srm", 875), ("srm-split", 2625)])
+@pytest.mark.parametrize("profile,width", [("srm", 2401), ("srm-split", 2625)])
 def test_srm_head_round_trips_with_its_reference_rows(profile, width, tmp_path, rng):
     model = build_model(profile).eval()
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
@@ -221,14 +244,14 @@ def test_srm_head_round_trips_with_its_reference_rows(profile, width, tmp_path, 
 
 def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_path, rng):
     """A checkpoint without recorded stem options is a pre-session-14 srm model: pairs and triples, 1225 values."""
-    old = build_model("srm", stem_options={"pairs": True}).eval()
+    old = build_model("srm", stem_options={"pairs": True, "truncation": 2}).eval()
     statistical.fit_pretrain(old, [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)])  # (rows, places)
     payload = torch.load(io.BytesIO(checkpoint_bytes(old)), weights_only=True)
-    assert payload.pop("stem_options") == {"pairs": True, "split": False}  # checkpoints before session 14 recorded none
+    assert payload.pop("stem_options") == {"pairs": True, "split": False, "truncation": 2}  # before session 14: none recorded
     path = tmp_path / "old.pt"
     torch.save(payload, path)
     loaded, _ = load_checkpoint(str(path), profile="srm")
-    assert loaded.stem.pairs and loaded.backbone.mean.shape == (1225,)
+    assert loaded.stem.pairs and loaded.stem.truncation == 2 and loaded.backbone.mean.shape == (1225,)
     x = _input(rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), old(x))
@@ -240,19 +263,22 @@ def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_
         assert "\n" not in str(caught.value) and str(path) in str(caught.value)
 
 
-def test_srm_checkpoints_of_sessions_14_to_17_load_unsplit(tmp_path, rng):
-    """They record {"pairs": False} and nothing of the split: the stem's default (no split), even under a split profile."""
-    old = build_model("srm").eval()
+def test_srm_checkpoints_of_sessions_14_to_18_load_unsplit_at_truncation_2(tmp_path, rng):
+    """Sessions 14-17 recorded {"pairs": False}, session 18 also the split, none the truncation: the stem's
+    defaults (no split, truncation 2) fill in, even under a profile whose own options differ."""
+    old = build_model("srm", stem_options={"truncation": 2}).eval()
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
     statistical.fit_pretrain(old, images)
     payload = torch.load(io.BytesIO(checkpoint_bytes(old)), weights_only=True)
-    payload["stem_options"] = {"pairs": False}  # what those sessions wrote
-    payload["profile"] = "srm-split"  # a profile whose own options split: the checkpoint's layout still wins
-    torch.save(payload, tmp_path / "s17.pt")
-    loaded, _ = load_checkpoint(str(tmp_path / "s17.pt"), profile="srm-split")
-    assert not loaded.stem.split and not loaded.stem.pairs and loaded.backbone.mean.shape == (875,)
-    assert np.array_equal(embed.embed(loaded.eval(), images), embed.embed(old, images))
-    assert build_model("srm-split").stem.split  # while a new model of that profile is split
+    for profile, recorded in (("srm-split", {"pairs": False}), ("srm", {"pairs": False, "split": False})):
+        payload["stem_options"] = recorded  # what those sessions wrote
+        payload["profile"] = profile
+        torch.save(payload, tmp_path / "old.pt")
+        loaded, _ = load_checkpoint(str(tmp_path / "old.pt"), profile=profile)
+        assert not loaded.stem.split and not loaded.stem.pairs and loaded.stem.truncation == 2
+        assert loaded.backbone.mean.shape == (875,)
+        assert np.array_equal(embed.embed(loaded.eval(), images), embed.embed(old, images))
+    assert build_model("srm-split").stem.split and build_model("srm").stem.truncation == 3  # new models take the profile's
 
 
 def test_fitted_head_finds_the_direction_a_nuisance_hides():
