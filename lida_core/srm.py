@@ -3,9 +3,9 @@
 What it computes is `model.SrmStem`'s docstring: for each of 7 integer high-pass kernels the
 residual of the low-bit values modulo 2^3, wrapped to [-4, 4), truncated to [-T, T] (T = 2, or 3
 for `srm` models since session 19), and the histogram over the whole view of the triple of colour
-channels' residuals at one pixel, normalised and square-rooted. Models made before session 14 also count two histograms of neighbour pairs
-per kernel (`pairs=True`), which carried nothing the triples did not (docs/results.md) and were
-most of the counting.
+channels' residuals at one pixel, normalised and square-rooted. Models made before session 14
+also count two histograms of neighbour pairs per kernel (`pairs=True`), which carried nothing
+the triples did not (docs/results.md) and were most of the counting.
 
 Why compiled loops: the same descriptor written as whole-array torch operations made a
 temporary array per step and one `bincount` per histogram, and it was the whole cost of a
@@ -56,7 +56,8 @@ KERNELS = ("d1h", "d1v", "d2h", "d2v", "d3h", "d3v", "kb")
 def levels(truncation: int) -> int:
     """Quantised residual values at truncation T: 2T + 1 (0..2T)."""
     if truncation not in TRUNCATIONS:
-        raise ValueError(f"the SRM descriptor truncates its residuals at {' or '.join(map(str, TRUNCATIONS))}, not {truncation!r}")
+        allowed = " or ".join(map(str, TRUNCATIONS))
+        raise ValueError(f"the SRM descriptor truncates its residuals at {allowed}, not {truncation!r}")
     return 2 * truncation + 1
 
 
@@ -73,8 +74,8 @@ def _quantise(r, lo, hi):
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _residuals(f, kernel, pitch, o, n, lo, hi):
-    """Kernel `kernel` (an index into KERNELS) at flat positions 0..n-1 of f (interleaved pixels, row pitch `pitch`) into o,
-    quantised between lo and hi (`_quantise`)."""
+    """Kernel `kernel` (an index into KERNELS) at flat positions 0..n-1 of f (interleaved pixels,
+    row pitch `pitch`) into o, quantised between lo and hi (`_quantise`)."""
     step = 3 if kernel % 2 == 0 else pitch  # the kernel's direction: the next pixel along a row, or down a column
     if kernel == 0 or kernel == 1:
         f1 = f[step:]
