@@ -557,7 +557,7 @@ register_profile(
         name="srm-split",
         description="srm with each colour-triple histogram split by the content class of its pixel (flat, gentle, "
                     "textured; 2625 values): JPEG attribution +0.04 on the devset, but on PNG real photographs of "
-                    "unseen collections flagged 12% of the time against 2% (docs/results.md, session 18)",
+                    "unseen collections flagged 12% of the time against 2% unsplit; truncated at 2 (docs/results.md, session 18)",
         stem_options={"pairs": False, "split": True, "truncation": 2},  # as measured in session 18
     )
 )

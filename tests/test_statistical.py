@@ -255,7 +255,7 @@ def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_
     x = _input(rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), old(x))
-    for bad in ({"pairs": "yes"}, {"colours": True}, ["pairs"]):
+    for bad in ({"pairs": "yes"}, {"colours": True}, ["pairs"], {"truncation": 9}):
         payload["stem_options"] = bad
         torch.save(payload, path)
         with pytest.raises(CheckpointError) as caught:
