@@ -243,7 +243,6 @@ def pixel_counts(sources: Sequence[tuple[np.ndarray, np.ndarray]], threads: int 
     """
     if split and pairs:
         raise ValueError("the split descriptor counts the colour triples alone (no neighbour pairs)")
-    levels(truncation)
     checked, starts, total = [], [], 0
     for pixels, boxes in sources:
         ycc = isinstance(pixels, YCbCrPixels)
