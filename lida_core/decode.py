@@ -108,6 +108,47 @@ class DecodedImage:
     width: int
     height: int
     frames: int
+    quality: int | None = None  # a JPEG's quality as libjpeg would name its quantisation tables (`jpeg_quality`)
+
+
+# libjpeg's standard quantisation tables (jcparam.c, ITU T.81 annex K), in natural (row-major) order
+_STANDARD_TABLES = np.array([
+    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99],
+    [17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99,
+     47, 66, 99, 99, 99, 99, 99, 99] + [99] * 32,
+], dtype=np.int64)
+
+
+def _scaled_tables() -> np.ndarray:
+    """100 x 2 x 64: the tables libjpeg's `jpeg_set_quality(q, force_baseline=TRUE)` writes for q = 1..100."""
+    q = np.arange(1, 101)
+    scale = np.where(q < 50, 5000 // q, 200 - 2 * q)
+    return np.clip((_STANDARD_TABLES[None] * scale[:, None, None] + 50) // 100, 1, 255)
+
+
+_SCALED_TABLES = _scaled_tables()
+
+
+def jpeg_quality(tables: dict) -> int | None:
+    """The libjpeg quality (1-100) whose scaled standard tables are nearest to a JPEG's, or None.
+
+    `tables`: Pillow's `Image.quantization` ({table id: 64 values in natural order}); the
+    luminance table (the lowest id) and, when there is one, the next (chrominance) are compared,
+    each value on a log scale. Encoders built on libjpeg (Pillow, most web and camera software
+    that offers a "quality") match one quality exactly; a camera's own tables get the nearest.
+    The real threshold for a JPEG is calibrated on copies at that quality (`lida_core.decide`).
+    """
+    try:
+        ids = sorted(tables)[:2]
+        found = np.array([list(tables[i]) for i in ids], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if found.ndim != 2 or found.shape[1] != 64 or not np.all(found >= 1):
+        return None
+    error = np.abs(np.log(_SCALED_TABLES[:, : len(ids)]) - np.log(found)[None]).sum((1, 2))
+    return 100 - int(np.argmin(error[::-1]))  # ties to the higher quality
 
 
 def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -141,6 +182,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
                 pixels = _to_rgb(image, name)
             fmt = image.format or "unknown"
             mode = "RGB" if isinstance(pixels, YCbCrPixels) else image.mode  # the file's, not the draft's raw mode
+            quality = jpeg_quality(getattr(image, "quantization", None) or {}) if fmt in JPEG_FORMATS else None
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -153,8 +195,8 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             reason = "truncated file: " + reason
         raise DecodeError(name, f"corrupt image: {reason}") from None
     if isinstance(pixels, YCbCrPixels):
-        return DecodedImage(pixels, fmt, mode, width, height, frames)
-    return DecodedImage(np.ascontiguousarray(pixels), fmt, mode, width, height, frames)
+        return DecodedImage(pixels, fmt, mode, width, height, frames, quality)
+    return DecodedImage(np.ascontiguousarray(pixels), fmt, mode, width, height, frames, quality)
 
 
 def _jpeg_ycc(image: Image.Image, width: int, height: int) -> YCbCrPixels | None:
@@ -244,6 +286,7 @@ class Decoded:
     raw: list[bytes]
     errors: list[tuple[str, str]]
     jpeg: list[bool] = field(default_factory=list)  # per decoded image: a JPEG file
+    quality: list[int | None] = field(default_factory=list)  # per decoded image: its JPEG quality (`jpeg_quality`), or None
 
 
 class LazyImages(Sequence):
@@ -294,6 +337,7 @@ def decode_inputs(uris: Sequence[str], progress: Callable[[str, dict], None] | N
             if not lazy:
                 out.pixels.append(decoded.pixels)
             out.jpeg.append(decoded.format in JPEG_FORMATS)
+            out.quality.append(decoded.quality)
             if keep_bytes or lazy:
                 out.raw.append(data)
             del decoded

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import encode
-from lida_core.decode import DecodeError, YCbCrPixels, _jpeg_pixels, decode_image, ycc_to_rgb
+from lida_core.decode import DecodeError, YCbCrPixels, _jpeg_pixels, decode_image, jpeg_quality, ycc_to_rgb
 from lida_core.samples import sample_image
 
 
@@ -248,3 +248,21 @@ def test_read_input_returns_every_byte_and_refuses_files_over_the_limit(tmp_path
     assert status.startswith(b"Name:") and len(status) > 100
     with pytest.raises(InputReadError, match="too large"):
         read_input("/proc/self/status", max_bytes=50)
+
+
+def test_a_jpegs_quality_is_read_from_its_quantisation_tables(rng):
+    """libjpeg's quality scaling, inverted: every quality Pillow writes, in colour (both subsamplings) and grey."""
+    pixels = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+    for quality in range(1, 101):
+        for image, options in ((pixels, {"subsampling": 0}), (pixels, {"subsampling": 2}), (pixels[..., 0], {})):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, "JPEG", quality=quality, **options)
+            assert decode_image(buffer.getvalue(), "q").quality == quality, (quality, options)
+    assert decode_image(encode(pixels, "PNG"), "p").quality is None
+    # Tables of the encoder's own (a camera's): the nearest quality; tables that are not 64 positive values: none.
+    standard = Image.open(io.BytesIO(encode(pixels, "JPEG", quality=80))).quantization
+    own = [[v + (i % 2) for i, v in enumerate(standard[t])] for t in (0, 1)]  # quality 80's, every other value one higher
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", qtables=own)
+    assert Image.open(buffer).quantization[0] != standard[0] and 78 <= decode_image(buffer.getvalue(), "c").quality <= 80
+    assert jpeg_quality({0: [0] * 64}) is None and jpeg_quality({0: [1] * 10}) is None and jpeg_quality({}) is None
