@@ -4,7 +4,9 @@
   one to the nearest generator prototype ("contrast"), or the closed-form profiles' quadratic
   rule (`statistical.QuadraticDetector`). Each threshold is calibrated on held-out real
   images to a target false-positive rate (a conformal quantile), one for PNG-like inputs and
-  one for JPEG ones; a workspace may fix it instead (`lida config real_threshold`).
+  one for JPEG ones; the closed-form profiles also calibrate one per JPEG quality on a grid,
+  and a JPEG is judged by the one nearest its own quality (`decode.jpeg_quality`). A
+  workspace may fix the threshold instead (`lida config real_threshold`).
 - Which source: a similarity-weighted vote of the k nearest gallery images, or the nearest
   source centroid.
 - `unknown`: a generated image whose best match in its voted source is less similar than
@@ -125,16 +127,25 @@ class Decider:
     # JPEG inputs score lower than PNG ones under the same rule (their low bits are the codec's), so
     # they get a threshold calibrated on JPEG images alone: each format keeps the target rate.
     jpeg_threshold: float | None = None
+    # ...and how low depends on the quality: {quality: threshold calibrated on copies at that quality}.
+    # A JPEG whose quality is known takes the nearest one's (ties to the higher quality); one calibrated
+    # on copies spread over every quality held real JPEG 90s of unseen collections at 10% (docs/results.md).
+    jpeg_thresholds: dict[int, float] | None = None
 
     def configured(self, config) -> Decider:
         """This decider under a workspace's decision settings: vote, k, top-k, and a fixed threshold if one is set."""
         out = replace(self, method=config.decision, k=config.k, top_k=config.top_k)
         if config.real_threshold is not None:  # the paper's way: one hand-set threshold, for every format
-            out = replace(out, real_threshold=float(config.real_threshold), jpeg_threshold=None)
+            out = replace(out, real_threshold=float(config.real_threshold), jpeg_threshold=None, jpeg_thresholds=None)
         return out
 
-    def threshold(self, jpeg: bool = False) -> float:
-        return self.jpeg_threshold if jpeg and self.jpeg_threshold is not None else self.real_threshold
+    def threshold(self, jpeg: bool = False, quality: int | None = None) -> float:
+        """The real threshold for an input: PNG-like, or a JPEG (of this quality, when known)."""
+        if not jpeg:
+            return self.real_threshold
+        if quality is not None and self.jpeg_thresholds:
+            return self.jpeg_thresholds[min(self.jpeg_thresholds, key=lambda q: (abs(q - quality), -q))]
+        return self.jpeg_threshold if self.jpeg_threshold is not None else self.real_threshold
 
     @property
     def rule(self) -> str:
@@ -153,26 +164,28 @@ class Decider:
         return QuadraticDetector.from_dict(self.quadratic)
 
     def decide(self, queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str],
-               jpeg: Sequence[bool] | None = None) -> list[dict]:
-        """Decisions against a whole gallery (exact search); `jpeg` says which queries were JPEG files."""
+               jpeg: Sequence[bool] | None = None, quality: Sequence[int | None] | None = None) -> list[dict]:
+        """Decisions against a whole gallery (exact search); `jpeg` says which queries were JPEG files, `quality` their qualities."""
         labels = np.asarray(gallery_labels)
         sims = queries @ gallery.T if len(gallery) else np.zeros((len(queries), 0), np.float32)
         orders = [np.argsort(-row, kind="stable") for row in sims]
         return self.decide_neighbours(queries, [(row[order], labels[order].tolist()) for row, order in zip(sims, orders, strict=True)],
-                                      [bool(jpeg and jpeg[i]) for i in range(len(queries))])
+                                      [bool(jpeg and jpeg[i]) for i in range(len(queries))], quality)
 
     def decide_neighbours(self, queries: np.ndarray, neighbours: Sequence[tuple[Sequence[float], Sequence[str]]],
-                          jpeg: Sequence[bool]) -> list[dict]:
+                          jpeg: Sequence[bool], quality: Sequence[int | None] | None = None) -> list[dict]:
         """Each query's decision from its (similarities, labels), most similar first; detection scored for all at once.
 
         One matrix product for the batch instead of one per query: a tenth of a scan's attribution stage.
+        `quality`: each JPEG query's quality (`decode.jpeg_quality`), None where unknown.
         """
         real_scores = self.scores(queries) if len(queries) else []
-        return [self.decide_from_similarities(query, sims, labels, bool(is_jpeg), real_score=float(score))
-                for query, (sims, labels), is_jpeg, score in zip(queries, neighbours, jpeg, real_scores, strict=True)]
+        quality = [None] * len(queries) if quality is None else quality
+        return [self.decide_from_similarities(query, sims, labels, bool(is_jpeg), real_score=float(score), quality=q)
+                for query, (sims, labels), is_jpeg, score, q in zip(queries, neighbours, jpeg, real_scores, quality, strict=True)]
 
     def decide_from_similarities(self, query: np.ndarray, similarities: Sequence[float], labels: Sequence[str],
-                                 jpeg: bool = False, real_score: float | None = None) -> dict:
+                                 jpeg: bool = False, real_score: float | None = None, quality: int | None = None) -> dict:
         """One decision from the query's neighbours, most similar first (as an index returns them).
 
         `real_score`: the query's `scores`, when the caller scored a batch (`decide_neighbours`).
@@ -181,7 +194,7 @@ class Decider:
         labels = list(labels)
         if real_score is None:
             real_score = float(self.scores(np.asarray(query)[None])[0])
-        generated = bool(real_score < self.threshold(jpeg))
+        generated = bool(real_score < self.threshold(jpeg, quality))
         scores = self._source_scores(sims, labels)
         candidates = {s: v for s, v in scores.items() if s != REAL}
         if not generated:
@@ -227,6 +240,7 @@ class Decider:
             "generators": None if self.generators is None else np.asarray(self.generators).tolist(),
             "quadratic": self.quadratic,
             "jpeg_threshold": self.jpeg_threshold,
+            "jpeg_thresholds": None if self.jpeg_thresholds is None else {str(q): t for q, t in sorted(self.jpeg_thresholds.items())},
         }
 
     @classmethod
@@ -241,6 +255,7 @@ class Decider:
             generators=None if data.get("generators") is None else np.asarray(data["generators"], dtype=np.float32),
             quadratic=data.get("quadratic"),
             jpeg_threshold=None if data.get("jpeg_threshold") is None else float(data["jpeg_threshold"]),
+            jpeg_thresholds=None if not data.get("jpeg_thresholds") else {int(q): float(t) for q, t in data["jpeg_thresholds"].items()},
         )
 
 

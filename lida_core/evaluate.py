@@ -75,10 +75,10 @@ def _draw(directory: str, shots: int, seed: int, max_queries: int | None) -> tup
 
 
 def _scores(decider: decide.Decider, q_emb: np.ndarray, q_src: list[str], g_emb: np.ndarray, g_src: list[str],
-            jpeg: Sequence[bool]) -> tuple[dict, list[dict]]:
+            jpeg: Sequence[bool], quality: Sequence[int | None]) -> tuple[dict, list[dict]]:
     """Retrieval and decision metrics of these query embeddings, and the decisions themselves."""
     retrieval = retrieval_metrics(q_emb @ g_emb.T, q_src, g_src)
-    decisions = decider.decide(q_emb, g_emb, g_src, jpeg)
+    decisions = decider.decide(q_emb, g_emb, g_src, jpeg, quality)
     predicted = [d["predicted_source"] for d in decisions]
     truth_generated = [s != decide.REAL for s in q_src]
     real_scores = np.array([d["real_score"] for d in decisions])
@@ -137,13 +137,14 @@ def evaluate(
     decider = decider_for(model, ws, gallery.pixels, g_src, config, fitted) if adapt or current.decider is None else current.decider
     decider = replace(decider, unknown_threshold=decide.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept)
                       ).configured(config)
-    metrics, decisions = _scores(decider, q_emb, q_src, g_emb, g_src, queries.jpeg)
+    metrics, decisions = _scores(decider, q_emb, q_src, g_emb, g_src, queries.jpeg, queries.quality)
     robustness = []
     for i, perturbation in enumerate(perturbations):
         progress("perturb", {"done": i, "total": len(perturbations), "perturbation": str(perturbation), "images": len(q_src)})
         p_emb = model.embed([perturbation.apply(x, space) for x in queries.pixels])
         jpeg = [perturbation.makes_jpeg or j for j in queries.jpeg]
-        robustness.append({"perturbation": str(perturbation), **_scores(decider, p_emb, q_src, g_emb, g_src, jpeg)[0]})
+        quality = [int(perturbation.value)] * len(jpeg) if perturbation.makes_jpeg else queries.quality
+        robustness.append({"perturbation": str(perturbation), **_scores(decider, p_emb, q_src, g_emb, g_src, jpeg, quality)[0]})
     predicted = [d["predicted_source"] for d in decisions]
     names, matrix = confusion_matrix(q_src, predicted, sorted(set(q_src) | set(predicted) | {decide.UNKNOWN}))
     return {
@@ -162,6 +163,7 @@ def evaluate(
         "detection": decider.rule,
         "real_threshold": decider.real_threshold,
         "jpeg_threshold": decider.jpeg_threshold,
+        "jpeg_thresholds": decider.jpeg_thresholds,
         "unknown_threshold": decider.unknown_threshold,
         "perturbations": robustness,
         "per_source": per_source_table(q_src, predicted),

@@ -316,8 +316,11 @@ def query_decider(ws: Workspace, model_version: str, meta: dict, config: Workspa
 
 
 def search_and_decide(decider: Decider, index: GalleryIndex | None, embeddings: np.ndarray, jpeg: list[bool],
-                      model_version: str) -> list[dict]:
-    """Each embedding's decision against the index (searched once for all): the one search-then-decide."""
+                      model_version: str, quality: list[int | None] | None = None) -> list[dict]:
+    """Each embedding's decision against the index (searched once for all): the one search-then-decide.
+
+    `jpeg`: which inputs were JPEG files; `quality`: their JPEG qualities (`decode.jpeg_quality`), None where unknown.
+    """
     embeddings = np.asarray(embeddings, dtype=np.float32)
     k = min(index.index.ntotal, max(decider.k, decider.top_k) * 8) if index is not None and len(embeddings) else 0
     if k:
@@ -328,4 +331,4 @@ def search_and_decide(decider: Decider, index: GalleryIndex | None, embeddings: 
     for row in range(len(embeddings)):
         labels = [index.sources[j] for j in ids[row] if j >= 0] if k else []
         neighbours.append((sims[row][: len(labels)], labels))
-    return decider.decide_neighbours(embeddings, neighbours, jpeg)
+    return decider.decide_neighbours(embeddings, neighbours, jpeg, quality)

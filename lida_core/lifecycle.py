@@ -273,8 +273,14 @@ def pretrain_version(
             progress("fit", {"images": len(train_images)})
             _, rows = statistical.fit_pretrain(model, train_images, seed)
             image = rows % len(train_idx)  # rows: the images, then their JPEG copies
+            progress("calibration copies", {"qualities": list(statistical.CALIBRATION_QUALITIES),
+                                            "images": min(len(train_idx), statistical.MAX_CALIBRATION_IMAGES)})
+            copies, copy_image, copy_quality = statistical.calibration_copies(model, train_images, seed)
+            statistical.keep_calibration(model, copies)
             cross_fit = {"reference": statistical.reference_descriptors(model), "folds": fold_of[image],
-                         "jpeg": (rows >= len(train_idx)) | np.asarray(decoded.jpeg, dtype=bool)[image]}
+                         "jpeg": (rows >= len(train_idx)) | np.asarray(decoded.jpeg, dtype=bool)[image],
+                         "calibration": statistical.calibration_descriptors(model), "calibration_folds": fold_of[copy_image],
+                         "calibration_quality": copy_quality}
             result = {"history": []}
             cfg.epochs = 0
         else:
@@ -307,7 +313,9 @@ def pretrain_version(
             "data": {**_data_summary([decoded.image_ids[i] for i in train_idx], [decide.REAL] * len(train_idx)),
                      "errors": len(decoded.errors)},
             "calibration": calibration_ids,
-            **({"cross_fit": {"folds": cross_fit["folds"].tolist(), "jpeg": cross_fit["jpeg"].tolist()}} if cross_fit else {}),
+            **({"cross_fit": {"folds": cross_fit["folds"].tolist(), "jpeg": cross_fit["jpeg"].tolist(),
+                              "calibration": {"folds": cross_fit["calibration_folds"].tolist(),
+                                              "quality": cross_fit["calibration_quality"].tolist()}}} if cross_fit else {}),
             # the paper's p_r for adaptation: the mean feature of the pre-training real images
             "pretraining_prototype": prototype.tolist(),
             "training": {**asdict(cfg), "resumed_from": start_epoch,
@@ -355,9 +363,10 @@ def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict
     `fitted`: what `statistical.fit_gallery` fitted (the reference rows first, then the
     gallery's real images; the generated ones), or None after pre-training (the real side
     alone). The thresholds are conformal quantiles of each format's calibration scores: with
-    `cross_fit` (the model's reference rows, their folds and formats), each row scored by a
-    fit without its fold; with `held_out` (images and which are JPEG; srm models pre-trained
-    before session 16), those images scored by this fit.
+    `cross_fit` (the model's reference rows, their folds and formats, and its per-quality
+    calibration copies with theirs), each row scored by a fit without its fold, and one JPEG
+    threshold per quality from the copies; with `held_out` (images and which are JPEG; srm
+    models pre-trained before session 16), those images scored by this fit.
     """
     if fitted is None:  # pre-training: the real side alone
         fitted = {"real": cross_fit["reference"], "generated": cross_fit["reference"][:0], "labels": np.array([], dtype=str)}
@@ -368,17 +377,21 @@ def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict
         reference = cross_fit["reference"]
         if not np.array_equal(fitted["real"][: len(reference)], reference):
             raise WorkspaceError("the closed-form fit does not start with the model's reference rows; re-run 'lida pretrain'")
-        scores = statistical.cross_fitted_scores(reference, cross_fit["folds"], fitted["real"][len(reference):],
-                                                 fitted["generated"], fitted["labels"], model.model.embedding_dim)
+        scores, copy_scores = statistical.cross_fitted_scores(
+            reference, cross_fit["folds"], fitted["real"][len(reference):], fitted["generated"], fitted["labels"],
+            model.model.embedding_dim, cross_fit["calibration"], cross_fit["calibration_folds"])
         jpeg = cross_fit["jpeg"]
+        jpeg_thresholds = {int(q): decide.calibrate_real_threshold(copy_scores[cross_fit["calibration_quality"] == q], config.target_fpr)
+                           for q in np.unique(cross_fit["calibration_quality"])} or None
     else:
         images, jpeg = held_out
         scores = detector.scores(model.embed(images))
+        jpeg_thresholds = None
     found = decide.generator_prototypes(generated, fitted["labels"])
     threshold, jpeg_threshold = _thresholds(scores, jpeg, config.target_fpr)
     return decide.Decider(decide.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
                           np.stack(list(found.values())) if found else None, quadratic=detector.to_dict(),
-                          jpeg_threshold=jpeg_threshold), scores
+                          jpeg_threshold=jpeg_threshold, jpeg_thresholds=jpeg_thresholds), scores
 
 
 def _cross_fit(model: LoadedModel) -> dict | None:
@@ -391,7 +404,16 @@ def _cross_fit(model: LoadedModel) -> dict | None:
     if not (len(folds) == len(jpeg) == len(reference)):
         raise WorkspaceError(f"model {model.version}: its calibration record covers {len(folds)} rows, its reference "
                              f"{len(reference)}; re-run 'lida pretrain'")
-    return {"reference": reference, "folds": folds, "jpeg": jpeg}
+    # per-quality calibration copies (absent from models pre-trained before session 20: one JPEG threshold)
+    copies = statistical.calibration_descriptors(model.model)
+    calibration = record.get("calibration") if isinstance(record.get("calibration"), dict) else {}
+    copy_folds = np.asarray(calibration.get("folds", []), dtype=np.int64)
+    copy_quality = np.asarray(calibration.get("quality", []), dtype=np.int64)
+    if not (len(copy_folds) == len(copy_quality) == len(copies)) or not np.isin(copy_folds, folds).all():
+        raise WorkspaceError(f"model {model.version}: its per-quality calibration record covers {len(copy_folds)} rows, "
+                             f"its copies {len(copies)}; re-run 'lida pretrain'")
+    return {"reference": reference, "folds": folds, "jpeg": jpeg, "calibration": copies, "calibration_folds": copy_folds,
+            "calibration_quality": copy_quality}
 
 
 # ---------------------------------------------------------------- adaptation

@@ -391,8 +391,10 @@ class StatisticalHead(nn.Module):
     Until it is fitted it is a fixed random orthonormal projection (a Johnson-Lindenstrauss
     map, so cosine retrieval on the raw descriptor roughly survives). `reference` keeps the
     descriptors of the real images the fit used (pre-training's, with their JPEG copies), so
-    that adaptation can refit with the gallery without the original images; its row count
-    varies, and loading takes the saved one.
+    that adaptation can refit with the gallery without the original images; `calibration` keeps
+    the descriptors of JPEG copies of those images at each quality of `statistical.CALIBRATION_QUALITIES`,
+    which only calibrate the per-quality JPEG thresholds (they are never fitted). Their row counts
+    vary, and loading takes the saved ones (a model saved before `calibration` existed has none).
     """
 
     def __init__(self, dim: int = SrmStem.size(), out: int = 128):
@@ -402,14 +404,18 @@ class StatisticalHead(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("weight", q.contiguous())
         self.register_buffer("reference", torch.zeros(0, dim))
+        self.register_buffer("calibration", torch.zeros(0, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) @ self.weight
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        saved = state_dict.get(prefix + "reference")
-        if isinstance(saved, torch.Tensor) and saved.ndim == 2 and saved.shape[1] == self.reference.shape[1]:
-            self.reference = torch.zeros_like(saved)
+        for name in ("reference", "calibration"):
+            saved = state_dict.get(prefix + name)
+            if saved is None and name == "calibration":  # saved before per-quality calibration: none
+                state_dict[prefix + name] = saved = torch.zeros(0, self.reference.shape[1])
+            if isinstance(saved, torch.Tensor) and saved.ndim == 2 and saved.shape[1] == self.reference.shape[1]:
+                setattr(self, name, torch.zeros_like(saved))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

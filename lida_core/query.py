@@ -31,7 +31,7 @@ def connect(ws: Workspace) -> duckdb.DuckDBPyConnection:
         if files:
             pattern = ws.uri(TABLES, name) + "/**/*.parquet"
             con.execute(f"create view {name} as select * from read_parquet({_literal(pattern)}, hive_partitioning=true, "
-                        f"hive_types_autocast=false)")
+                        f"hive_types_autocast=false, union_by_name=true)")
         else:
             columns = ", ".join(f'cast(null as varchar) as "{f.name}"' for f in schemas.schema(name, 1))
             con.execute(f"create view {name} as select {columns} where false")

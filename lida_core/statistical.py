@@ -22,6 +22,11 @@ here, in seconds:
   (`cross_fitted_scores`): every pre-training photograph is in the published fit, and each
   is scored by a fit that left its fold out. A 30% held-out slice made the threshold depend on
   which photographs it drew (docs/results.md, session 16).
+- `calibration_copies`: a JPEG's score under the fit depends on its quality (not
+  monotonically), so one JPEG threshold taken over copies spread across qualities is too
+  high for some and too low for others. Copies of the pre-training photographs at each
+  quality of `CALIBRATION_QUALITIES`, scored cross-fitted like the reference rows but never
+  fitted, calibrate one JPEG threshold per quality (docs/results.md, session 20).
 - `with_jpeg_copies`: scraped images are mostly JPEG, and a JPEG's low bits differ from the
   PNG it came from. Every reference image (real or gallery) therefore also counts as a
   re-encoded copy at a quality drawn from `JPEG_QUALITIES`, so both fits and the real
@@ -47,6 +52,10 @@ HEAD_SHRINK = 0.5
 DETECTOR_SHRINK = 0.8
 REAL_SHRINK = 1.0
 JPEG_QUALITIES = (70, 95)  # inclusive range of re-encoding qualities
+# JPEG qualities with a real threshold of their own, each calibrated on a copy of every (of at most
+# MAX_CALIBRATION_IMAGES) pre-training image at that quality (`calibration_copies`)
+CALIBRATION_QUALITIES = (70, 75, 80, 85, 90, 95)
+MAX_CALIBRATION_IMAGES = 150
 MAX_REFERENCE = 1000  # real descriptors kept in a model (pre-training images and their JPEG copies)
 CALIBRATION_FOLDS = 5  # cross-fitted calibration of the real threshold (`cross_fitted_scores`)
 
@@ -88,6 +97,42 @@ def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0, jpeg_space: st
     n = len(images)
     strata = np.floor(low + (high + 1 - low) * (np.arange(n) + rng.random(n)) / max(n, 1)).astype(int)
     return _WithCopies(images, [int(q) for q in rng.permutation(strata)], jpeg_space)
+
+
+class _QualityCopies(Sequence):
+    """Each of `images` re-encoded at each quality of `qualities` (image-major), each copy made when it is read."""
+
+    def __init__(self, images: Sequence[np.ndarray], qualities: Sequence[int], jpeg_space: str):
+        self.images, self.qualities, self.jpeg_space = images, list(qualities), jpeg_space
+
+    def __len__(self) -> int:
+        return len(self.images) * len(self.qualities)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        image, quality = divmod(index, len(self.qualities))
+        return jpeg_copy(self.images[image], self.qualities[quality], self.jpeg_space)
+
+
+def calibration_copies(model: Embedder, images: Sequence[np.ndarray], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Descriptors of JPEG copies of (at most MAX_CALIBRATION_IMAGES of) `images` at every CALIBRATION_QUALITIES.
+
+    Returns (descriptors, each row's image index, each row's quality). The images are a seeded
+    choice when there are more; every chosen image has one copy at each quality, so each
+    quality's threshold is a quantile over the same photographs.
+    """
+    chosen = np.arange(len(images))
+    if len(chosen) > MAX_CALIBRATION_IMAGES:
+        chosen = np.sort(np.random.default_rng([seed, 104729]).choice(len(images), MAX_CALIBRATION_IMAGES, replace=False))
+    picked = images.take(chosen) if hasattr(images, "take") else [images[int(i)] for i in chosen]
+    feats = descriptors(model, _QualityCopies(picked, CALIBRATION_QUALITIES, model.fingerprint.jpeg))
+    per = len(CALIBRATION_QUALITIES)
+    return feats, np.repeat(chosen, per), np.tile(np.asarray(CALIBRATION_QUALITIES, dtype=np.int64), len(chosen))
 
 
 @torch.no_grad()
@@ -188,6 +233,16 @@ def reference_descriptors(model: Embedder) -> np.ndarray:
     return model.backbone.reference.double().numpy()
 
 
+def keep_calibration(model: Embedder, calibration: np.ndarray) -> None:
+    """Store the per-quality calibration copies' descriptors (`calibration_copies`) in the model's head."""
+    model.backbone.calibration = torch.as_tensor(calibration, dtype=torch.float32).contiguous().clone()
+
+
+def calibration_descriptors(model: Embedder) -> np.ndarray:
+    """The per-quality calibration copies' descriptors the model keeps (none for a model saved before they existed)."""
+    return model.backbone.calibration.double().numpy()
+
+
 def embeddings_from_descriptors(model: Embedder, feats: np.ndarray) -> np.ndarray:
     """What `embed.embed` returns for these descriptors (single-tile images): normalised head outputs."""
     head = model.backbone
@@ -212,31 +267,40 @@ def fit_pretrain(model: Embedder, real_images: Sequence[np.ndarray], seed: int =
         feats = feats[rows]
     mean, weight = fit_head(feats, feats[:0], [], model.embedding_dim)
     set_head(model, mean, weight, feats)
+    keep_calibration(model, feats[:0])  # `calibration_copies` are made by the caller, which knows their folds
     return feats, rows
 
 
 def cross_fitted_scores(reference: np.ndarray, folds: Sequence[int], gallery_real: np.ndarray, generated: np.ndarray,
-                        labels: Sequence[str], rank: int) -> np.ndarray:
-    """Each reference row's detection score under a head and a detector fitted without its fold.
+                        labels: Sequence[str], rank: int, extra: np.ndarray | None = None,
+                        extra_folds: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each reference row's detection score under a head and a detector fitted without its fold; and each extra row's.
 
     `reference`: the pre-training descriptors the model keeps, each with its fold (an image
     and its JPEG copy share one); `gallery_real`, `generated` and `labels`: the rest of the
-    fit, in every fold's. The scores are exchangeable with a new real image's under the full
-    fit, so a conformal quantile of them calibrates its threshold while every photograph
-    stays in the fit (`lida_core.lifecycle`).
+    fit, in every fold's. `extra` (with `extra_folds`): rows scored but never fitted (the
+    per-quality calibration copies), each by the fit without its image's fold. The scores are
+    exchangeable with a new real image's under the full fit, so a conformal quantile of them
+    calibrates its threshold while every photograph stays in the fit (`lida_core.lifecycle`).
     """
     folds = np.asarray(folds)
     if len(folds) != len(reference) or len(np.unique(folds)) < 2:
         raise ValueError(f"cross-fitting needs a fold for each of the {len(reference)} reference rows and at least two folds")
+    extra = np.zeros((0, reference.shape[1])) if extra is None else extra
+    extra_folds = np.zeros(0, np.int64) if extra_folds is None else np.asarray(extra_folds)
+    if len(extra_folds) != len(extra) or not np.isin(extra_folds, folds).all():
+        raise ValueError(f"each of the {len(extra)} calibration rows needs one of the reference rows' folds")
     labels = np.asarray(labels)
-    scores = np.empty(len(reference))
+    scores, extra_scores = np.empty(len(reference)), np.empty(len(extra))
     for fold in np.unique(folds):
         held = folds == fold
         real = np.vstack([reference[~held], gallery_real])
         mean, weight = fit_head(real, generated, labels, rank)
         detector = QuadraticDetector.fit(project(real, mean, weight), project(generated, mean, weight), labels)
         scores[held] = detector.scores(project(reference[held], mean, weight))
-    return scores
+        if (extra_folds == fold).any():
+            extra_scores[extra_folds == fold] = detector.scores(project(extra[extra_folds == fold], mean, weight))
+    return scores, extra_scores
 
 
 def fit_gallery(model: Embedder, images: Sequence[np.ndarray], sources: Sequence[str], seed: int = 0) -> dict:

@@ -205,7 +205,7 @@ class ShardAndDecode(beam.DoFn):
             for position, uri in enumerate(uris):
                 key = f"{name}_{position:05d}"  # no dots: WebDataset splits extensions at dots
                 row = {"scan_id": self.scan_id, "uri": uri, "image_id": "", "status": "ok", "error": None, "format": None,
-                       "width": None, "height": None, "bytes": 0, "shard": name, "key": key, "scanned_at": now}
+                       "width": None, "height": None, "jpeg_quality": None, "bytes": 0, "shard": name, "key": key, "scanned_at": now}
                 rows.append(row)
                 FILES.inc()
                 try:
@@ -219,7 +219,8 @@ class ShardAndDecode(beam.DoFn):
                 original = first.setdefault(row["image_id"], row)
                 if original is not row:  # the same bytes decode the same way: a duplicate
                     row.update(status="duplicate" if original["status"] == "ok" else original["status"], error=original["error"],
-                               format=original["format"], width=original["width"], height=original["height"])
+                               format=original["format"], width=original["width"], height=original["height"],
+                               jpeg_quality=original["jpeg_quality"])
                     continue
                 try:
                     decoded = decode_image(data, uri, jpeg_space=self.jpeg_space)
@@ -227,7 +228,7 @@ class ShardAndDecode(beam.DoFn):
                     row.update(status="error", error=exc.reason)
                     _error_counter(exc.reason.split(":", 1)[0].split(" (", 1)[0]).inc()
                     continue
-                row.update(format=decoded.format, width=decoded.width, height=decoded.height)
+                row.update(format=decoded.format, width=decoded.width, height=decoded.height, jpeg_quality=decoded.quality)
                 offsets[key] = _add_member(tar, f"{key}.{_EXT.get(decoded.format, 'img')}", data)
                 _add_member(tar, f"{key}.json", json.dumps({"uri": uri, "image_id": row["image_id"], "scan_id": self.scan_id,
                                                              "format": decoded.format, "width": decoded.width,
@@ -307,7 +308,8 @@ def finalize_images(ws: Workspace, scan_id: str, shard_count: int) -> tuple[pa.T
         if not ws.exists(rel):
             raise WorkspaceError(f"scan {scan_id}: shard {shard_name(index)} is not committed")
         tables.append(pq.read_table(io.BytesIO(ws.read_bytes(rel))))
-    table = pa.concat_tables(tables) if tables else schemas.schema("images").empty_table()
+    # promote: a shard committed before the images table had jpeg_quality gets nulls there
+    table = pa.concat_tables(tables, promote_options="default") if tables else schemas.schema("images").empty_table()
     del tables
     ok = pc.equal(table["status"], "ok")
     position = pa.array(np.arange(len(table), dtype=np.int64))
@@ -467,8 +469,10 @@ class Attribute(beam.DoFn):
             return
         # A shard's images that the images table made duplicates of another shard's are not attributed.
         repeats = finals[0].repeats
-        rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{_scan_dir(self.scan_id)}/{shard}.rows.parquet")),
-                             columns=["uri", "image_id", "key", "format", "status"]).to_pylist()
+        staged_rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{_scan_dir(self.scan_id)}/{shard}.rows.parquet")))
+        # a shard staged before the images table had jpeg_quality: its JPEGs take the one JPEG threshold
+        rows = staged_rows.select([c for c in ("uri", "image_id", "key", "format", "status", "jpeg_quality")
+                                   if c in staged_rows.column_names]).to_pylist()
         rows = sorted((r for r in rows if r["status"] == "ok" and r["key"] not in repeats), key=lambda r: r["key"])
         ok = frozenset(r["key"] for r in rows)
         staged = read_staged(self.ws, self.scan_id, shard, self.model_version, ok)
@@ -476,7 +480,7 @@ class Attribute(beam.DoFn):
             raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(staged)} embeddings for {len(ok)} images")
         emb = np.asarray([staged[r["key"]] for r in rows], dtype=np.float32)
         decisions = search_and_decide(self.decider, self.index, emb, [r["format"] in JPEG_FORMATS for r in rows],
-                                      self.model_version)
+                                      self.model_version, [r.get("jpeg_quality") for r in rows])
         now = utc_now()
         known = self.embedded.contains([r["image_id"] for r in rows])
         attributions, embeddings = [], []

@@ -1,5 +1,7 @@
 """Calibrated decisions on hand-made embeddings: thresholds, real/generated/unknown."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -126,10 +128,11 @@ def test_a_fixed_threshold_replaces_the_calibrated_ones_for_every_format():
     from lida_core.workspace import WorkspaceConfig, WorkspaceError
 
     prototype = unit([1, 0, 0])[0]
-    decider = Decider(prototype, real_threshold=0.5, unknown_threshold=None, jpeg_threshold=0.4)
+    decider = Decider(prototype, real_threshold=0.5, unknown_threshold=None, jpeg_threshold=0.4, jpeg_thresholds={90: 0.3})
     config = WorkspaceConfig(profile="paper", fingerprint="b3-scale-full-resize256", real_threshold=0.85, k=3)
     fixed = decider.configured(config)
-    assert fixed.threshold(jpeg=False) == fixed.threshold(jpeg=True) == 0.85 and fixed.k == 3
+    assert fixed.threshold(jpeg=False) == fixed.threshold(jpeg=True) == fixed.threshold(jpeg=True, quality=90) == 0.85
+    assert fixed.k == 3
     query = unit([0.8, 0.6, 0])  # cosine 0.8 to the real prototype
     gallery, labels = unit([0, 1, 0], [1, 0, 0]), ["g1", "real"]
     assert fixed.decide(query, gallery, labels)[0]["is_generated"]
@@ -197,3 +200,22 @@ def test_decisions_scored_as_a_batch_are_those_scored_one_query_at_a_time(rng):
             assert {k: v for k, v in decision.items() if k != "real_score"} == {k: v for k, v in alone.items() if k != "real_score"}
         called = [d["is_generated"] for d in batch]
         assert 0 < sum(called) < len(called)  # the rule decides both ways here, so agreement is not vacuous
+
+
+def test_a_jpeg_is_judged_by_the_threshold_calibrated_nearest_its_quality():
+    """Per-quality JPEG thresholds: the nearest calibrated quality (ties to the higher); the one JPEG threshold otherwise."""
+    prototype = unit([1, 0, 0])[0]
+    decider = Decider(prototype, real_threshold=0.5, unknown_threshold=None, jpeg_threshold=0.4,
+                      jpeg_thresholds={70: 0.1, 80: 0.2, 90: 0.3})
+    assert [decider.threshold(jpeg=True, quality=q) for q in (10, 70, 74, 75, 76, 85, 89, 90, 100)] == \
+        [0.1, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.3, 0.3]
+    assert decider.threshold(jpeg=True) == 0.4 and decider.threshold(jpeg=False, quality=90) == 0.5  # unknown quality; a PNG
+    query = unit([0.95, 0.3122499, 0])  # cosine 0.95 ... and one with cosine 0.25 to the real prototype
+    low = unit([0.25, 0.9682458, 0])
+    gallery, labels = unit([0, 1, 0], [1, 0, 0]), ["g1", "real"]
+    called = [d["is_generated"] for d in decider.decide(np.vstack([low, low, low, query]), gallery, labels,
+                                                         [True, True, False, True], [70, 90, None, 70])]
+    assert called == [False, True, True, False]  # 0.25 against 0.1, 0.3, the PNG threshold 0.5; 0.95 is real anywhere
+    again = Decider.from_dict(json.loads(json.dumps(decider.to_dict())))
+    assert again.jpeg_thresholds == {70: 0.1, 80: 0.2, 90: 0.3} and again.threshold(jpeg=True, quality=84) == 0.2
+    assert Decider.from_dict({**decider.to_dict(), "jpeg_thresholds": None}).threshold(jpeg=True, quality=90) == 0.4

@@ -229,6 +229,13 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     assert meta["calibration"] == [] and len(folds) == len(jpeg) == 2 * pre["images"]
     assert folds[: pre["images"]] == folds[pre["images"]:] and sorted(set(folds)) == [0, 1, 2, 3, 4]  # a copy shares its image's fold
     assert jpeg == [False] * pre["images"] + [True] * pre["images"]  # PNG photographs, then their JPEG copies
+    # ...and copies of every photograph at each calibrated JPEG quality, each in its image's fold, one threshold per quality
+    from lida_core.statistical import CALIBRATION_QUALITIES
+
+    qualities = list(CALIBRATION_QUALITIES)
+    assert meta["cross_fit"]["calibration"]["quality"] == qualities * pre["images"]
+    assert meta["cross_fit"]["calibration"]["folds"] == [f for f in folds[: pre["images"]] for _ in qualities]
+    assert sorted(int(q) for q in meta["decider"]["jpeg_thresholds"]) == qualities
     r = json_out(run_lida(ws, "eval", str(sample_dirs / "labelled"), "--shots", "3", "--perturb", "jpeg:90", "--perturb", "blur:1.5"))
     # 7 sources, 3 queries each: chance is 1/7 for Rank-1 and 0.5 for balanced accuracy.
     assert r["detection"] == "quadratic" and r["rank1"] >= 0.5 and r["balanced_accuracy"] >= 0.85, r
@@ -266,6 +273,13 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
         Image.open(path).convert("RGB").save(tmp_path / "jpegs" / f"{path.parent.name}-{path.stem}.jpg", quality=88)
     run_lida(ws, "scan", str(tmp_path / "jpegs"), "--scan-id", "s2")
     loaded = load_model(Workspace(str(ws)))
+    # The images table says each JPEG's quality; its decision used the threshold calibrated nearest it (90 for 88).
+    images = pq.read_table(ws / "tables" / "images" / "scan_id=s2").to_pylist()
+    assert [row["jpeg_quality"] for row in images] == [88] * 4
+    assert {row["jpeg_quality"] for row in pq.read_table(ws / "tables" / "images" / "scan_id=s1").to_pylist()} == {None}
+    decided = [row for row in pq.read_table(ws / "tables" / "attributions").to_pylist() if row["scan_id"] == "s2"]
+    at_90 = loaded.meta["decider"]["jpeg_thresholds"]["90"]
+    assert len(decided) == 4 and all(row["is_generated"] == (row["real_score"] < at_90) for row in decided)
     jpegs = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in (tmp_path / "jpegs").iterdir()}
     rows = [row for row in pq.read_table(ws / "tables" / "embeddings").to_pylist() if row["image_id"] in jpegs]
     assert len(rows) == 4 and {row["fingerprint"] for row in rows} == {"b3-scale-full-crop256-jpegycc"}

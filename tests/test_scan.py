@@ -80,6 +80,8 @@ def test_hostile_files_each_get_one_row_and_the_scan_succeeds(workspace, hostile
     assert "decompression bomb" in status["bomb.png"][1] and "empty" in status["zero.jpg"][1]
     for name in ("sixteen.png", "cmyk.jpg", "palette_alpha.png", "animated.gif", "one.png", "good 0 é.png"):
         assert status[name] == ("ok", None), name
+    quality = {Path(u).name: v for u, v in q(workspace, "select uri, jpeg_quality from {images} where scan_id = 'hostile'")}
+    assert {n: v for n, v in quality.items() if v is not None} == {"cmyk.jpg": 95}  # the one decoded JPEG's quality
     duplicates = [n for n in ("good 0 é.png", "sub_copy.png") if status[n][0] == "duplicate"]
     assert duplicates == ["sub_copy.png"]  # the first URI keeps the image
     attributed = q(workspace, "select uri, count(*) from {attributions} where scan_id = 'hostile' group by uri")
@@ -331,6 +333,17 @@ def test_query_reads_the_tables_as_views(workspace, hostile_dir, tmp_path):
     joined = json_out(run_lida(workspace, "query", "select count(*) as n from attributions a join images i using (scan_id, uri) "
                                                    "where scan_id = 'for_query' and i.status = 'ok'"))
     assert joined == [{"n": 8}]
+    # A scan written before the images table had jpeg_quality: its rows read that column as null.
+    import pyarrow.parquet as pq
+
+    old = Path(workspace) / "tables" / "images" / "scan_id=before_quality"
+    old.mkdir()
+    pq.write_table(pq.read_table(next((Path(workspace) / "tables" / "images" / "scan_id=for_query").glob("*.parquet")))
+                   .drop(["jpeg_quality"]), old / "part-00000.parquet")
+    mixed = json_out(run_lida(workspace, "query", "select scan_id, count(jpeg_quality) as known, count(*) as n from images "
+                                                  "where scan_id in ('for_query', 'before_quality') group by scan_id order by scan_id"))
+    assert mixed == [{"scan_id": "before_quality", "known": 0, "n": 13}, {"scan_id": "for_query", "known": 1, "n": 13}]
+    shutil.rmtree(old)
     bad = run_lida(workspace, "query", "select nope from images", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
     fresh = tmp_path / "fresh"

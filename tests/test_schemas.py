@@ -29,7 +29,7 @@ def test_every_contract_column_is_in_its_schema():
 def images_rows(**override):
     row = dict(
         scan_id="s1", uri="file:///a b/é.png", image_id="ab" * 32, status="ok", error=None, format="PNG",
-        width=4, height=3, bytes=120, shard="000000", key="k0", scanned_at=dt.datetime(2026, 11, 27, tzinfo=dt.UTC),
+        width=4, height=3, jpeg_quality=None, bytes=120, shard="000000", key="k0", scanned_at=dt.datetime(2026, 11, 27, tzinfo=dt.UTC),
     )
     row.update(override)
     return pa.Table.from_pylist([row])

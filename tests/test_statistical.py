@@ -228,10 +228,14 @@ def test_srm_head_round_trips_with_its_reference_rows(profile, width, tmp_path, 
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
     kept, rows = statistical.fit_pretrain(model, images)
     assert kept.shape == (12, width) and rows.tolist() == list(range(12))  # every image, then its JPEG copy
+    copies, image, quality = statistical.calibration_copies(model, images)
+    statistical.keep_calibration(model, copies)
     path = str(tmp_path / "m.pt")
     save_checkpoint(model, path)
     loaded, _ = load_checkpoint(path, profile=profile, fingerprint=model.fingerprint)
     assert loaded.backbone.reference.shape == (12, width) and not loaded.stem.pairs
+    assert np.array_equal(statistical.calibration_descriptors(loaded), statistical.calibration_descriptors(model))
+    assert copies.shape == (6 * len(statistical.CALIBRATION_QUALITIES), width)
     assert loaded.stem.split == (profile == "srm-split")
     queries = [rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8) for _ in range(3)]
     assert np.array_equal(embed.embed(loaded.eval(), queries), embed.embed(model, queries))
@@ -240,6 +244,40 @@ def test_srm_head_round_trips_with_its_reference_rows(profile, width, tmp_path, 
         x = _input(queries[0])
         with torch.no_grad():
             assert np.allclose(model(x).numpy() / np.linalg.norm(model(x).numpy()), embed.embed(model, queries[:1]), atol=1e-6)
+
+
+def test_calibration_copies_are_each_image_at_each_calibrated_quality(rng):
+    from lida_core.perturb import jpeg_copy
+
+    model = build_model("srm").eval()
+    images = [rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    copies, image, quality = statistical.calibration_copies(model, images, seed=0)
+    qualities = list(statistical.CALIBRATION_QUALITIES)
+    assert image.tolist() == [i for i in range(3) for _ in qualities] and quality.tolist() == qualities * 3
+    for row in (0, 4, 3 * len(qualities) - 1):  # a row is the descriptor of that image re-encoded at that quality
+        copy = jpeg_copy(images[image[row]], int(quality[row]), model.fingerprint.jpeg)
+        np.testing.assert_allclose(copies[row], statistical.descriptors(model, [copy])[0])
+    assert not np.allclose(copies[0], copies[1])  # the quality shows in the descriptor
+    many = [images[0]] * (statistical.MAX_CALIBRATION_IMAGES + 5)  # a seeded choice of at most that many images
+    picked = statistical.calibration_copies(model, many, seed=2)[1]
+    assert len(set(picked.tolist())) == statistical.MAX_CALIBRATION_IMAGES
+    assert np.array_equal(picked, statistical.calibration_copies(model, many, seed=2)[1])
+
+
+def test_srm_checkpoints_without_calibration_copies_load_with_none(tmp_path, rng):
+    """A checkpoint saved before session 20 has no calibration buffer: it loads, and its JPEGs take the one JPEG threshold."""
+    old = build_model("srm").eval()
+    images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    statistical.fit_pretrain(old, images)
+    payload = torch.load(io.BytesIO(checkpoint_bytes(old)), weights_only=True)
+    state = payload["state_dict"]
+    removed = [k for k in list(state) if k.endswith("calibration")]
+    assert len(removed) == 1
+    del state[removed[0]]
+    torch.save(payload, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(str(tmp_path / "old.pt"), profile="srm")
+    assert statistical.calibration_descriptors(loaded).shape == (0, 2401)
+    assert np.array_equal(embed.embed(loaded.eval(), images), embed.embed(old, images))
 
 
 def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_path, rng):
@@ -367,13 +405,25 @@ def test_cross_fitted_scores_never_score_a_row_with_a_fit_that_saw_its_fold():
     reference, generated, labels = _clustered(g, 60)
     gallery_real = g.normal(size=(4, 40))
     folds = np.arange(60) % 5
-    scores = statistical.cross_fitted_scores(reference, folds, gallery_real, generated, labels, rank=8)
+    extra, extra_folds = reference[:20] + 0.1 * g.normal(size=(20, 40)), folds[:20]  # copies of the first 20 rows' images
+    scores, extra_scores = statistical.cross_fitted_scores(reference, folds, gallery_real, generated, labels, rank=8,
+                                                           extra=extra, extra_folds=extra_folds)
+    assert np.array_equal(statistical.cross_fitted_scores(reference, folds, gallery_real, generated, labels, rank=8)[0], scores)
     moved = reference.copy()
     moved[0] = 10 * g.normal(size=40)  # one row of fold 0 changes
-    again = statistical.cross_fitted_scores(moved, folds, gallery_real, generated, labels, rank=8)
+    again, extra_again = statistical.cross_fitted_scores(moved, folds, gallery_real, generated, labels, rank=8,
+                                                         extra=extra, extra_folds=extra_folds)
     fold0 = folds == 0
     assert np.array_equal(again[fold0][1:], scores[fold0][1:])  # its fold-mates were scored without it
     assert not np.allclose(again[~fold0], scores[~fold0])  # every other fold's fit included it
+    assert np.array_equal(extra_again[extra_folds == 0], extra_scores[extra_folds == 0])  # so were its fold's copies
+    assert not np.allclose(extra_again[extra_folds != 0], extra_scores[extra_folds != 0])
+    # The extra rows are scored, never fitted: moving one changes no other score.
+    shifted = extra.copy()
+    shifted[3] = 10 * g.normal(size=40)
+    still, extra_still = statistical.cross_fitted_scores(reference, folds, gallery_real, generated, labels, rank=8,
+                                                         extra=shifted, extra_folds=extra_folds)
+    assert np.array_equal(still, scores) and np.array_equal(np.delete(extra_still, 3), np.delete(extra_scores, 3))
     # Scored by a fit that saw them, the same rows look more typical of real images than they are.
     real = np.vstack([reference, gallery_real])
     mean, weight = statistical.fit_head(real, generated, labels, 8)
@@ -383,6 +433,9 @@ def test_cross_fitted_scores_never_score_a_row_with_a_fit_that_saw_its_fold():
         statistical.cross_fitted_scores(reference, np.zeros(60, int), gallery_real, generated, labels, rank=8)
     with pytest.raises(ValueError, match="a fold for each"):
         statistical.cross_fitted_scores(reference, folds[:-1], gallery_real, generated, labels, rank=8)
+    with pytest.raises(ValueError, match="calibration rows needs one of the reference rows' folds"):
+        statistical.cross_fitted_scores(reference, folds, gallery_real, generated, labels, rank=8, extra=extra,
+                                        extra_folds=extra_folds + 7)
 
 
 def test_jpeg_copies_are_reencoded_and_seeded(rng):
