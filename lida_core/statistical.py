@@ -100,10 +100,14 @@ def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0, jpeg_space: st
 
 
 class _QualityCopies(Sequence):
-    """Each of `images` re-encoded at each quality of `qualities` (image-major), each copy made when it is read."""
+    """Each of `images` re-encoded at each quality of `qualities` (image-major), each copy made when it is read.
+
+    The image last read is kept: read in order, a lazily decoded photograph is decoded once, not once per quality.
+    """
 
     def __init__(self, images: Sequence[np.ndarray], qualities: Sequence[int], jpeg_space: str):
         self.images, self.qualities, self.jpeg_space = images, list(qualities), jpeg_space
+        self._last: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.images) * len(self.qualities)
@@ -116,7 +120,9 @@ class _QualityCopies(Sequence):
         if not 0 <= index < len(self):
             raise IndexError(index)
         image, quality = divmod(index, len(self.qualities))
-        return jpeg_copy(self.images[image], self.qualities[quality], self.jpeg_space)
+        if self._last is None or self._last[0] != image:
+            self._last = (image, self.images[image])
+        return jpeg_copy(self._last[1], self.qualities[quality], self.jpeg_space)
 
 
 def calibration_copies(model: Embedder, images: Sequence[np.ndarray], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

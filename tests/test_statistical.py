@@ -505,3 +505,28 @@ def test_warm_up_loads_the_compiled_counting_before_any_image():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.split() == ["0", "1"]
     assert srm.pixel_counts([(np.full((4, 4, 3), 9, np.uint8), np.array([[0, 0, 4, 4]]))], threads=1).sum() > 0
+
+
+
+def test_calibration_copies_decode_each_lazily_read_photograph_once(rng):
+    """Read in order, a lazily decoded photograph (pre-training's are) is decoded once for all of its qualities."""
+    from collections.abc import Sequence
+
+    from lida_core.perturb import jpeg_copy
+
+    pixels = [rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8) for _ in range(3)]
+
+    class Counting(Sequence):  # a decode per read, as LazyImages does
+        reads = 0
+
+        def __len__(self):
+            return len(pixels)
+
+        def __getitem__(self, index):
+            Counting.reads += 1
+            return pixels[index]
+
+    copies = statistical._QualityCopies(Counting(), (70, 90), "rgb")
+    made = [copies[i] for i in range(len(copies))]
+    assert Counting.reads == 3 and len(made) == 6
+    assert all(np.array_equal(made[2 * i + j], jpeg_copy(pixels[i], q)) for i in range(3) for j, q in enumerate((70, 90)))
