@@ -60,7 +60,23 @@ MAX_REFERENCE = 1000  # real descriptors kept in a model (pre-training images an
 CALIBRATION_FOLDS = 5  # cross-fitted calibration of the real threshold (`cross_fitted_scores`)
 
 
-class _WithCopies(Sequence):
+class _MadeOnRead(Sequence):
+    """A sequence whose items (`_item(i)`, 0 <= i < len) are made when read; slices and negative indexes as a list's."""
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._item(index)
+
+    def _item(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _WithCopies(_MadeOnRead):
     """images[0..n) then their JPEG copies, each copy made when it is read: n large photographs never sit in memory twice."""
 
     def __init__(self, images: Sequence[np.ndarray], qualities: list[int], jpeg_space: str):
@@ -69,14 +85,8 @@ class _WithCopies(Sequence):
     def __len__(self) -> int:
         return 2 * len(self.images)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def _item(self, index: int) -> np.ndarray:
         n = len(self.images)
-        if index < 0:
-            index += 2 * n
-        if not 0 <= index < 2 * n:
-            raise IndexError(index)
         return self.images[index] if index < n else jpeg_copy(self.images[index - n], self.qualities[index - n], self.jpeg_space)
 
 
@@ -99,7 +109,7 @@ def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0, jpeg_space: st
     return _WithCopies(images, [int(q) for q in rng.permutation(strata)], jpeg_space)
 
 
-class _QualityCopies(Sequence):
+class _QualityCopies(_MadeOnRead):
     """Each of `images` re-encoded at each quality of `qualities` (image-major), each copy made when it is read.
 
     The image last read is kept: read in order, a lazily decoded photograph is decoded once, not once per quality.
@@ -112,13 +122,7 @@ class _QualityCopies(Sequence):
     def __len__(self) -> int:
         return len(self.images) * len(self.qualities)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _item(self, index: int) -> np.ndarray:
         image, quality = divmod(index, len(self.qualities))
         if self._last is None or self._last[0] != image:
             self._last = (image, self.images[image])
