@@ -469,10 +469,10 @@ class Attribute(beam.DoFn):
             return
         # A shard's images that the images table made duplicates of another shard's are not attributed.
         repeats = finals[0].repeats
-        staged_rows = pq.read_table(io.BytesIO(self.ws.read_bytes(f"{_scan_dir(self.scan_id)}/{shard}.rows.parquet")))
+        staged_rows = pq.ParquetFile(io.BytesIO(self.ws.read_bytes(f"{_scan_dir(self.scan_id)}/{shard}.rows.parquet")))
         # a shard staged before the images table had jpeg_quality: its JPEGs take the one JPEG threshold
-        rows = staged_rows.select([c for c in ("uri", "image_id", "key", "format", "status", "jpeg_quality")
-                                   if c in staged_rows.column_names]).to_pylist()
+        rows = staged_rows.read(columns=[c for c in ("uri", "image_id", "key", "format", "status", "jpeg_quality")
+                                         if c in staged_rows.schema_arrow.names]).to_pylist()
         rows = sorted((r for r in rows if r["status"] == "ok" and r["key"] not in repeats), key=lambda r: r["key"])
         ok = frozenset(r["key"] for r in rows)
         staged = read_staged(self.ws, self.scan_id, shard, self.model_version, ok)
