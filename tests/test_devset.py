@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import json_out, run_lida
+from lida_core.lifecycle import load_model
+from lida_core.workspace import Workspace
 
 DEVSET = Path(os.environ.get("LIDA_DEVSET", Path(__file__).resolve().parents[1].parent / "shared" / "devset"))
 
@@ -33,3 +35,54 @@ def test_default_profile_attributes_real_generators(tmp_path):
     assert r["attribution_accuracy"] >= 0.7, {k: r[k] for k in ("attribution_accuracy", "rank1", "balanced_accuracy")}
     assert r["rank1"] >= 0.8 and r["false_positive_rate"] <= 0.08, r
     assert r["detection"] == "quadratic" and r["query_images"] == 264 - 30
+
+
+
+def test_a_gallery_that_grows_gets_a_refit_that_names_the_new_generators(tmp_path):
+    """Generators registered after a fit: their refit is promoted, and the gate judges the current model out of sample.
+
+    Before session 21 the current model was judged on held-out gallery images it had been fitted
+    on (in-sample: 0.767 against the refit's 0.733 on these images), the stale model stayed, and
+    it called every image of the new generators real.
+    """
+    ws = tmp_path / "ws"
+    run_lida(ws, "init")
+    run_lida(ws, "pretrain", str(DEVSET / "pretrain" / "real"))
+    first, added = ["real", "stable_diffusion_v1", "stylegan2_ffhq", "stylegan2_pizza"], ["dalle2", "dit_xl2"]
+
+    def register(source, start):
+        shots = tmp_path / "shots" / f"{source}-{start}"
+        shots.mkdir(parents=True)
+        for f in sorted((DEVSET / "png" / source).iterdir())[start : start + 5]:
+            (shots / f.name).write_bytes(f.read_bytes())
+        run_lida(ws, "gallery", "add", "--source", source, str(shots))
+
+    for source in first:
+        register(source, 0)
+    assert json_out(run_lida(ws, "adapt"))["promoted"]  # the first gallery fit of a pre-trained model
+    assert len(load_model(Workspace(str(ws))).meta["data"]["images"]) == 20  # what the next gate leaves out
+    for source in added:
+        register(source, 0)
+    grown = json_out(run_lida(ws, "adapt"))
+    meta = load_model(Workspace(str(ws))).meta
+    assert grown["promoted"] and meta["promotion"]["rule"].endswith("not fitted on: dalle2, dit_xl2"), meta["promotion"]
+    assert len(meta["decider"]["quadratic"]["generator_means"]) == 5  # the detector has a side for every generator
+    # Unchanged gallery: the current model's figure is its own fit repeated without each fold, the
+    # candidate's procedure exactly, so the two agree (judged as it stood, in-sample, it scored higher).
+    again = json_out(run_lida(ws, "adapt"))
+    assert again["holdout_accuracy_before"] == again["holdout_accuracy_after"], again
+    # More images of known generators: the ordinary gate, with both figures out of sample.
+    for source in added:
+        register(source, 5)
+    more = json_out(run_lida(ws, "adapt"))
+    rule = _latest_rule(ws)  # the candidate just published, promoted or not
+    assert rule == "candidate leave-out accuracy >= current, both out of sample", rule
+    assert more["promoted"] == (more["holdout_accuracy_after"] >= more["holdout_accuracy_before"]), more
+
+
+def _latest_rule(ws):
+    """The promotion rule of the most recently published model version (promoted or not)."""
+    import json
+
+    latest = max(p for p in (ws / "models").iterdir() if p.is_dir())
+    return json.loads((latest / "meta.json").read_text())["promotion"]["rule"]

@@ -245,7 +245,8 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     blurred = r["perturbations"][1]
     assert blurred["rank1"] < r["rank1"] - 0.2 and blurred["attribution_accuracy"] < r["attribution_accuracy"], r["perturbations"]
     assert "| blur:1.5 |" in Path(r["saved"]["markdown"]).read_text()
-    for source in samples.sample_sources():
+    *first, last = [s for s in samples.sample_sources() if s != "real"]
+    for source in ["real", *first]:
         run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
     adapted = json_out(run_lida(ws, "adapt"))
     assert adapted["promoted"], adapted
@@ -253,7 +254,16 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     # The first gallery fit of a pre-trained model is promoted (it alone has a generator side);
     # the cross-fitted gate judged every gallery image held out once.
     assert meta["promotion"]["rule"].startswith("first gallery fit")
-    assert meta["metrics"]["holdout_images"] == 6 * len(samples.sample_sources())  # the fixture writes 6 per source
+    assert meta["metrics"]["holdout_images"] == 6 * len(first) + 6  # the fixture writes 6 per source
+    # ...and it records which gallery images it was fitted on, so a later gate can judge it without them
+    assert len(meta["data"]["images"]) == meta["data"]["count"] == 6 * len(first) + 6
+    assert {k.split(":", 1)[0] for k in meta["data"]["images"]} == {"real", *first}
+    # A generator registered later: the current detector has no side for it, so the refit is promoted.
+    run_lida(ws, "gallery", "add", "--source", last, str(sample_dirs / "labelled" / last))
+    adapted = json_out(run_lida(ws, "adapt"))
+    meta = load_model(Workspace(str(ws))).meta
+    assert adapted["promoted"] and meta["promotion"]["rule"].endswith(f"was not fitted on: {last}"), meta["promotion"]
+    assert len(meta["data"]["images"]) == 6 * len(samples.sample_sources())
     assert len(meta["decider"]["quadratic"]["generator_means"]) == len(samples.sample_sources()) - 1  # every generator
     samples.write_samples(str(tmp_path / "inbox"), 2, start=500)  # unseen images of every source
     run_lida(ws, "scan", str(tmp_path / "inbox"), "--scan-id", "s1")
