@@ -35,10 +35,17 @@ def check_source_name(source: str) -> str:
 
 
 def table(ws: Workspace, version: str) -> pa.Table:
-    """A model version's gallery rows, one per (image, source): a re-added image keeps its first registration."""
+    """A model version's gallery rows, one per (image, source): a re-added image keeps its first registration.
+
+    Rows come in registration order (then source and image id), not in the order of their
+    part files' random names: a closed-form fit draws its JPEG copies in row order, so the same
+    registrations give the same fit in every workspace, and a growing gallery keeps its earlier
+    rows in place.
+    """
     rows = ws.read_parquet(table_folder("gallery", version))
     if rows is None:
         return schemas.schema("gallery", 1).empty_table().drop(["embedding"])
+    rows = rows.sort_by([("added_at", "ascending"), ("source", "ascending"), ("image_id", "ascending")])
     rows = rows.append_column("model_version", pa.array([version] * len(rows)))
     seen, keep = set(), []
     for i, (image_id, source) in enumerate(zip(rows["image_id"].to_pylist(), rows["source"].to_pylist(), strict=True)):
