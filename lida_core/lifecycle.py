@@ -506,6 +506,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             # real images stand in, and the model's training record says so (docs/method.md).
             cfg.prototype = "gallery"
         candidate = LoadedModel("candidate", copy.deepcopy(current.model), {**current.meta})
+        fitted_before = _fitted_images(current) if candidate.model.fit == "closed-form" else None
         if candidate.model.fit == "closed-form":
             # The gate is cross-fitted: per fold, a head fitted on the rest scores the held-out
             # images, and every gallery image is held out once; the current model scores the
@@ -516,8 +517,8 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             # fitted on, its own fit is repeated without them (on the fold's training images it
             # had). Judged as it stands, it would have seen those images, and a gallery that grew
             # (a generator added) kept the stale model: on the devset, 0.767 in-sample against a
-            # candidate's 0.733 out-of-sample (docs/results.md, session 21).
-            fitted_before = _fitted_images(current)
+            # candidate's 0.733 out-of-sample (docs/results.md, session 21). A fold that leaves it
+            # none of them judges its fit on no gallery image, the pre-trained state.
             hits_before = hits_after = 0.0
             held_idx = []
             for fold_train, fold_held in training.holdout_folds(sources, cfg.holdout, seed):
@@ -566,7 +567,6 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
         refit = (candidate.model.fit == "closed-form" and current.meta.get("kind") == "adapt"
                  and (current.meta.get("data") or {}).get("content_sha256") == data["content_sha256"])
         promoted = bool(first_fit or new_source or refit or np.isnan(before) or (not np.isnan(after) and after >= before))
-        fitted_out_of_sample = candidate.model.fit == "closed-form" and _fitted_images(current) is not None
         meta = {
             **{k: v for k, v in current.meta.items()
                if k in ("profile", "fingerprint", "input", "tiles", "calibration", "cross_fit", "pretraining_prototype")},
@@ -581,7 +581,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
                           else f"closed-form fit of generators the current model was not fitted on: {', '.join(unfitted)}"
                           if new_source
                           else "closed-form refit on the gallery the current model was fitted on" if refit
-                          else "candidate leave-out accuracy >= current, both out of sample" if fitted_out_of_sample
+                          else "candidate leave-out accuracy >= current, both out of sample" if fitted_before is not None
                           else "candidate leave-out accuracy >= current"},
             "decider": decider.to_dict(),
         }
