@@ -527,9 +527,12 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
                 judged = current.model
                 if fitted_before is not None and any(_image_key(sources[i], ids[i]) in fitted_before for i in fold_held):
                     had = [i for i in fold_train if _image_key(sources[i], ids[i]) in fitted_before]
-                    judged = LoadedModel("gate-current", copy.deepcopy(current.model), current.meta)
-                    fit_model(judged, [images[i] for i in had], [sources[i] for i in had], cfg, progress)
-                    judged = judged.model
+                    if had == fold_train:  # it had every training image of the fold: its fit is the candidate's
+                        judged = gate.model
+                    else:
+                        judged = LoadedModel("gate-current", copy.deepcopy(current.model), current.meta)
+                        fit_model(judged, [images[i] for i in had], [sources[i] for i in had], cfg, progress)
+                        judged = judged.model
                 hits_before += len(fold_held) * training.holdout_accuracy(judged, images, sources, fold_train, fold_held,
                                                                           current.input_kind)
                 hits_after += len(fold_held) * training.holdout_accuracy(gate.model, images, sources, fold_train, fold_held,
