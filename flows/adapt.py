@@ -76,7 +76,8 @@ def adaptation_markdown(found: dict, triggered: str | None, added: dict, result:
     lines.append(f"- triggered by: {triggered}")
     lines += ["", "| source | images added |", "|---|---|"] + [f"| {s} | {r['added']} |" for s, r in sorted(added.items())]
     if result:
-        verdict = "promoted" if result["promoted"] else "not promoted (worse on held-out gallery images)"
+        verdict = (f"promoted ({result['rule']})" if result["promoted"]
+                   else f"not promoted (worse on held-out gallery images; rule: {result['rule']})")
         lines += ["", "## Before / after", "", "| | before | after |", "|---|---|---|",
                   f"| model version | {before['model_version']} | {after['model_version']} |",
                   f"| gallery sources | {len(before['sources'])} | {len(after['sources'])} |",

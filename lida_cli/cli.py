@@ -301,7 +301,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from lida_core.workspace import Workspace
 
     r = adapt_and_reindex(Workspace(args.workspace), args.epochs, args.lr, args.seed, _Progress(args.json))
-    verdict = "promoted to current" if r["promoted"] else "NOT promoted (worse on held-out gallery images); current unchanged"
+    verdict = (f"promoted to current ({r['rule']})" if r["promoted"]
+               else f"NOT promoted (worse on held-out gallery images; rule: {r['rule']}); current unchanged")
     return _emit(args, r, f"candidate {r['model_version']} (from {r['parent']}): held-out accuracy "
                           f"{r['holdout_accuracy_before']:.3f} -> {r['holdout_accuracy_after']:.3f}; {verdict}")
 

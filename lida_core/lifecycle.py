@@ -475,13 +475,15 @@ def decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Work
     return decide.Decider(prototype, threshold, None, config.decision, config.k, config.top_k, generators)
 
 
-def fit_model(model: LoadedModel, images, sources, cfg: training.AdaptConfig, progress: Progress) -> tuple[training.AdaptResult, dict | None]:
-    """Adaptation in place: gradient descent, or the closed-form fit (which also returns what the detector needs)."""
+def fit_model(model: LoadedModel, images, sources, cfg: training.AdaptConfig, progress: Progress,
+              split: tuple[list[int], list[int]] | None = None) -> tuple[training.AdaptResult, dict | None]:
+    """Adaptation in place: gradient descent (on `split`'s training images), or the closed-form fit
+    (on all of them; it also returns what the detector needs)."""
     if model.model.fit == "closed-form":
         progress("fit", {"images": len(images)})
         return training.AdaptResult(), statistical.fit_gallery(model.model, images, sources, cfg.seed)
     return training.adapt(model.model, images, sources, cfg, progress=lambda e: progress("epoch", e),
-                          pretraining_prototype=model.meta.get("pretraining_prototype")), None
+                          pretraining_prototype=model.meta.get("pretraining_prototype"), split=split), None
 
 
 def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = None, seed: int = 0,
@@ -506,8 +508,8 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             # real images stand in, and the model's training record says so (docs/method.md).
             cfg.prototype = "gallery"
         candidate = LoadedModel("candidate", copy.deepcopy(current.model), {**current.meta})
-        fitted_before = _fitted_images(current) if candidate.model.fit == "closed-form" else None
         if candidate.model.fit == "closed-form":
+            fitted_before = _fitted_images(current)
             # The gate is cross-fitted: per fold, a head fitted on the rest scores the held-out
             # images, and every gallery image is held out once; the current model scores the
             # same folds. One split (one image per source at 5 shots) made promotion a coin flip
@@ -543,10 +545,20 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             result, fitted = fit_model(candidate, images, sources, cfg, progress)
             result.best_holdout_accuracy = after
             decider = decider_for(candidate, ws, images, sources, config, fitted)
+            in_sample = None if fitted_before is None else 0  # its images are refitted without, fold by fold
         else:
-            train_idx, held_idx = training.split_holdout(sources, cfg.holdout, seed)
+            # A network is trained on a split of the gallery and stops at its best epoch on the rest.
+            # The candidate starts from the current weights, which it keeps if no epoch does better,
+            # so the gate is the current model's figure against the candidate's on the same held-out
+            # images. Those are drawn first from images the current model was not trained on (a
+            # gallery that grew reshuffles every source's split): judged and early-stopped on images
+            # it had trained on, the current model would look better than it is.
+            fitted_before = _fitted_images(current) if current.meta.get("kind") == "adapt" else set()
+            unseen = None if fitted_before is None else [_image_key(s, i) not in fitted_before for s, i in zip(sources, ids, strict=True)]
+            train_idx, held_idx = training.split_holdout(sources, cfg.holdout, seed, prefer=unseen)
             before = training.holdout_accuracy(current.model, images, sources, train_idx, held_idx, current.input_kind)
-            result, _ = fit_model(candidate, images, sources, cfg, progress)
+            in_sample = None if fitted_before is None else sum(_image_key(sources[i], ids[i]) in fitted_before for i in held_idx)
+            result, _ = fit_model(candidate, images, sources, cfg, progress, split=(train_idx, held_idx))
             after = result.best_holdout_accuracy
             decider = decider_for(candidate, ws, [images[i] for i in train_idx], [sources[i] for i in train_idx], config)
         # A closed-form model that was only pre-trained has no generator side in its detector: it
@@ -565,11 +577,19 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
         # accuracy is in-sample and the out-of-sample candidate cannot match it; the fit has no
         # hyperparameters to have got wrong, and it is the same procedure on the same images.
         data = _data_summary(ids, sources)
-        if candidate.model.fit == "closed-form":  # which images this fit saw, so the next gate can leave them out
-            data["images"] = sorted(_image_key(s, i) for s, i in zip(sources, ids, strict=True))
+        # which images this fit was trained on (a closed-form fit: all; a network: its training split),
+        # so the next gate can judge it on others
+        trained_idx = range(len(ids)) if candidate.model.fit == "closed-form" else train_idx
+        data["images"] = sorted(_image_key(sources[i], ids[i]) for i in trained_idx)
         refit = (candidate.model.fit == "closed-form" and current.meta.get("kind") == "adapt"
                  and (current.meta.get("data") or {}).get("content_sha256") == data["content_sha256"])
         promoted = bool(first_fit or new_source or refit or np.isnan(before) or (not np.isnan(after) and after >= before))
+        rule = ("first gallery fit of a pre-trained closed-form model" if first_fit
+                else f"closed-form fit of generators the current model was not fitted on: {', '.join(unfitted)}" if new_source
+                else "closed-form refit on the gallery the current model was fitted on" if refit
+                else "candidate leave-out accuracy >= current, both out of sample" if in_sample == 0 and candidate.model.fit == "closed-form"
+                else "candidate leave-out accuracy >= current, on images neither was trained on" if in_sample == 0
+                else "candidate leave-out accuracy >= current")
         meta = {
             **{k: v for k, v in current.meta.items()
                if k in ("profile", "fingerprint", "input", "tiles", "calibration", "cross_fit", "pretraining_prototype")},
@@ -578,14 +598,8 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             "data": data,
             "training": {**asdict(cfg), "best_epoch": result.best_epoch},
             "metrics": {"history": result.history, "holdout_accuracy_before": before, "holdout_accuracy_after": after,
-                        "holdout_images": len(held_idx)},
-            "promotion": {"promoted": promoted, "current_accuracy": before, "candidate_accuracy": after,
-                          "rule": "first gallery fit of a pre-trained closed-form model" if first_fit
-                          else f"closed-form fit of generators the current model was not fitted on: {', '.join(unfitted)}"
-                          if new_source
-                          else "closed-form refit on the gallery the current model was fitted on" if refit
-                          else "candidate leave-out accuracy >= current, both out of sample" if fitted_before is not None
-                          else "candidate leave-out accuracy >= current"},
+                        "holdout_images": len(held_idx), "holdout_images_current_trained_on": in_sample},
+            "promotion": {"promoted": promoted, "current_accuracy": before, "candidate_accuracy": after, "rule": rule},
             "decider": decider.to_dict(),
         }
         version = publish(ws, candidate.model, meta, make_current=False)
@@ -599,7 +613,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             failpoints.reached("adapt:indexed")
             ws.set_current_model(version)
             failpoints.reached("adapt:current")
-    return {"model_version": version, "parent": current.version, "promoted": promoted,
+    return {"model_version": version, "parent": current.version, "promoted": promoted, "rule": rule,
             "holdout_accuracy_before": before, "holdout_accuracy_after": after, "best_epoch": result.best_epoch}
 
 
@@ -608,9 +622,10 @@ def _image_key(source: str, image_id: str) -> str:
 
 
 def _fitted_images(model: LoadedModel) -> set[str] | None:
-    """The gallery images (`_image_key`) a closed-form adapted model was fitted on; None when it does not say.
+    """The gallery images (`_image_key`) an adapted model was fitted on; None when it does not say.
 
-    Models adapted before session 21 recorded only a digest of their gallery, and a
+    A closed-form fit records its whole gallery (since session 21), a network its training split
+    (since session 22); models adapted before recorded only a digest of their gallery. A
     pre-trained model was fitted on no gallery image.
     """
     recorded = (model.meta.get("data") or {}).get("images") if model.meta.get("kind") == "adapt" else None

@@ -224,14 +224,23 @@ class AdaptResult:
         return asdict(self)
 
 
-def split_holdout(labels: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Per source, hold out round(fraction x n) images (at least one where a source has 3+; none at fraction 0)."""
+def split_holdout(labels: Sequence[str], fraction: float, seed: int,
+                  prefer: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
+    """Per source, hold out round(fraction x n) images (at least one where a source has 3+; none at fraction 0).
+
+    `prefer`: per image, whether to hold it out first (the images a model to be judged was not
+    trained on). The seeded shuffle is kept within each group, so with no preference, or with
+    exactly the images a split with the same seed held out, the split is the same.
+    """
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
+    first = None if prefer is None else np.asarray(prefer, dtype=bool)
     train, held = [], []
     for source in sorted(set(labels.tolist())):
         idx = np.flatnonzero(labels == source)
         rng.shuffle(idx)
+        if first is not None:
+            idx = idx[np.argsort(~first[idx], kind="stable")]
         n_hold = int(round(fraction * len(idx)))
         if fraction > 0 and len(idx) >= 3:
             n_hold = max(1, n_hold)
@@ -285,8 +294,11 @@ def adapt(
     progress: Progress | None = None,
     device: str | torch.device = "cpu",
     pretraining_prototype: np.ndarray | None = None,
+    split: tuple[list[int], list[int]] | None = None,
 ) -> AdaptResult:
     """Few-shot adaptation in place; the model ends at its best held-out epoch.
+
+    `split`: (train, held-out) image indices; by default `split_holdout` with the config's share and seed.
 
     With `config.prototype == "pretraining"` the real-prototype loss pulls towards
     `pretraining_prototype` (the mean feature of the pre-training real images, fixed), which
@@ -303,7 +315,7 @@ def adapt(
     keep_freed_memory()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    train_idx, held_idx = split_holdout(labels, config.holdout, config.seed)
+    train_idx, held_idx = split if split is not None else split_holdout(labels, config.holdout, config.seed)
     class_of = {s: i for i, s in enumerate(sources)}
     y_all = torch.tensor([class_of[s] for s in labels])
     real_class = class_of[REAL]

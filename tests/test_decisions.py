@@ -113,6 +113,19 @@ def test_holdout_split_keeps_every_source_in_training():
     assert [labels[i] for i in held] == ["a"]
 
 
+def test_holdout_split_holds_out_preferred_images_first_and_is_unchanged_by_its_own_held_out():
+    labels = ["a"] * 10 + ["b"] * 5
+    train, held = split_holdout(labels, 0.2, seed=4)
+    # preferring exactly the images it held out gives the same split back
+    assert split_holdout(labels, 0.2, seed=4, prefer=[i in held for i in range(15)]) == (train, held)
+    # otherwise the preferred images are held out first, as many as the share allows per source
+    prefer = [i in (0, 1, 2, 11) for i in range(15)]
+    train2, held2 = split_holdout(labels, 0.2, seed=4, prefer=prefer)
+    assert sorted(train2 + held2) == list(range(15))
+    assert {i for i in held2 if labels[i] == "a"} <= {0, 1, 2} and len([i for i in held2 if labels[i] == "a"]) == 2
+    assert [i for i in held2 if labels[i] == "b"] == [11]
+
+
 def test_tiles_are_disjoint_and_start_at_the_centre(rng):
     image = rng.integers(0, 256, (256, 384, 3), dtype=np.uint8)
     views = tile_views(image, 128, 4)

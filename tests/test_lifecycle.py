@@ -119,6 +119,7 @@ def test_adapt_promotes_only_a_candidate_that_is_not_worse(trained):
     assert len(meta["pretraining_prototype"]) == len(pretrained["decider"]["prototype"]) > 0
     assert meta["pretraining_prototype"] == pretrained["pretraining_prototype"]
     assert meta["promotion"]["candidate_accuracy"] == r["holdout_accuracy_after"]
+    assert r["rule"] == meta["promotion"]["rule"]  # the command says which rule decided
     if r["promoted"]:
         assert current(trained) == r["model_version"]
         assert r["holdout_accuracy_after"] >= r["holdout_accuracy_before"]
@@ -132,6 +133,39 @@ def test_adapt_promotes_only_a_candidate_that_is_not_worse(trained):
         assert current(trained) == keep
     else:  # only when the held-out images could not tell them apart
         assert wrecked["holdout_accuracy_after"] >= wrecked["holdout_accuracy_before"]
+
+
+@pytest.mark.slow
+def test_a_network_gate_judges_the_current_model_on_images_it_was_not_trained_on(tmp_path, sample_dirs):
+    from lida_core.training import split_holdout
+
+    ws = tmp_path / "ws"
+    run_lida(ws, "init", "--profile", "small")
+    run_lida(ws, "pretrain", str(sample_dirs / "pretrain"), "--epochs", "1", "--batch-size", "8")
+    for source in ("real", "tconv_gan", "vae_ldm"):
+        run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
+    first = json_out(run_lida(ws, "adapt", "--epochs", "2"))
+    meta = Workspace(str(ws)).model_meta(first["model_version"])
+    # a network records the gallery images it was trained on: all but its held-out ones
+    trained_on = set(meta["data"]["images"])
+    assert len(trained_on) == meta["data"]["count"] - meta["metrics"]["holdout_images"] == 18 - 3
+    assert meta["metrics"]["holdout_images_current_trained_on"] == 0  # a pre-trained model saw no gallery image
+    assert first["rule"] == "candidate leave-out accuracy >= current, on images neither was trained on"
+    # A generator that sorts first reshuffles every source's split: the plain split of the grown
+    # gallery would hold out images the current model was trained on.
+    run_lida(ws, "gallery", "add", "--source", "bilinear_diffusion", str(sample_dirs / "labelled" / "bilinear_diffusion"))
+    current_version = current(ws)
+    _, sources, ids = gallery_images(Workspace(str(ws)), current_version)
+    keys = [f"{s}:{i}" for s, i in zip(sources, ids, strict=True)]
+    _, plain_held = split_holdout(sources, 0.2, 0)
+    assert any(keys[i] in trained_on for i in plain_held)
+    second = json_out(run_lida(ws, "adapt", "--epochs", "2"))
+    meta = Workspace(str(ws)).model_meta(second["model_version"])
+    assert meta["parent"] == current_version and meta["metrics"]["holdout_images"] == 4
+    assert meta["metrics"]["holdout_images_current_trained_on"] == 0, meta["metrics"]
+    assert second["rule"] == "candidate leave-out accuracy >= current, on images neither was trained on"
+    held = set(keys) - set(meta["data"]["images"])
+    assert len(held) == 4 and not held & trained_on
 
 
 def _kill_when(cmd, condition, timeout=300):
@@ -260,9 +294,10 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     assert {k.split(":", 1)[0] for k in meta["data"]["images"]} == {"real", *first}
     # A generator registered later: the current detector has no side for it, so the refit is promoted.
     run_lida(ws, "gallery", "add", "--source", last, str(sample_dirs / "labelled" / last))
-    adapted = json_out(run_lida(ws, "adapt"))
+    said = subprocess.run([LIDA, "--workspace", str(ws), "adapt"], capture_output=True, text=True, check=True).stdout  # the plain output names the rule, so a lower figure that was promoted reads right
     meta = load_model(Workspace(str(ws))).meta
-    assert adapted["promoted"] and meta["promotion"]["rule"].endswith(f"was not fitted on: {last}"), meta["promotion"]
+    assert meta["promotion"]["promoted"] and meta["promotion"]["rule"].endswith(f"was not fitted on: {last}"), meta["promotion"]
+    assert f"promoted to current ({meta['promotion']['rule']})" in said, said
     assert len(meta["data"]["images"]) == 6 * len(samples.sample_sources())
     assert len(meta["decider"]["quadratic"]["generator_means"]) == len(samples.sample_sources()) - 1  # every generator
     samples.write_samples(str(tmp_path / "inbox"), 2, start=500)  # unseen images of every source
