@@ -508,8 +508,8 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             # real images stand in, and the model's training record says so (docs/method.md).
             cfg.prototype = "gallery"
         candidate = LoadedModel("candidate", copy.deepcopy(current.model), {**current.meta})
+        fitted_before = _fitted_images(current)
         if candidate.model.fit == "closed-form":
-            fitted_before = _fitted_images(current)
             # The gate is cross-fitted: per fold, a head fitted on the rest scores the held-out
             # images, and every gallery image is held out once; the current model scores the
             # same folds. One split (one image per source at 5 shots) made promotion a coin flip
@@ -553,11 +553,10 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             # images. Those are drawn first from images the current model was not trained on (a
             # gallery that grew reshuffles every source's split): judged and early-stopped on images
             # it had trained on, the current model would look better than it is.
-            fitted_before = _fitted_images(current) if current.meta.get("kind") == "adapt" else set()
             unseen = None if fitted_before is None else [_image_key(s, i) not in fitted_before for s, i in zip(sources, ids, strict=True)]
             train_idx, held_idx = training.split_holdout(sources, cfg.holdout, seed, prefer=unseen)
             before = training.holdout_accuracy(current.model, images, sources, train_idx, held_idx, current.input_kind)
-            in_sample = None if fitted_before is None else sum(_image_key(sources[i], ids[i]) in fitted_before for i in held_idx)
+            in_sample = None if unseen is None else sum(not unseen[i] for i in held_idx)
             result, _ = fit_model(candidate, images, sources, cfg, progress, split=(train_idx, held_idx))
             after = result.best_holdout_accuracy
             decider = decider_for(candidate, ws, [images[i] for i in train_idx], [sources[i] for i in train_idx], config)
@@ -622,13 +621,15 @@ def _image_key(source: str, image_id: str) -> str:
 
 
 def _fitted_images(model: LoadedModel) -> set[str] | None:
-    """The gallery images (`_image_key`) an adapted model was fitted on; None when it does not say.
+    """The gallery images (`_image_key`) a model was fitted on; None when it does not say.
 
-    A closed-form fit records its whole gallery (since session 21), a network its training split
-    (since session 22); models adapted before recorded only a digest of their gallery. A
-    pre-trained model was fitted on no gallery image.
+    A model that was not adapted (pre-trained, initialised) was fitted on none. A closed-form fit
+    records its whole gallery (since session 21), a network its training split (since session
+    22); models adapted before recorded only a digest of their gallery.
     """
-    recorded = (model.meta.get("data") or {}).get("images") if model.meta.get("kind") == "adapt" else None
+    if model.meta.get("kind") != "adapt":
+        return set()
+    recorded = (model.meta.get("data") or {}).get("images")
     if not isinstance(recorded, list) or not all(isinstance(k, str) for k in recorded):
         return None
     return set(recorded)
