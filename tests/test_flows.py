@@ -145,6 +145,7 @@ def test_adaptation_runs_for_a_newly_labelled_source(prefect_api, flow_ws, sampl
         assert adapted["index"]["model_version"] == adapted["model_version"]
     markdown = artifact("lida-adaptation")
     assert "held-out gallery accuracy" in markdown and adapted["model_version"] in markdown
+    assert adapted["rule"] in markdown  # which promotion rule decided, as `lida adapt` prints it
 
     again = adaptation_flow(str(ws))
     assert again["triggered"] is None
