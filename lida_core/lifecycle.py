@@ -509,6 +509,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             cfg.prototype = "gallery"
         candidate = LoadedModel("candidate", copy.deepcopy(current.model), {**current.meta})
         fitted_before = _fitted_images(current)
+        keys = [_image_key(s, i) for s, i in zip(sources, ids, strict=True)]  # as fits record the images they saw
         if candidate.model.fit == "closed-form":
             # The gate is cross-fitted: per fold, a head fitted on the rest scores the held-out
             # images, and every gallery image is held out once; the current model scores the
@@ -527,8 +528,8 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
                 gate = LoadedModel("gate", copy.deepcopy(current.model), current.meta)
                 fit_model(gate, [images[i] for i in fold_train], [sources[i] for i in fold_train], cfg, progress)
                 judged = current.model
-                if fitted_before is not None and any(_image_key(sources[i], ids[i]) in fitted_before for i in fold_held):
-                    had = [i for i in fold_train if _image_key(sources[i], ids[i]) in fitted_before]
+                if fitted_before is not None and any(keys[i] in fitted_before for i in fold_held):
+                    had = [i for i in fold_train if keys[i] in fitted_before]
                     if had == fold_train:  # it had every training image of the fold: its fit is the candidate's
                         judged = gate.model
                     else:
@@ -553,7 +554,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             # images. Those are drawn first from images the current model was not trained on (a
             # gallery that grew reshuffles every source's split): judged and early-stopped on images
             # it had trained on, the current model would look better than it is.
-            unseen = None if fitted_before is None else [_image_key(s, i) not in fitted_before for s, i in zip(sources, ids, strict=True)]
+            unseen = None if fitted_before is None else [k not in fitted_before for k in keys]
             train_idx, held_idx = training.split_holdout(sources, cfg.holdout, seed, prefer=unseen)
             before = training.holdout_accuracy(current.model, images, sources, train_idx, held_idx, current.input_kind)
             in_sample = None if unseen is None else sum(not unseen[i] for i in held_idx)
@@ -579,7 +580,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
         # which images this fit was trained on (a closed-form fit: all; a network: its training split),
         # so the next gate can judge it on others
         trained_idx = range(len(ids)) if candidate.model.fit == "closed-form" else train_idx
-        data["images"] = sorted(_image_key(sources[i], ids[i]) for i in trained_idx)
+        data["images"] = sorted(keys[i] for i in trained_idx)
         refit = (candidate.model.fit == "closed-form" and current.meta.get("kind") == "adapt"
                  and (current.meta.get("data") or {}).get("content_sha256") == data["content_sha256"])
         promoted = bool(first_fit or new_source or refit or np.isnan(before) or (not np.isnan(after) and after >= before))
