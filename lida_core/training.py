@@ -127,6 +127,8 @@ def pretrain(
     size = model.input_size if config.labels or resize else (config.view_size or model.input_size // 2)
     view_settings = model.fingerprint.with_size(size)
     fit = model.fingerprint.fit
+    # The head's initial weights come from the run's seed, not from whatever the process drew before.
+    torch.manual_seed(config.seed * 100_003 - 1)
     if config.labels:
         if labels is None:
             raise ValueError("classification pretext needs labels")

@@ -355,3 +355,26 @@ def test_paper_training_views_are_preprocessed_as_queries_are():
         turned = [random_view(pixels, model.input_size, rng, turns=True, fit=settings.fit, part=part) for _ in range(4)]
         inputs = model_inputs(turned, settings)
         assert inputs.shape[-2:] == (256, 256) and abs(off_levels(inputs) - share) < 0.25
+
+
+def test_pretraining_gives_the_same_weights_whatever_the_process_drew_before():
+    """Two runs with one seed train identical models, even when the process's random state differs before them."""
+    import numpy as np
+
+    from lida_core.training import PretrainConfig, pretrain
+
+    images = [np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8) for i in range(8)]
+    config = PretrainConfig(epochs=1, batch_size=4, view_size=32, seed=3)
+    trained = []
+    for before in (1, 2):
+        torch.manual_seed(0)
+        model = build_model("small")
+        torch.manual_seed(before)  # stands for whatever a process did before pre-training
+        head = pretrain(model, images, config)["head"]
+        trained.append((model.state_dict(), head))
+    (model_a, head_a), (model_b, head_b) = trained
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(head_a[k], head_b[k]) for k in head_a)
+    torch.manual_seed(0)
+    other = pretrain(build_model("small"), images, PretrainConfig(epochs=1, batch_size=4, view_size=32, seed=4))["head"]
+    assert not torch.equal(head_a["net.0.weight"], other["net.0.weight"])  # ...and the seed is what decides
