@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT  # noqa: E402
 
+from lida_core import metrics  # noqa: E402
+
 CLIP = 24
 BINS = 12
 
@@ -81,9 +83,9 @@ def gaps(x: np.ndarray, coder) -> np.ndarray:
     return np.r_[per, gap.mean()]
 
 
-def auroc(positive, negative) -> float:
-    positive, negative = np.asarray(positive)[:, None], np.asarray(negative)[None]
-    return float((positive > negative).mean() + 0.5 * (positive == negative).mean())
+def auroc(generated, real) -> float:
+    """The project's AUROC (`lida_core.metrics.auroc`), generated images as the positives."""
+    return metrics.auroc(np.r_[generated, real], np.r_[np.ones(len(generated), bool), np.zeros(len(real), bool)])
 
 
 def main(argv=None) -> None:
