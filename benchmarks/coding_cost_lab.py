@@ -25,33 +25,27 @@ Two statistics per image, each against the labelled part's real photographs:
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT  # noqa: E402
 
 from lida_core import metrics  # noqa: E402
+from lida_core.decode import decode_image  # noqa: E402
+from lida_core.perturb import jpeg_copy  # noqa: E402
 
 CLIP = 24
 BINS = 12
 
 
 def read(path: Path, jpeg: bool = False) -> np.ndarray:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-    if jpeg:
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=90)
-        buffer.seek(0)
-        with Image.open(buffer) as reread:
-            image = reread.convert("RGB")
-    return np.asarray(image, dtype=np.int32)
+    """The image as lida decodes it (RGB); with `jpeg`, its Pillow quality-90 copy (`perturb.jpeg_copy`)."""
+    pixels = decode_image(path.read_bytes(), str(path)).pixels
+    return (jpeg_copy(pixels, 90) if jpeg else pixels).astype(np.int32)
 
 
 def contexts_and_residuals(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
