@@ -373,25 +373,60 @@ def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict
     real = statistical.embeddings_from_descriptors(model.model, fitted["real"])
     generated = statistical.embeddings_from_descriptors(model.model, fitted["generated"])
     detector = statistical.QuadraticDetector.fit(real, generated, fitted["labels"])
+    view = fitted.get("jpeg_generated")
+    jpeg_detector, jpeg_unknown = None, None
+    if view is not None and len(view):  # a gallery with generators' PNGs: JPEG queries meet its JPEG view (`statistical.jpeg_view`)
+        view_emb = statistical.embeddings_from_descriptors(model.model, view)
+        jpeg_detector = statistical.QuadraticDetector.fit(real, view_emb, fitted["jpeg_labels"])
+        jpeg_unknown = _jpeg_unknown_distance(jpeg_detector, view_emb, fitted["jpeg_labels"], fitted["jpeg_images"],
+                                              config.unknown_accept)
     if cross_fit is not None:
         reference = cross_fit["reference"]
         if not np.array_equal(fitted["real"][: len(reference)], reference):
             raise WorkspaceError("the closed-form fit does not start with the model's reference rows; re-run 'lida pretrain'")
-        scores, copy_scores = statistical.cross_fitted_scores(
+        scored = statistical.cross_fitted_scores(
             reference, cross_fit["folds"], fitted["real"][len(reference):], fitted["generated"], fitted["labels"],
-            model.model.embedding_dim, cross_fit["calibration"], cross_fit["calibration_folds"])
+            model.model.embedding_dim, cross_fit["calibration"], cross_fit["calibration_folds"],
+            jpeg_view=None if jpeg_detector is None else (view, fitted["jpeg_labels"]))
+        scores, copy_scores = scored[:2]
         jpeg = cross_fit["jpeg"]
+        if jpeg_detector is not None:  # JPEG rows and copies are judged by the JPEG view's rule, so calibrated under it
+            scores = np.where(jpeg, scored[2], scores)
+            copy_scores = scored[3]
         jpeg_thresholds = {int(q): decide.calibrate_real_threshold(copy_scores[cross_fit["calibration_quality"] == q], config.target_fpr)
                            for q in np.unique(cross_fit["calibration_quality"])} or None
     else:
         images, jpeg = held_out
-        scores = detector.scores(model.embed(images))
+        embedded = model.embed(images)
+        scores = detector.scores(embedded)
+        if jpeg_detector is not None:
+            scores = np.where(jpeg, jpeg_detector.scores(embedded), scores)
         jpeg_thresholds = None
     found = decide.generator_prototypes(generated, fitted["labels"])
     threshold, jpeg_threshold = _thresholds(scores, jpeg, config.target_fpr)
     return decide.Decider(decide.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
                           np.stack(list(found.values())) if found else None, quadratic=detector.to_dict(),
-                          jpeg_threshold=jpeg_threshold, jpeg_thresholds=jpeg_thresholds), scores
+                          jpeg_threshold=jpeg_threshold, jpeg_thresholds=jpeg_thresholds,
+                          quadratic_jpeg=None if jpeg_detector is None else jpeg_detector.to_dict(),
+                          jpeg_unknown_distance=jpeg_unknown), scores
+
+
+def _jpeg_unknown_distance(detector, view: np.ndarray, labels: np.ndarray, images: np.ndarray, accept: float) -> float | None:
+    """Distance to the nearest generator mean past which a JPEG query is `unknown`: keeps `accept` of known ones.
+
+    Leave-one-image-out, as `decide.calibrate_unknown_threshold` is for the index: each gallery image's JPEG rows
+    against its generator's mean without that image's rows. None when no generator has two images.
+    """
+    labels, images = np.asarray(labels), np.asarray(images)
+    distances = []
+    for image in np.unique(images):
+        own = images == image
+        rest = (labels == labels[own][0]) & ~own
+        if not rest.any():
+            continue
+        mean = view[rest].mean(0)
+        distances += (((view[own] - mean) @ detector.generator_whitener) ** 2).sum(1).tolist()
+    return float(np.quantile(distances, accept)) if distances else None
 
 
 def _cross_fit(model: LoadedModel) -> dict | None:
@@ -476,12 +511,13 @@ def decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Work
 
 
 def fit_model(model: LoadedModel, images, sources, cfg: training.AdaptConfig, progress: Progress,
-              split: tuple[list[int], list[int]] | None = None) -> tuple[training.AdaptResult, dict | None]:
+              split: tuple[list[int], list[int]] | None = None, detector: bool = True) -> tuple[training.AdaptResult, dict | None]:
     """Adaptation in place: gradient descent (on `split`'s training images), or the closed-form fit
-    (on all of them; it also returns what the detector needs)."""
+    (on all of them; it also returns what the detector needs, with its JPEG view unless `detector` is False:
+    the promotion gate's fold fits judge retrieval alone)."""
     if model.model.fit == "closed-form":
         progress("fit", {"images": len(images)})
-        return training.AdaptResult(), statistical.fit_gallery(model.model, images, sources, cfg.seed)
+        return training.AdaptResult(), statistical.fit_gallery(model.model, images, sources, cfg.seed, with_jpeg_view=detector)
     return training.adapt(model.model, images, sources, cfg, progress=lambda e: progress("epoch", e),
                           pretraining_prototype=model.meta.get("pretraining_prototype"), split=split), None
 
@@ -526,7 +562,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             held_idx = []
             for fold_train, fold_held in training.holdout_folds(sources, cfg.holdout, seed):
                 gate = LoadedModel("gate", copy.deepcopy(current.model), current.meta)
-                fit_model(gate, [images[i] for i in fold_train], [sources[i] for i in fold_train], cfg, progress)
+                fit_model(gate, [images[i] for i in fold_train], [sources[i] for i in fold_train], cfg, progress, detector=False)
                 judged = current.model
                 if fitted_before is not None and any(keys[i] in fitted_before for i in fold_held):
                     had = [i for i in fold_train if keys[i] in fitted_before]
@@ -534,7 +570,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
                         judged = gate.model
                     else:
                         judged = LoadedModel("gate-current", copy.deepcopy(current.model), current.meta)
-                        fit_model(judged, [images[i] for i in had], [sources[i] for i in had], cfg, progress)
+                        fit_model(judged, [images[i] for i in had], [sources[i] for i in had], cfg, progress, detector=False)
                         judged = judged.model
                 hits_before += len(fold_held) * training.holdout_accuracy(judged, images, sources, fold_train, fold_held,
                                                                           current.input_kind)

@@ -44,6 +44,7 @@ import torch
 
 from lida_core.allocator import keep_freed_memory
 from lida_core.decide import REAL
+from lida_core.decode import LazyImages, YCbCrPixels
 from lida_core.embed import described_sums, reads_pixels, tile_sums
 from lida_core.model import Embedder
 from lida_core.perturb import jpeg_copy
@@ -283,7 +284,8 @@ def fit_pretrain(model: Embedder, real_images: Sequence[np.ndarray], seed: int =
 
 def cross_fitted_scores(reference: np.ndarray, folds: Sequence[int], gallery_real: np.ndarray, generated: np.ndarray,
                         labels: Sequence[str], rank: int, extra: np.ndarray | None = None,
-                        extra_folds: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        extra_folds: Sequence[int] | None = None,
+                        jpeg_view: tuple[np.ndarray, Sequence[str]] | None = None) -> tuple[np.ndarray, ...]:
     """Each reference row's detection score under a head and a detector fitted without its fold; and each extra row's.
 
     `reference`: the pre-training descriptors the model keeps, each with its fold (an image
@@ -292,6 +294,10 @@ def cross_fitted_scores(reference: np.ndarray, folds: Sequence[int], gallery_rea
     per-quality calibration copies), each by the fit without its image's fold. The scores are
     exchangeable with a new real image's under the full fit, so a conformal quantile of them
     calibrates its threshold while every photograph stays in the fit (`lida_core.lifecycle`).
+
+    With `jpeg_view` (the generated side as JPEG queries meet it, and its labels; `fit_gallery`),
+    the same rows are also scored by that view's detector under each fold's head, and four
+    arrays come back: the reference and extra rows' scores, then theirs under the JPEG view.
     """
     folds = np.asarray(folds)
     if len(folds) != len(reference) or len(np.unique(folds)) < 2:
@@ -302,21 +308,31 @@ def cross_fitted_scores(reference: np.ndarray, folds: Sequence[int], gallery_rea
         raise ValueError(f"each of the {len(extra)} calibration rows needs one of the reference rows' folds")
     labels = np.asarray(labels)
     scores, extra_scores = np.empty(len(reference)), np.empty(len(extra))
+    jpeg_scores, jpeg_extra_scores = np.empty(len(reference)), np.empty(len(extra))
     for fold in np.unique(folds):
         held = folds == fold
         real = np.vstack([reference[~held], gallery_real])
         mean, weight = fit_head(real, generated, labels, rank)
-        detector = QuadraticDetector.fit(project(real, mean, weight), project(generated, mean, weight), labels)
-        scores[held] = detector.scores(project(reference[held], mean, weight))
-        if (extra_folds == fold).any():
-            extra_scores[extra_folds == fold] = detector.scores(project(extra[extra_folds == fold], mean, weight))
-    return scores, extra_scores
+        detectors = [(QuadraticDetector.fit(project(real, mean, weight), project(generated, mean, weight), labels),
+                      scores, extra_scores)]
+        if jpeg_view is not None:
+            detectors.append((QuadraticDetector.fit(project(real, mean, weight), project(jpeg_view[0], mean, weight), jpeg_view[1]),
+                              jpeg_scores, jpeg_extra_scores))
+        for detector, out, extra_out in detectors:
+            out[held] = detector.scores(project(reference[held], mean, weight))
+            if (extra_folds == fold).any():
+                extra_out[extra_folds == fold] = detector.scores(project(extra[extra_folds == fold], mean, weight))
+    return (scores, extra_scores) if jpeg_view is None else (scores, extra_scores, jpeg_scores, jpeg_extra_scores)
 
 
-def fit_gallery(model: Embedder, images: Sequence[np.ndarray], sources: Sequence[str], seed: int = 0) -> dict:
+def fit_gallery(model: Embedder, images: Sequence[np.ndarray], sources: Sequence[str], seed: int = 0,
+                with_jpeg_view: bool = True) -> dict:
     """Adaptation for a closed-form profile: refit the head on the kept real descriptors and the gallery.
 
-    Returns the fitted descriptors by role, for the detector: {"real": ..., "generated": ..., "labels": ...}.
+    Returns the fitted descriptors by role, for the detector: {"real": ..., "generated": ...,
+    "labels": ...}, and the generated side as a JPEG query meets it (`jpeg_view`):
+    {"jpeg_generated": ..., "jpeg_labels": ..., "jpeg_images": each row's gallery image}, unless `with_jpeg_view`
+    is False (or every generated image is a JPEG file).
     """
     sources = np.asarray([str(s) for s in sources])
     copies = with_jpeg_copies(images, seed, model.fingerprint.jpeg)
@@ -326,17 +342,60 @@ def fit_gallery(model: Embedder, images: Sequence[np.ndarray], sources: Sequence
     generated, gen_labels = feats[labels != REAL], labels[labels != REAL]
     mean, weight = fit_head(real, generated, gen_labels, model.embedding_dim)
     set_head(model, mean, weight)
-    return {"real": real, "generated": generated, "labels": gen_labels}
+    fitted = {"real": real, "generated": generated, "labels": gen_labels}
+    return {**fitted, **jpeg_view(model, images, sources, feats)} if with_jpeg_view else fitted
+
+
+def jpeg_files(images: Sequence[np.ndarray]) -> list[bool]:
+    """Which images came from JPEG files, without decoding them again: a `decode.LazyImages` knows its files' bytes
+    (a JPEG starts with its SOI marker); decoded pixels say so by their type when the model reads colour JPEGs in
+    their YCbCr (`decode.YCbCrPixels`, the srm profile's `FingerprintSettings.jpeg == "ycc"`)."""
+    if isinstance(images, LazyImages):
+        return [bytes(raw[:2]) == b"\xff\xd8" for raw in images.raw]
+    return [isinstance(pixels, YCbCrPixels) for pixels in images]
+
+
+def jpeg_view(model: Embedder, images: Sequence[np.ndarray], sources: np.ndarray, feats: np.ndarray) -> dict:
+    """The generated gallery as a JPEG query meets it: each generated image that is a JPEG file as it is (with its
+    copy, the rows the fit already has), each other one (a generator's PNG) as copies at every CALIBRATION_QUALITIES.
+    Empty ({}) when every generated image is a JPEG file: the fit's own generated rows are that view.
+
+    Why: a generator's PNG outputs and its JPEGs differ in exactly the low bits the descriptor reads.
+    Registered as PNGs and met as JPEGs, one copy per gallery image among the PNGs left the generator's
+    JPEG side too thin: on the devset (PNG gallery, JPEG 90 queries) Rank-1 0.48, AUROC 0.72; with the
+    copies at every quality as the JPEG side, 0.61 and 0.77, what a JPEG gallery gives (docs/results.md,
+    session 24). `feats`: `descriptors` of `with_jpeg_copies(images)` (images, then their copies).
+    """
+    n = len(images)
+    rows, labels, owners = [], [], []
+    jpeg = jpeg_files(images)
+    png = [i for i in range(n) if sources[i] != REAL and not jpeg[i]]
+    if not png:  # the fit's generated rows are JPEGs already: JPEG queries meet the gallery as it is
+        return {}
+    for i in range(n):
+        if sources[i] != REAL and jpeg[i]:
+            rows += [feats[i], feats[n + i]]
+            labels += [sources[i]] * 2
+            owners += [i, i]
+    per = len(CALIBRATION_QUALITIES)
+    picked = images.take(png) if hasattr(images, "take") else [images[i] for i in png]
+    rows += list(descriptors(model, _QualityCopies(picked, CALIBRATION_QUALITIES, model.fingerprint.jpeg)))
+    labels += [sources[i] for i in png for _ in range(per)]
+    owners += [i for i in png for _ in range(per)]
+    width = feats.shape[1]
+    return {"jpeg_generated": np.asarray(rows, dtype=np.float64).reshape(-1, width),
+            "jpeg_labels": np.asarray(labels, dtype=str), "jpeg_images": np.asarray(owners, dtype=np.int64)}
 
 
 class QuadraticDetector:
     """score(e) = min_g |(e - m_g) W_g|^2 - |(e - m_r) W_r|^2 on normalised embeddings: higher looks more real."""
 
-    def __init__(self, real_mean, real_whitener, generator_means, generator_whitener):
+    def __init__(self, real_mean, real_whitener, generator_means, generator_whitener, sources=None):
         self.real_mean = np.asarray(real_mean, dtype=np.float64)
         self.real_whitener = np.asarray(real_whitener, dtype=np.float64)
         self.generator_means = np.asarray(generator_means, dtype=np.float64).reshape(-1, len(self.real_mean))
         self.generator_whitener = np.asarray(generator_whitener, dtype=np.float64)
+        self.sources = None if sources is None else [str(s) for s in sources]  # each mean's generator (kept since session 24)
 
     @classmethod
     def fit(cls, real: np.ndarray, generated: np.ndarray, labels: Sequence[str]) -> QuadraticDetector:
@@ -352,20 +411,26 @@ class QuadraticDetector:
             generator_whitener = shrunk_inverse_sqrt(within.T @ within / len(within), DETECTOR_SHRINK)
         else:
             generator_whitener = np.eye(real.shape[1])
-        return cls(real_mean, real_whitener, means, generator_whitener)
+        return cls(real_mean, real_whitener, means, generator_whitener, sources)
+
+    def generator_distances(self, embeddings: np.ndarray) -> np.ndarray:
+        """N x G squared distances to each generator's mean under the generators' pooled covariance."""
+        e = np.asarray(embeddings, dtype=np.float64)
+        return np.stack([(((e - m) @ self.generator_whitener) ** 2).sum(1) for m in self.generator_means], axis=1)
 
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         e = np.asarray(embeddings, dtype=np.float64)
         to_real = (((e - self.real_mean) @ self.real_whitener) ** 2).sum(1)
         if not len(self.generator_means):  # no generator yet: how typical of real images it is
             return -to_real
-        to_generators = np.min([(((e - m) @ self.generator_whitener) ** 2).sum(1) for m in self.generator_means], axis=0)
-        return to_generators - to_real
+        return self.generator_distances(e).min(1) - to_real
 
     def to_dict(self) -> dict:
         return {"real_mean": self.real_mean.tolist(), "real_whitener": self.real_whitener.tolist(),
-                "generator_means": self.generator_means.tolist(), "generator_whitener": self.generator_whitener.tolist()}
+                "generator_means": self.generator_means.tolist(), "generator_whitener": self.generator_whitener.tolist(),
+                "sources": self.sources}
 
     @classmethod
     def from_dict(cls, data: dict) -> QuadraticDetector:
-        return cls(data["real_mean"], data["real_whitener"], data["generator_means"], data["generator_whitener"])
+        return cls(data["real_mean"], data["real_whitener"], data["generator_means"], data["generator_whitener"],
+                   data.get("sources"))

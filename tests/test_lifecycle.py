@@ -300,6 +300,10 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     assert f"promoted to current ({meta['promotion']['rule']})" in said, said
     assert len(meta["data"]["images"]) == 6 * len(samples.sample_sources())
     assert len(meta["decider"]["quadratic"]["generator_means"]) == len(samples.sample_sources()) - 1  # every generator
+    # The gallery's generators are PNGs: JPEG queries meet its JPEG view, one side per generator, with its own unknown distance
+    view = meta["decider"]["quadratic_jpeg"]
+    assert view["sources"] == meta["decider"]["quadratic"]["sources"] == sorted(s for s in samples.sample_sources() if s != "real")
+    assert meta["decider"]["jpeg_unknown_distance"] > 0
     samples.write_samples(str(tmp_path / "inbox"), 2, start=500)  # unseen images of every source
     run_lida(ws, "scan", str(tmp_path / "inbox"), "--scan-id", "s1")
     rows = pq.read_table(ws / "tables" / "attributions").to_pylist()
