@@ -144,7 +144,11 @@ def evaluate(
         p_emb = model.embed([perturbation.apply(x, space) for x in queries.pixels])
         jpeg = [perturbation.makes_jpeg or j for j in queries.jpeg]
         quality = [int(perturbation.value)] * len(jpeg) if perturbation.makes_jpeg else queries.quality
-        robustness.append({"perturbation": str(perturbation), **_scores(decider, p_emb, q_src, g_emb, g_src, jpeg, quality)[0]})
+        p_metrics, p_decisions = _scores(decider, p_emb, q_src, g_emb, g_src, jpeg, quality)
+        robustness.append({"perturbation": str(perturbation), **p_metrics,
+                           "decisions": [{"uri": u, "source": t, "predicted_source": d["predicted_source"],
+                                          "is_generated": d["is_generated"], "real_score": d["real_score"]}
+                                         for u, t, d in zip(queries.uris, q_src, p_decisions, strict=True)]})
     predicted = [d["predicted_source"] for d in decisions]
     names, matrix = confusion_matrix(q_src, predicted, sorted(set(q_src) | set(predicted) | {decide.UNKNOWN}))
     return {

@@ -279,6 +279,9 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     blurred = r["perturbations"][1]
     assert blurred["rank1"] < r["rank1"] - 0.2 and blurred["attribution_accuracy"] < r["attribution_accuracy"], r["perturbations"]
     assert "| blur:1.5 |" in Path(r["saved"]["markdown"]).read_text()
+    # each robustness run keeps its decisions, query by query, as the clean run does
+    for row in r["perturbations"]:
+        assert [(d["uri"], d["source"]) for d in row["decisions"]] == [(d["uri"], d["source"]) for d in r["decisions"]]
     *first, last = [s for s in samples.sample_sources() if s != "real"]
     for source in ["real", *first]:
         run_lida(ws, "gallery", "add", "--source", source, str(sample_dirs / "labelled" / source))
