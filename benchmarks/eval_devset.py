@@ -2,7 +2,8 @@
 
 One workspace per profile: `lida init`, `lida pretrain DATA/pretrain/real` (real photographs
 only), then `lida eval DATA/<part> --shots K --seed S` for every part (png, jpeg90), K and S;
-each eval adapts a throwaway candidate on its K-shot gallery and decides the rest. Prints
+each eval adapts a throwaway candidate on its K-shot gallery and decides the rest (a part
+`png@jpeg:90` registers the PNGs and decides JPEG 90 copies of the queries). Prints
 one table of mean ± sd over the seeds, plus the false-positive rate on real photographs:
 over all real queries, and over those from collections pre-training (where the real
 threshold is calibrated) never saw (`manifest.csv`'s repository column).
@@ -67,7 +68,12 @@ def run_profile(work: Path, data: Path, profile: str, kind: str, parts, shots, s
             for k in shots:
                 for seed in seeds:
                     extra = ["--epochs", str(epochs)] if epochs else []
-                    r = lida(ws, "eval", str(data / part), "--shots", str(k), "--seed", str(seed), "--input", kind, *extra)
+                    folder, _, perturbation = part.partition("@")
+                    if perturbation:  # the gallery from DATA/folder as it is, the queries perturbed (PNG gallery, JPEG queries)
+                        extra += ["--perturb", perturbation]
+                    r = lida(ws, "eval", str(data / folder), "--shots", str(k), "--seed", str(seed), "--input", kind, *extra)
+                    if perturbation:
+                        r = {**r, **r["perturbations"][0]}
                     r["fpr_unseen"] = fpr_unseen(r, names)
                     timing["eval_s"].append(round(r["_seconds"], 1))
                     pooled[part, k].append(r)
@@ -88,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0],
                         help="one pre-training per seed (which photographs calibrate the threshold); runs pooled over all")
-    parser.add_argument("--parts", nargs="+", default=["png", "jpeg90"])
+    parser.add_argument("--parts", nargs="+", default=["png", "jpeg90"],
+                        help="devset folders; FOLDER@KIND:V registers FOLDER's images and queries them perturbed "
+                             "(png@jpeg:90: generators registered as PNGs, met as JPEG 90s)")
     parser.add_argument("--profile", default="srm", help="the fingerprint profile measured (default: the CPU default, srm)")
     parser.add_argument("--rgb-profile", default="small", help="network profile for the RGB ablation")
     parser.add_argument("--rgb-shots", type=int, nargs="+", default=[5])
