@@ -163,10 +163,13 @@ class Decider:
         are JPEG inputs (scored by the JPEG view's rule when the decider has one)."""
         if self.quadratic is None:
             return detection_scores(embeddings, self.prototype, self.generators)
-        scores = self._quadratic_detector.scores(embeddings)
-        if self.quadratic_jpeg is not None and jpeg is not None and any(jpeg):
-            rows = np.flatnonzero(np.asarray(jpeg, dtype=bool))
-            scores[rows] = self._jpeg_detector.scores(np.asarray(embeddings)[rows])
+        if self.quadratic_jpeg is None or jpeg is None or not any(jpeg):
+            return self._quadratic_detector.scores(embeddings)
+        embeddings, by_view = np.asarray(embeddings), np.asarray(jpeg, dtype=bool)
+        scores = np.empty(len(embeddings))
+        for rows, detector in ((~by_view, self._quadratic_detector), (by_view, self._jpeg_detector)):
+            if rows.any():
+                scores[rows] = detector.scores(embeddings[rows])
         return scores
 
     @cached_property
