@@ -424,8 +424,7 @@ def _jpeg_unknown_distance(detector, view: np.ndarray, labels: np.ndarray, image
         rest = (labels == labels[own][0]) & ~own
         if not rest.any():
             continue
-        mean = view[rest].mean(0)
-        distances += (((view[own] - mean) @ detector.generator_whitener) ** 2).sum(1).tolist()
+        distances += detector.generator_distances(view[own], view[rest].mean(0))[:, 0].tolist()
     return float(np.quantile(distances, accept)) if distances else None
 
 

@@ -413,10 +413,11 @@ class QuadraticDetector:
             generator_whitener = np.eye(real.shape[1])
         return cls(real_mean, real_whitener, means, generator_whitener, sources)
 
-    def generator_distances(self, embeddings: np.ndarray) -> np.ndarray:
-        """N x G squared distances to each generator's mean under the generators' pooled covariance."""
+    def generator_distances(self, embeddings: np.ndarray, means: np.ndarray | None = None) -> np.ndarray:
+        """N x G squared distances to each generator's mean (or to each of `means`) under the generators' pooled covariance."""
         e = np.asarray(embeddings, dtype=np.float64)
-        return np.stack([(((e - m) @ self.generator_whitener) ** 2).sum(1) for m in self.generator_means], axis=1)
+        means = self.generator_means if means is None else np.asarray(means, dtype=np.float64).reshape(-1, e.shape[1])
+        return np.stack([(((e - m) @ self.generator_whitener) ** 2).sum(1) for m in means], axis=1)
 
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         e = np.asarray(embeddings, dtype=np.float64)
