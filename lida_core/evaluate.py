@@ -94,6 +94,13 @@ def _scores(decider: decide.Decider, q_emb: np.ndarray, q_src: list[str], g_emb:
     }, decisions
 
 
+def _decision_rows(uris: list[str], sources: list[str], decisions: list[dict]) -> list[dict]:
+    """Each query's decision as `lida eval` reports it (the clean run's and each perturbed run's)."""
+    return [{"uri": u, "source": t, "predicted_source": d["predicted_source"], "is_generated": d["is_generated"],
+             "real_score": d["real_score"], "top1_similarity": d["top1_similarity"]}
+            for u, t, d in zip(uris, sources, decisions, strict=True)]
+
+
 def evaluate(
     ws: Workspace,
     directory: str,
@@ -145,10 +152,7 @@ def evaluate(
         jpeg = [perturbation.makes_jpeg or j for j in queries.jpeg]
         quality = [int(perturbation.value)] * len(jpeg) if perturbation.makes_jpeg else queries.quality
         p_metrics, p_decisions = _scores(decider, p_emb, q_src, g_emb, g_src, jpeg, quality)
-        robustness.append({"perturbation": str(perturbation), **p_metrics,
-                           "decisions": [{"uri": u, "source": t, "predicted_source": d["predicted_source"],
-                                          "is_generated": d["is_generated"], "real_score": d["real_score"]}
-                                         for u, t, d in zip(queries.uris, q_src, p_decisions, strict=True)]})
+        robustness.append({"perturbation": str(perturbation), **p_metrics, "decisions": _decision_rows(queries.uris, q_src, p_decisions)})
     predicted = [d["predicted_source"] for d in decisions]
     names, matrix = confusion_matrix(q_src, predicted, sorted(set(q_src) | set(predicted) | {decide.UNKNOWN}))
     return {
@@ -171,9 +175,7 @@ def evaluate(
         "unknown_threshold": decider.unknown_threshold,
         "perturbations": robustness,
         "per_source": per_source_table(q_src, predicted),
-        "decisions": [{"uri": u, "source": t, "predicted_source": d["predicted_source"], "is_generated": d["is_generated"],
-                       "real_score": d["real_score"], "top1_similarity": d["top1_similarity"]}
-                      for u, t, d in zip(queries.uris, q_src, decisions, strict=True)],
+        "decisions": _decision_rows(queries.uris, q_src, decisions),
         "confusion": {"labels": names, "matrix": matrix.tolist()},
     }
 
