@@ -42,6 +42,16 @@ decides real or generated with the first descriptor and votes the source with th
 
 `--sources` keeps those generators (and `real`): the devset's sources whose content varies
 are Stable Diffusion v1 and DiT-XL/2.
+
+Two more questions (session 26), each one change to the same fit:
+- `--merge-directions` merges each horizontal kernel's histograms with its vertical twin's
+  (d1h + d1v, d2h + d2v, d3h + d3v; kb alone), as rich models symmetrise their co-occurrences:
+  4 histograms instead of 7, each counted over twice the positions.
+- `--simulated KIND...` re-makes every pre-training photograph by KIND (`SIMULATIONS`: a
+  resampling, a blur; no generator involved) and adds each KIND's images, with their JPEG
+  copies, to the detector's generated side as a source of its own (the head and the vote are
+  unchanged). If generated images share what such processing does to a camera's noise, the
+  detector learns it from real photographs alone.
 """
 
 from __future__ import annotations
@@ -50,10 +60,12 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -167,25 +179,48 @@ def describe_region(pixels: np.ndarray, view: str, truncation: int, region: str,
     return describe(pixels, view, truncation, pairs, split)
 
 
+def _half(image: Image.Image, down, up) -> Image.Image:
+    return image.resize((image.width // 2, image.height // 2), down).resize(image.size, up)
+
+
+SIMULATIONS = {  # RGB image -> a re-made one: processing that replaces a camera's noise, no generator involved
+    "bilinear2": lambda im: _half(im, Image.BOX, Image.BILINEAR),  # halved, then doubled
+    "bicubic2": lambda im: _half(im, Image.LANCZOS, Image.BICUBIC),
+    "nearest2": lambda im: _half(im, Image.BOX, Image.NEAREST),
+    "blur": lambda im: im.filter(ImageFilter.GaussianBlur(radius=1.0)),
+    "up1.5": lambda im: im.crop((0, 0, im.width * 2 // 3, im.height * 2 // 3)).resize(im.size, Image.BICUBIC),
+}
+
+
 def _one(job):
-    path, quality, descriptors, region, jpeg_space, pairs = job
+    path, quality, descriptors, region, jpeg_space, pairs, simulations = job
     pixels = decode_image(Path(path).read_bytes(), path, jpeg_space=jpeg_space).pixels  # the product's decoder
-    copy = jpeg_copy(pixels, quality, jpeg_space)  # of the whole image, as the product makes its copies
-    return ([describe_region(pixels, v, t, region, pairs, s) for v, t, s in descriptors],
-            [describe_region(copy, v, t, region, pairs, s) for v, t, s in descriptors])
+    views = [pixels, jpeg_copy(pixels, quality, jpeg_space)]  # the copy of the whole image, as the product makes its copies
+    for kind in simulations:  # each simulation of an RGB image, and its JPEG copy at the same quality
+        remade = np.asarray(SIMULATIONS[kind](Image.fromarray(np.asarray(pixels))))
+        views += [remade, jpeg_copy(remade, quality, jpeg_space)]
+    return [[describe_region(view, v, t, region, pairs, s) for v, t, s in descriptors] for view in views]
 
 
 def load(folder: Path, descriptors, pool, region: str = "full", jpeg_space: str = "ycc",
-         pairs: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
-    """Per descriptor: (N x D of the files, N x D of their JPEG copies); each file's source folder and name."""
+         pairs: bool = False, simulations: Sequence[str] = ()) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray, dict]:
+    """Per descriptor: (N x D of the files, N x D of their JPEG copies); each file's source folder and name;
+    and per simulation, per descriptor, (N x D of the re-made files, N x D of their JPEG copies)."""
     rng = np.random.default_rng(7)
     low, high = JPEG_QUALITIES
     files = [(f, d.name) for d in sorted(p for p in folder.iterdir() if p.is_dir()) for f in sorted(d.iterdir()) if f.is_file()]
-    jobs = [(str(f), int(rng.integers(low, high + 1)), descriptors, region, jpeg_space, pairs) for f, _ in files]
+    jobs = [(str(f), int(rng.integers(low, high + 1)), descriptors, region, jpeg_space, pairs, tuple(simulations)) for f, _ in files]
     done = pool.map(_one, jobs, chunksize=4)
-    plain = [np.array([d[0][i] for d in done]) for i in range(len(descriptors))]
-    copies = [np.array([d[1][i] for d in done]) for i in range(len(descriptors))]
-    return plain, copies, np.array([s for _, s in files]), np.array([f.stem for f, _ in files])
+    views = [[np.array([d[j][i] for d in done]) for i in range(len(descriptors))] for j in range(len(done[0]))]
+    simulated = {kind: (views[2 + 2 * k], views[3 + 2 * k]) for k, kind in enumerate(simulations)}
+    return views[0], views[1], np.array([s for _, s in files]), np.array([f.stem for f, _ in files]), simulated
+
+
+def merge_directions(x: np.ndarray) -> np.ndarray:
+    """Descriptors with each horizontal kernel's histograms merged with its vertical twin's (KERNELS' order:
+    d1h, d1v, d2h, d2v, d3h, d3v, kb): the normalised histograms averaged, then square-rooted again."""
+    h = (x**2).reshape(len(x), 7, -1)
+    return np.sqrt(np.concatenate([(h[:, 0:6:2] + h[:, 1:6:2]) / 2, h[:, 6:]], axis=1).reshape(len(x), -1))
 
 
 def split(labels: np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,8 +238,11 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def draw(feats, copies, labels, pre, pre_copies, jpeg: bool, shots: int, seed: int) -> dict:
-    """One K-shot draw through the srm profile's fit and decisions: each query's score, vote and Rank-1 hit."""
+def draw(feats, copies, labels, pre, pre_copies, jpeg: bool, shots: int, seed: int, simulated=()) -> dict:
+    """One K-shot draw through the srm profile's fit and decisions: each query's score, vote and Rank-1 hit.
+
+    `simulated`: (N x D re-made pre-training photographs, N x D their JPEG copies) per simulation; the
+    training share of each joins the detector's generated side as a source of its own."""
     gallery, queries = split(labels, shots, seed)
     order = np.random.default_rng(100 + seed).permutation(len(pre))
     cal, train = order[: int(round(CALIBRATION_SHARE * len(pre)))], order[int(round(CALIBRATION_SHARE * len(pre))):]
@@ -218,7 +256,10 @@ def draw(feats, copies, labels, pre, pre_copies, jpeg: bool, shots: int, seed: i
     def embed(x):
         return normalise((x - mean) @ weight)
 
-    detector = QuadraticDetector.fit(embed(real), embed(generated), gen_labels)
+    extra = [np.vstack([plain[train], copy[train]]) for plain, copy in simulated]
+    extra_labels = [np.full(2 * len(train), f"~simulated{k}") for k in range(len(extra))]
+    detector = QuadraticDetector.fit(embed(real), embed(np.vstack([generated, *extra])),
+                                     np.concatenate([gen_labels, *extra_labels]))
     threshold = calibrate_real_threshold(detector.scores(embed(pre_copies[cal] if jpeg else pre[cal])))
     q_emb = embed(feats[queries])
     sources = sorted(set(gen_labels.tolist()))
@@ -261,6 +302,10 @@ def main(argv=None) -> None:
                         help="how colour JPEGs are read (default ycc: the decoder's YCbCr, as the srm profile reads them)")
     parser.add_argument("--pairs", action="store_true", help="also count the neighbour-pair histograms (srm before session 14)")
     parser.add_argument("--region", choices=REGIONS, default="full", help="the part of each image read (default: all of it)")
+    parser.add_argument("--merge-directions", action="store_true",
+                        help="merge each horizontal kernel's histograms with its vertical twin's (4 kernels instead of 7)")
+    parser.add_argument("--simulated", nargs="+", choices=sorted(SIMULATIONS), default=[],
+                        help="pre-training photographs re-made by these, each a source of the detector's generated side")
     args = parser.parse_args(argv)
     if not (args.data / "pretrain" / "real").is_dir():
         parser.error(f"{args.data} is not the devset (no pretrain/real folder)")
@@ -280,14 +325,24 @@ def main(argv=None) -> None:
         if len(picked) > 2:
             parser.error(f"{row!r}: at most two descriptors, DETECT+VOTE")
         rows.append((row, picked[0], picked[-1]))
+    if args.merge_directions and (args.pairs or any(v.endswith("p2") for v, _, _ in descriptors)):
+        parser.error("--merge-directions merges the colour-triple layout (no --pairs, no p2 contrasts)")
     names = unseen_collections(args.data)
     started = time.perf_counter()
     with Pool(os.cpu_count() or 1) as pool:
-        pre, pre_copies, _, _ = load(args.data / "pretrain", descriptors, pool, args.region, args.jpeg_space, args.pairs)
-        parts = {p: load(args.data / p, descriptors, pool, args.region, args.jpeg_space, args.pairs) for p in args.parts}
+        pre, pre_copies, _, _, simulated = load(args.data / "pretrain", descriptors, pool, args.region, args.jpeg_space,
+                                                args.pairs, args.simulated)
+        parts = {p: load(args.data / p, descriptors, pool, args.region, args.jpeg_space, args.pairs)[:4] for p in args.parts}
+    if args.merge_directions:
+        pre, pre_copies = [merge_directions(x) for x in pre], [merge_directions(x) for x in pre_copies]
+        simulated = {k: ([merge_directions(x) for x in a], [merge_directions(x) for x in b]) for k, (a, b) in simulated.items()}
+        parts = {p: ([merge_directions(x) for x in f], [merge_directions(x) for x in c], labels, files)
+                 for p, (f, c, labels, files) in parts.items()}
     print(f"descriptors computed in {time.perf_counter() - started:.0f} s; region {args.region}; JPEG read as {args.jpeg_space}; "
           f"{'pairs and triples' if args.pairs else 'triples'}; {args.shots}-shot, seeds {args.seeds}"
-          + (f", sources {args.sources} and real" if args.sources else ""))
+          + (f", sources {args.sources} and real" if args.sources else "")
+          + (", horizontal and vertical kernels merged" if args.merge_directions else "")
+          + (f", simulated generated sources {args.simulated}" if args.simulated else ""))
     print("| descriptor | part | Rank-1 | attribution | balanced | AUROC | FPR | FPR unseen | oracle attribution / balanced | detected, per generator |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     draws = {}
@@ -300,7 +355,8 @@ def main(argv=None) -> None:
                 for i in {detect, vote}:
                     if (i, part, seed) not in draws:
                         draws[i, part, seed] = draw(feats[i][keep], copies[i][keep], labels[keep], pre[i], pre_copies[i],
-                                                    part != "png", args.shots, seed)
+                                                    part != "png", args.shots, seed,
+                                                    [(a[i], b[i]) for a, b in simulated.values()])
                 runs.append(summarise(draws[detect, part, seed], draws[vote, part, seed], labels[keep], unseen))
             mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
             sd = {k: np.std([r[k] for r in runs]) for k in runs[0]}
