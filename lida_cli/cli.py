@@ -280,10 +280,11 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     from lida_core.gallery import summary as gallery_summary
     from lida_core.index import open_index
     from lida_core.workspace import Workspace
-    from pipelines import gallery
 
     ws = Workspace(args.workspace)
     if args.gallery_verb == "add":
+        from pipelines import gallery  # Beam and torch: 3-4 s of imports that listing does not need
+
         r = gallery.add(ws, args.source, args.paths, _Progress(args.json), args.runner, args.runner_option)
         return _emit(args, r, f"{r['source']}: {r['added']} added, {r['already_registered']} already registered "
                               f"(model {r['model_version']}, index {r['index']['index_version']})" + _errors_text(r["errors"]))

@@ -127,3 +127,15 @@ def test_global_options_work_after_the_verb_and_have_help(tmp_path, sample_dirs)
     help_text = " ".join(run("scan", "--help").stdout.split())
     for text in ("where embeddings are computed", "where Beam jobs run", "workers=N", "dask_address=HOST:PORT"):
         assert text in help_text
+
+
+def test_listing_the_gallery_loads_neither_beam_nor_torch(tmp_path):
+    """`lida gallery list` reads two small files: it must not pay Beam's and torch's 3-4 s of imports (only `add` runs a job)."""
+    ws = tmp_path / "ws"
+    run_lida(ws, "init", "--profile", "small")
+    probe = ("import sys; from lida_cli.cli import main; code = main(['gallery', 'list', '--workspace', sys.argv[1]]); "
+             "print(code, sorted(m for m in ('apache_beam', 'torch') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe, str(ws)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "0 []"
+    assert "model v0000" in r.stdout
