@@ -75,10 +75,17 @@ def _draw(directory: str, shots: int, seed: int, max_queries: int | None) -> tup
 
 
 def _scores(decider: decide.Decider, q_emb: np.ndarray, q_src: list[str], g_emb: np.ndarray, g_src: list[str],
-            jpeg: Sequence[bool], quality: Sequence[int | None]) -> tuple[dict, list[dict]]:
-    """Retrieval and decision metrics of these query embeddings, and the decisions themselves."""
-    retrieval = retrieval_metrics(q_emb @ g_emb.T, q_src, g_src)
-    decisions = decider.decide(q_emb, g_emb, g_src, jpeg, quality)
+            jpeg: Sequence[bool], quality: Sequence[int | None], g_keys: Sequence[str] | None = None) -> tuple[dict, list[dict]]:
+    """Retrieval and decision metrics of these query embeddings, and the decisions themselves.
+
+    A JPEG query meets the gallery as the decider's JPEG view has it (`Decider.jpeg_gallery`, the
+    images named by `g_keys`), in its retrieval figures as in its decision.
+    """
+    sims = q_emb @ g_emb.T
+    if any(jpeg):
+        sims[np.asarray(jpeg, dtype=bool)] = decider.jpeg_similarities(q_emb[np.asarray(jpeg, dtype=bool)], g_emb, g_keys)
+    retrieval = retrieval_metrics(sims, q_src, g_src)
+    decisions = decider.decide(q_emb, g_emb, g_src, jpeg, quality, g_keys)
     predicted = [d["predicted_source"] for d in decisions]
     truth_generated = [s != decide.REAL for s in q_src]
     real_scores = np.array([d["real_score"] for d in decisions])
@@ -131,6 +138,7 @@ def evaluate(
     gallery = decode_inputs(gallery_uris, progress, jpeg_space=space)
     queries = decode_inputs(query_uris, progress, jpeg_space=space)
     g_src = [s for s, u in zip(gallery_src, gallery_uris, strict=True) if u in set(gallery.uris)]
+    g_keys = [decide.image_key(s, u) for s, u in zip(gallery_src, gallery_uris, strict=True) if u in set(gallery.uris)]
     q_src = [s for s, u in zip(query_src, query_uris, strict=True) if u in set(queries.uris)]
     model = LoadedModel(current.version, copy.deepcopy(current.model), current.meta)
     adapt_info, fitted = None, None
@@ -141,17 +149,17 @@ def evaluate(
                       "fit": model.model.fit}
     g_emb = model.embed(gallery.pixels)
     q_emb = model.embed(queries.pixels)
-    decider = decider_for(model, ws, gallery.pixels, g_src, config, fitted) if adapt or current.decider is None else current.decider
+    decider = decider_for(model, ws, gallery.pixels, g_src, config, fitted, g_keys) if adapt or current.decider is None else current.decider
     decider = replace(decider, unknown_threshold=decide.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept)
                       ).configured(config)
-    metrics, decisions = _scores(decider, q_emb, q_src, g_emb, g_src, queries.jpeg, queries.quality)
+    metrics, decisions = _scores(decider, q_emb, q_src, g_emb, g_src, queries.jpeg, queries.quality, g_keys)
     robustness = []
     for i, perturbation in enumerate(perturbations):
         progress("perturb", {"done": i, "total": len(perturbations), "perturbation": str(perturbation), "images": len(q_src)})
         p_emb = model.embed([perturbation.apply(x, space) for x in queries.pixels])
         jpeg = [perturbation.makes_jpeg or j for j in queries.jpeg]
         quality = [int(perturbation.value)] * len(jpeg) if perturbation.makes_jpeg else queries.quality
-        p_metrics, p_decisions = _scores(decider, p_emb, q_src, g_emb, g_src, jpeg, quality)
+        p_metrics, p_decisions = _scores(decider, p_emb, q_src, g_emb, g_src, jpeg, quality, g_keys)
         robustness.append({"perturbation": str(perturbation), **p_metrics, "decisions": _decision_rows(queries.uris, q_src, p_decisions)})
     predicted = [d["predicted_source"] for d in decisions]
     names, matrix = confusion_matrix(q_src, predicted, sorted(set(q_src) | set(predicted) | {decide.UNKNOWN}))

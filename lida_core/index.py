@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lida_core.decide import Decider, calibrate_unknown_threshold
+from lida_core.decide import Decider, calibrate_unknown_threshold, image_key
 from lida_core.workspace import INDEXES, Workspace, WorkspaceConfig, WorkspaceError, utc_now
 
 IVF_THRESHOLD = 200_000
@@ -327,8 +327,9 @@ def search_and_decide(decider: Decider, index: GalleryIndex | None, embeddings: 
         sims, ids = index.search(embeddings, k, model_version)
     else:
         sims, ids = np.zeros((len(embeddings), 0), np.float32), np.zeros((len(embeddings), 0), np.int64)
-    neighbours = []
+    neighbours, keys, viewed = [], [], bool(decider.jpeg_gallery)  # keys name what a JPEG query meets through the view
     for row in range(len(embeddings)):
-        labels = [index.sources[j] for j in ids[row] if j >= 0] if k else []
-        neighbours.append((sims[row][: len(labels)], labels))
-    return decider.decide_neighbours(embeddings, neighbours, jpeg, quality)
+        found = [j for j in ids[row] if j >= 0] if k else []
+        neighbours.append((sims[row][: len(found)], [index.sources[j] for j in found]))
+        keys.append([image_key(index.sources[j], index.image_ids[j]) for j in found] if viewed and jpeg[row] else [])
+    return decider.decide_neighbours(embeddings, neighbours, jpeg, quality, keys)

@@ -357,7 +357,8 @@ def _pretraining_decider(loaded: LoadedModel, config: WorkspaceConfig, train_ima
 
 
 def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict | None, cross_fit: dict | None = None,
-                       held_out: tuple[Sequence[np.ndarray], list[bool]] | None = None) -> tuple[decide.Decider, np.ndarray]:
+                       held_out: tuple[Sequence[np.ndarray], list[bool]] | None = None,
+                       keys: Sequence[str] | None = None) -> tuple[decide.Decider, np.ndarray]:
     """The quadratic rule on the current head, one threshold per format; and the calibration scores.
 
     `fitted`: what `statistical.fit_gallery` fitted (the reference rows first, then the
@@ -366,7 +367,9 @@ def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict
     `cross_fit` (the model's reference rows, their folds and formats, and its per-quality
     calibration copies with theirs), each row scored by a fit without its fold, and one JPEG
     threshold per quality from the copies; with `held_out` (images and which are JPEG; srm
-    models pre-trained before session 16), those images scored by this fit.
+    models pre-trained before session 16), those images scored by this fit. `keys`: the fitted
+    gallery images' `decide.image_key`s, in the fit's order, which name the JPEG view's images
+    for retrieval (`Decider.jpeg_gallery`).
     """
     if fitted is None:  # pre-training: the real side alone
         fitted = {"real": cross_fit["reference"], "generated": cross_fit["reference"][:0], "labels": np.array([], dtype=str)}
@@ -374,12 +377,13 @@ def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict
     generated = statistical.embeddings_from_descriptors(model.model, fitted["generated"])
     detector = statistical.QuadraticDetector.fit(real, generated, fitted["labels"])
     view = fitted.get("jpeg_generated")
-    jpeg_detector, jpeg_unknown = None, None
+    jpeg_detector, jpeg_unknown, jpeg_gallery = None, None, None
     if view is not None and len(view):  # a gallery with generators' PNGs: JPEG queries meet its JPEG view (`statistical.jpeg_view`)
         view_emb = statistical.embeddings_from_descriptors(model.model, view)
         jpeg_detector = statistical.QuadraticDetector.fit(real, view_emb, fitted["jpeg_labels"])
         jpeg_unknown = _jpeg_unknown_distance(jpeg_detector, view_emb, fitted["jpeg_labels"], fitted["jpeg_images"],
                                               config.unknown_accept)
+        jpeg_gallery = None if keys is None else _jpeg_gallery(view_emb, fitted["jpeg_labels"], fitted["jpeg_images"], keys)
     if cross_fit is not None:
         reference = cross_fit["reference"]
         if not np.array_equal(fitted["real"][: len(reference)], reference):
@@ -408,7 +412,22 @@ def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict
                           np.stack(list(found.values())) if found else None, quadratic=detector.to_dict(),
                           jpeg_threshold=jpeg_threshold, jpeg_thresholds=jpeg_thresholds,
                           quadratic_jpeg=None if jpeg_detector is None else jpeg_detector.to_dict(),
-                          jpeg_unknown_distance=jpeg_unknown), scores
+                          jpeg_unknown_distance=jpeg_unknown, jpeg_gallery=jpeg_gallery), scores
+
+
+def _jpeg_gallery(view: np.ndarray, labels: np.ndarray, images: np.ndarray, keys: Sequence[str]) -> dict:
+    """`Decider.jpeg_gallery`: the JPEG view's rows (embeddings), each with its gallery image (an index into its keys).
+
+    Every row is kept (one per calibrated quality of a PNG, two for a JPEG file), and a query meets an
+    image through its best row: on the devset that gave JPEG 90 queries Rank-1 0.572 against a PNG
+    gallery, the rows' normalised mean 0.532 and the PNGs themselves 0.491 (docs/results.md, session 26).
+    The values are rounded to 6 decimals (unit vectors: similarities move by about 1e-6), which keeps
+    the model's meta to about 1.3 KB a row (2.8 KB at full precision).
+    """
+    labels, images = np.asarray(labels), np.asarray(images)
+    owners, rows_image = np.unique(images, return_inverse=True)
+    return {"keys": [keys[i] for i in owners], "sources": [str(labels[images == i][0]) for i in owners],
+            "images": rows_image.tolist(), "embeddings": np.round(np.asarray(view, dtype=np.float64), 6).tolist()}
 
 
 def _jpeg_unknown_distance(detector, view: np.ndarray, labels: np.ndarray, images: np.ndarray, accept: float) -> float | None:
@@ -476,8 +495,11 @@ def _thresholds(scores: np.ndarray, jpeg: Sequence[bool], target_fpr: float) -> 
     return other, decide.calibrate_real_threshold(scores[jpeg], target_fpr) if jpeg.any() else None
 
 
-def decider_for(model: LoadedModel, ws: Workspace, images, sources, config: WorkspaceConfig, fitted: dict | None = None) -> decide.Decider:
+def decider_for(model: LoadedModel, ws: Workspace, images, sources, config: WorkspaceConfig, fitted: dict | None = None,
+                keys: Sequence[str] | None = None) -> decide.Decider:
     """Prototype from the real gallery images; threshold from the held-out calibration images.
+
+    `keys` name the images (`decide.image_key`) for a closed-form fit's JPEG view (`Decider.jpeg_gallery`).
 
     With contrast detection the generator prototypes come from the same gallery images, and
     the threshold is calibrated on the calibration images' contrast scores. The quadratic rule
@@ -486,7 +508,7 @@ def decider_for(model: LoadedModel, ws: Workspace, images, sources, config: Work
     rule = detection_method(config)
     cross_fit = _cross_fit(model)
     if rule == "quadratic" and fitted is not None and cross_fit is not None:
-        return _quadratic_decider(model, config, fitted, cross_fit=cross_fit)[0]
+        return _quadratic_decider(model, config, fitted, cross_fit=cross_fit, keys=keys)[0]
     calibration, calibration_jpeg = _calibration_images(ws, model)  # a held-out slice (networks; srm before session 16)
     if rule == "quadratic":
         if fitted is None or not calibration:
@@ -544,7 +566,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             cfg.prototype = "gallery"
         candidate = LoadedModel("candidate", copy.deepcopy(current.model), {**current.meta})
         fitted_before = _fitted_images(current)
-        keys = [_image_key(s, i) for s, i in zip(sources, ids, strict=True)]  # as fits record the images they saw
+        keys = [decide.image_key(s, i) for s, i in zip(sources, ids, strict=True)]  # as fits record the images they saw
         if candidate.model.fit == "closed-form":
             # The gate is cross-fitted: per fold, a head fitted on the rest scores the held-out
             # images, and every gallery image is held out once; the current model scores the
@@ -580,7 +602,7 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             after = hits_after / len(held_idx) if held_idx else float("nan")
             result, fitted = fit_model(candidate, images, sources, cfg, progress)
             result.best_holdout_accuracy = after
-            decider = decider_for(candidate, ws, images, sources, config, fitted)
+            decider = decider_for(candidate, ws, images, sources, config, fitted, keys)
             in_sample = None if fitted_before is None else 0  # its images are refitted without, fold by fold
         else:
             # A network is trained on a split of the gallery and stops at its best epoch on the rest.
@@ -652,12 +674,8 @@ def adapt_version(ws: Workspace, epochs: int | None = None, lr: float | None = N
             "holdout_accuracy_before": before, "holdout_accuracy_after": after, "best_epoch": result.best_epoch}
 
 
-def _image_key(source: str, image_id: str) -> str:
-    return f"{source}:{image_id}"
-
-
 def _fitted_images(model: LoadedModel) -> set[str] | None:
-    """The gallery images (`_image_key`) a model was fitted on; None when it does not say.
+    """The gallery images (`decide.image_key`) a model was fitted on; None when it does not say.
 
     A model that was not adapted (pre-trained, initialised) was fitted on none. A closed-form fit
     records its whole gallery (since session 21), a network its training split (since session

@@ -307,6 +307,10 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     view = meta["decider"]["quadratic_jpeg"]
     assert view["sources"] == meta["decider"]["quadratic"]["sources"] == sorted(s for s in samples.sample_sources() if s != "real")
     assert meta["decider"]["jpeg_unknown_distance"] > 0
+    # ...and JPEG queries meet each generator image through its view rows (one per calibrated quality), named by key
+    jpeg_gallery = meta["decider"]["jpeg_gallery"]
+    assert sorted(jpeg_gallery["keys"]) == sorted(k for k in meta["data"]["images"] if not k.startswith("real:"))
+    assert len(jpeg_gallery["embeddings"]) == len(jpeg_gallery["images"]) == len(CALIBRATION_QUALITIES) * len(jpeg_gallery["keys"])
     samples.write_samples(str(tmp_path / "inbox"), 2, start=500)  # unseen images of every source
     run_lida(ws, "scan", str(tmp_path / "inbox"), "--scan-id", "s1")
     rows = pq.read_table(ws / "tables" / "attributions").to_pylist()
@@ -341,6 +345,20 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
         ycc, rgb = (loaded.embed([decode_image(data, path.name, jpeg_space=space).pixels])[0] for space in ("ycc", "rgb"))
         np.testing.assert_allclose(scanned, ycc, atol=1e-5)
         assert np.abs(scanned - rgb).max() > 1e-3  # RGB's low bits would have given another embedding
+    # The scan's neighbours of a JPEG are the gallery as the JPEG view has it (each generator PNG through its
+    # copies), found through the index as an exact search finds them.
+    from lida_core.decide import image_key
+
+    listed = pq.read_table(ws / "tables" / "gallery" / f"model_version={loaded.version}").to_pylist()
+    gallery_emb = np.array([row["embedding"] for row in listed], np.float32)
+    gallery_keys = [image_key(row["source"], row["image_id"]) for row in listed]
+    for row in rows:
+        said = next(d for d in decided if d["image_id"] == row["image_id"])
+        query = np.array(row["embedding"], np.float32)[None]
+        sims = loaded.decider.jpeg_similarities(query, gallery_emb, gallery_keys)[0]
+        assert not np.allclose(sims, gallery_emb @ query[0])  # the view changes what a JPEG meets
+        top = np.sort(sims)[::-1][: len(said["topk_similarities"])]
+        np.testing.assert_allclose(said["topk_similarities"], top, rtol=1e-4)
 
 
 @pytest.mark.slow  # two gallery adds and a scan, each a Beam job

@@ -647,3 +647,56 @@ def test_a_jpeg_query_is_scored_and_named_by_the_jpeg_view_and_unknown_past_its_
     loaded = Decider.from_dict(old)
     assert loaded.quadratic_jpeg is None and loaded._quadratic_detector.sources is None
     np.testing.assert_allclose(loaded.scores(queries, flags), detector.scores(queries))
+
+
+def test_a_jpeg_query_meets_the_gallery_through_its_jpeg_view_in_search_and_in_retrieval():
+    """Session 26: a generator image registered as a PNG is met by a JPEG query as its JPEG copies, not as its own file."""
+    from lida_core.decide import image_key
+    from lida_core.lifecycle import _jpeg_gallery
+
+    basis = np.eye(16)
+
+    def normed(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    g = np.random.default_rng(5)
+    png = {"a": basis[0], "b": normed(basis[2] + 0.5 * basis[1])}
+    as_jpeg = {"a": normed(basis[2] + 0.3 * basis[0]), "b": normed(basis[1] + 0.3 * basis[3])}
+    gallery = normed(np.stack([png[s] + 0.02 * g.normal(size=16) for s in ["a"] * 3 + ["b"] * 3])).astype(np.float32)
+    labels = ["a"] * 3 + ["b"] * 3
+    keys = [image_key(s, f"img{i}") for i, s in enumerate(labels)]
+    # the fit's view: two qualities per image, each row near its source's JPEG side; the first row of each image nearer
+    view = normed(np.stack([as_jpeg[s] + w * g.normal(size=16) for s in labels for w in (0.02, 0.2)]))
+    owners = np.repeat(np.arange(6), 2)
+    record = _jpeg_gallery(view, np.repeat(labels, 2), owners, keys)
+    assert record["keys"] == keys and record["sources"] == labels and record["images"] == owners.tolist()
+    decider = Decider.from_dict(json.loads(json.dumps(Decider(np.zeros(16, np.float32), 0.0, None, jpeg_gallery=record).to_dict())))
+    queries = normed(np.stack([as_jpeg["a"] + 0.02 * g.normal(size=16) for _ in range(4)])).astype(np.float32)
+    # As files, a's PNGs are less like a JPEG of a than b's PNGs are: retrieval said b.
+    assert all(np.array(labels)[(queries @ gallery.T).argmax(1)] == "b")
+    sims = decider.jpeg_similarities(queries, gallery, keys)
+    np.testing.assert_allclose(sims, np.maximum(queries @ view[0::2].T, queries @ view[1::2].T), atol=1e-5)  # each image's best row (rows kept to 6 decimals)
+    assert all(np.array(labels)[sims.argmax(1)] == "a")
+    np.testing.assert_allclose(decider.jpeg_similarities(queries, gallery, None), queries @ gallery.T)  # unnamed rows: as they are
+    # Decisions: the top-k a JPEG query is given comes from the view, by exact search and by an index's neighbours alike;
+    # a PNG query, or a decider without a view, meets the files as they are.
+    exact = decider.decide(queries, gallery, labels, jpeg=[True] * 4, gallery_keys=keys)
+    assert all(d["topk_sources"][:3] == ["a"] * 3 for d in exact), exact
+    order = [np.argsort(-row, kind="stable") for row in queries @ gallery.T]
+    found = [((queries[i] @ gallery.T)[o], [labels[j] for j in o]) for i, o in enumerate(order)]
+    searched = decider.decide_neighbours(queries, found, [True] * 4, None, [[keys[j] for j in o] for o in order])
+    for e, s in zip(exact, searched, strict=True):
+        assert e["topk_sources"] == s["topk_sources"]
+        np.testing.assert_allclose(e["topk_similarities"], s["topk_similarities"], rtol=1e-5)
+    assert all(d["topk_sources"][0] == "b" for d in decider.decide(queries, gallery, labels, jpeg=[False] * 4, gallery_keys=keys))
+    plain = Decider(np.zeros(16, np.float32), 0.0, None)
+    assert all(d["topk_sources"][0] == "b" for d in plain.decide(queries, gallery, labels, jpeg=[True] * 4, gallery_keys=keys))
+    # An image registered after the fit is not in the view: a JPEG query meets it as it is, beside the view's images.
+    late = normed(as_jpeg["a"] + 0.01 * g.normal(size=16)).astype(np.float32)
+    grown, grown_labels, grown_keys = np.vstack([gallery, late]), [*labels, "c"], [*keys, image_key("c", "late")]
+    said = decider.decide(queries, grown, grown_labels, jpeg=[True] * 4, gallery_keys=grown_keys)
+    assert all(d["topk_sources"][0] == "c" and d["topk_sources"][1:4] == ["a"] * 3 for d in said), said
+    # A view that does not hold together is refused when it is first used.
+    broken = Decider(np.zeros(16, np.float32), 0.0, None, jpeg_gallery={**record, "images": [0, 7]})
+    with pytest.raises(ValueError, match="JPEG gallery view"):
+        broken.jpeg_similarities(queries, gallery, keys)
