@@ -198,7 +198,8 @@ class Decider:
 
     @cached_property
     def _jpeg_view(self) -> tuple[dict[str, int], list[str], np.ndarray, np.ndarray] | None:
-        """(index of each image's key, each image's source, the view's rows, each row's image) of `jpeg_gallery`, or None."""
+        """(index of each image's key, each image's source, the view's rows grouped by image, where each image's
+        rows start) of `jpeg_gallery`, or None."""
         if not self.jpeg_gallery:
             return None
         keys, sources = list(self.jpeg_gallery["keys"]), [str(s) for s in self.jpeg_gallery["sources"]]
@@ -208,15 +209,17 @@ class Decider:
                 or (len(owners) and not 0 <= owners.min() <= owners.max() < len(keys)):
             raise ValueError(f"a JPEG gallery view of {len(keys)} images with {len(sources)} sources and "
                              f"{len(owners)} owners of {len(embeddings)} rows")
-        return {k: i for i, k in enumerate(keys)}, sources, embeddings, owners
+        if len(np.unique(owners)) != len(keys):
+            raise ValueError(f"a JPEG gallery view names {len(keys)} images but has rows for {len(np.unique(owners))}")
+        order = np.argsort(owners, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(owners[order]) != 0])
+        return {k: i for i, k in enumerate(keys)}, sources, embeddings[order], starts
 
     def _view_similarities(self, queries: np.ndarray) -> np.ndarray:
         """Q x (the view's images): each query's best similarity to each image's view rows."""
-        _, sources, embeddings, owners = self._jpeg_view
+        _, _, embeddings, starts = self._jpeg_view
         per_row = np.asarray(queries, dtype=np.float32).reshape(-1, embeddings.shape[1]) @ embeddings.T
-        out = np.full((len(per_row), len(sources)), -np.inf, np.float32)
-        np.maximum.at(out.T, owners, per_row.T)
-        return out
+        return np.maximum.reduceat(per_row, starts, axis=1) if per_row.size else per_row[:, :len(starts)]
 
     def jpeg_similarities(self, queries: np.ndarray, gallery: np.ndarray, keys: Sequence[str] | None) -> np.ndarray:
         """Q x G similarities of JPEG queries to the gallery (rows named by `keys`) as they meet it: each image of the
@@ -230,13 +233,16 @@ class Decider:
             sims[:, columns] = self._view_similarities(queries)[:, [index[keys[i]] for i in columns]]
         return sims
 
-    def _jpeg_neighbours(self, query: np.ndarray, sims: Sequence[float], labels: Sequence[str],
+    def _jpeg_neighbours(self, view_sims: np.ndarray, sims: Sequence[float], labels: Sequence[str],
                          keys: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-        """A JPEG query's neighbours (most similar first) with the view's images met through their view rows."""
+        """A JPEG query's neighbours (most similar first) with the view's images met through their view rows
+        (`view_sims`, the query's `_view_similarities`)."""
         index, sources = self._jpeg_view[:2]
         keep = [i for i, key in enumerate(keys) if key not in index]
-        merged = np.concatenate([np.asarray(sims, dtype=np.float64)[keep], self._view_similarities(query)[0]])
-        names = [labels[i] for i in keep] + sources
+        wanted = max(len(keys), self.k, self.top_k)  # no more of the view than the search's own depth can reach the decision
+        best = np.argpartition(-view_sims, wanted - 1)[:wanted] if wanted < len(view_sims) else np.arange(len(view_sims))
+        merged = np.concatenate([np.asarray(sims, dtype=np.float64)[keep], view_sims[best]])
+        names = [labels[i] for i in keep] + [sources[i] for i in best]
         order = np.argsort(-merged, kind="stable")
         return merged[order], [names[i] for i in order]
 
@@ -270,9 +276,11 @@ class Decider:
         """
         real_scores = self.scores(queries, jpeg) if len(queries) else []
         quality = [None] * len(queries) if quality is None else quality
-        if keys is not None and self._jpeg_view is not None:
-            neighbours = [self._jpeg_neighbours(query, *found, named) if is_jpeg else found
-                          for query, found, named, is_jpeg in zip(queries, neighbours, keys, jpeg, strict=True)]
+        if keys is not None and self._jpeg_view is not None and any(jpeg):
+            rows = np.flatnonzero(np.asarray(jpeg, dtype=bool))
+            view_sims = dict(zip(rows.tolist(), self._view_similarities(np.asarray(queries)[rows]), strict=True))  # one product
+            neighbours = [self._jpeg_neighbours(view_sims[i], *found, named) if i in view_sims else found
+                          for i, (found, named) in enumerate(zip(neighbours, keys, strict=True))]
         return [self.decide_from_similarities(query, sims, labels, bool(is_jpeg), real_score=float(score), quality=q)
                 for query, (sims, labels), is_jpeg, score, q in zip(queries, neighbours, jpeg, real_scores, quality, strict=True)]
 

@@ -678,6 +678,10 @@ def test_a_jpeg_query_meets_the_gallery_through_its_jpeg_view_in_search_and_in_r
     np.testing.assert_allclose(sims, np.maximum(queries @ view[0::2].T, queries @ view[1::2].T), atol=1e-5)  # each image's best row (rows kept to 6 decimals)
     assert all(np.array(labels)[sims.argmax(1)] == "a")
     np.testing.assert_allclose(decider.jpeg_similarities(queries, gallery, None), queries @ gallery.T)  # unnamed rows: as they are
+    shuffled = g.permutation(len(view))  # a view's rows need not come image by image (a JPEG file's come first)
+    reordered = Decider(np.zeros(16, np.float32), 0.0, None, jpeg_gallery={
+        **record, "images": owners[shuffled].tolist(), "embeddings": np.asarray(record["embeddings"])[shuffled].tolist()})
+    np.testing.assert_allclose(reordered.jpeg_similarities(queries, gallery, keys), sims, atol=1e-6)
     # Decisions: the top-k a JPEG query is given comes from the view, by exact search and by an index's neighbours alike;
     # a PNG query, or a decider without a view, meets the files as they are.
     exact = decider.decide(queries, gallery, labels, jpeg=[True] * 4, gallery_keys=keys)
