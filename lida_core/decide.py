@@ -221,6 +221,15 @@ class Decider:
         per_row = np.asarray(queries, dtype=np.float32).reshape(-1, embeddings.shape[1]) @ embeddings.T
         return np.maximum.reduceat(per_row, starts, axis=1) if per_row.size else per_row[:, :len(starts)]
 
+    def similarities(self, queries: np.ndarray, gallery: np.ndarray, jpeg: Sequence[bool] | None = None,
+                     keys: Sequence[str] | None = None) -> np.ndarray:
+        """Q x G similarities of queries to the gallery (rows named by `keys`), the JPEG ones (`jpeg`) as they meet it."""
+        sims = np.asarray(queries, dtype=np.float32) @ np.asarray(gallery, dtype=np.float32).T
+        rows = np.zeros(len(sims), bool) if jpeg is None else np.asarray(jpeg, dtype=bool)
+        if rows.any() and sims.shape[1]:
+            sims[rows] = self.jpeg_similarities(np.asarray(queries)[rows], gallery, keys)
+        return sims
+
     def jpeg_similarities(self, queries: np.ndarray, gallery: np.ndarray, keys: Sequence[str] | None) -> np.ndarray:
         """Q x G similarities of JPEG queries to the gallery (rows named by `keys`) as they meet it: each image of the
         JPEG view through its best view row, the others as they are."""
@@ -254,12 +263,7 @@ class Decider:
         through it (`jpeg_gallery`)."""
         labels = np.asarray(gallery_labels)
         jpeg = [bool(jpeg and jpeg[i]) for i in range(len(queries))]
-        if len(gallery):
-            sims = queries @ gallery.T
-            if any(jpeg):
-                sims[jpeg] = self.jpeg_similarities(queries[jpeg], gallery, gallery_keys)
-        else:
-            sims = np.zeros((len(queries), 0), np.float32)
+        sims = self.similarities(queries, gallery, jpeg, gallery_keys) if len(gallery) else np.zeros((len(queries), 0), np.float32)
         orders = [np.argsort(-row, kind="stable") for row in sims]
         return self.decide_neighbours(queries, [(row[order], labels[order].tolist()) for row, order in zip(sims, orders, strict=True)],
                                       jpeg, quality)
