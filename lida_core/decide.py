@@ -257,13 +257,21 @@ class Decider:
 
     def decide(self, queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str],
                jpeg: Sequence[bool] | None = None, quality: Sequence[int | None] | None = None,
-               gallery_keys: Sequence[str] | None = None) -> list[dict]:
+               gallery_keys: Sequence[str] | None = None, similarities: np.ndarray | None = None) -> list[dict]:
         """Decisions against a whole gallery (exact search); `jpeg` says which queries were JPEG files, `quality` their
         qualities; `gallery_keys` name the gallery's rows (`image_key`), so JPEG queries meet the JPEG view's images
-        through it (`jpeg_gallery`)."""
+        through it (`jpeg_gallery`). `similarities`: what `similarities` gives for these arguments, when the caller
+        has it already."""
         labels = np.asarray(gallery_labels)
         jpeg = [bool(jpeg and jpeg[i]) for i in range(len(queries))]
-        sims = self.similarities(queries, gallery, jpeg, gallery_keys) if len(gallery) else np.zeros((len(queries), 0), np.float32)
+        if similarities is not None:
+            sims = np.asarray(similarities)
+            if sims.shape != (len(queries), len(gallery)):
+                raise ValueError(f"similarities are {sims.shape} for {len(queries)} queries and {len(gallery)} gallery images")
+        elif len(gallery):
+            sims = self.similarities(queries, gallery, jpeg, gallery_keys)
+        else:
+            sims = np.zeros((len(queries), 0), np.float32)
         orders = [np.argsort(-row, kind="stable") for row in sims]
         return self.decide_neighbours(queries, [(row[order], labels[order].tolist()) for row, order in zip(sims, orders, strict=True)],
                                       jpeg, quality)

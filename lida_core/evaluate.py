@@ -81,8 +81,9 @@ def _scores(decider: decide.Decider, q_emb: np.ndarray, q_src: list[str], g_emb:
     A JPEG query meets the gallery as the decider's JPEG view has it (`Decider.jpeg_gallery`, the
     images named by `g_keys`), in its retrieval figures as in its decision.
     """
-    retrieval = retrieval_metrics(decider.similarities(q_emb, g_emb, jpeg, g_keys), q_src, g_src)
-    decisions = decider.decide(q_emb, g_emb, g_src, jpeg, quality, g_keys)
+    sims = decider.similarities(q_emb, g_emb, jpeg, g_keys)
+    retrieval = retrieval_metrics(sims, q_src, g_src)
+    decisions = decider.decide(q_emb, g_emb, g_src, jpeg, quality, g_keys, similarities=sims)
     predicted = [d["predicted_source"] for d in decisions]
     truth_generated = [s != decide.REAL for s in q_src]
     real_scores = np.array([d["real_score"] for d in decisions])

@@ -693,6 +693,10 @@ def test_a_jpeg_query_meets_the_gallery_through_its_jpeg_view_in_search_and_in_r
         assert e["topk_sources"] == s["topk_sources"]
         np.testing.assert_allclose(e["topk_similarities"], s["topk_similarities"], rtol=1e-5)
     assert all(d["topk_sources"][0] == "b" for d in decider.decide(queries, gallery, labels, jpeg=[False] * 4, gallery_keys=keys))
+    given = decider.similarities(queries, gallery, [True] * 4, keys)  # a caller that has them already (eval) hands them in
+    assert decider.decide(queries, gallery, labels, jpeg=[True] * 4, gallery_keys=keys, similarities=given) == exact
+    with pytest.raises(ValueError, match="similarities are"):
+        decider.decide(queries, gallery, labels, jpeg=[True] * 4, similarities=given[:, :2])
     plain = Decider(np.zeros(16, np.float32), 0.0, None)
     assert all(d["topk_sources"][0] == "b" for d in plain.decide(queries, gallery, labels, jpeg=[True] * 4, gallery_keys=keys))
     # An image registered after the fit is not in the view: a JPEG query meets it as it is, beside the view's images.
