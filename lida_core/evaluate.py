@@ -136,7 +136,7 @@ def evaluate(
     gallery = decode_inputs(gallery_uris, progress, jpeg_space=space)
     queries = decode_inputs(query_uris, progress, jpeg_space=space)
     g_src = [s for s, u in zip(gallery_src, gallery_uris, strict=True) if u in set(gallery.uris)]
-    g_keys = [decide.image_key(s, u) for s, u in zip(gallery_src, gallery_uris, strict=True) if u in set(gallery.uris)]
+    g_keys = [decide.image_key(s, u) for s, u in zip(g_src, gallery.uris, strict=True)]  # each gallery image, by its source and uri
     q_src = [s for s, u in zip(query_src, query_uris, strict=True) if u in set(queries.uris)]
     model = LoadedModel(current.version, copy.deepcopy(current.model), current.meta)
     adapt_info, fitted = None, None
