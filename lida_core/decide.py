@@ -223,24 +223,22 @@ class Decider:
 
     def similarities(self, queries: np.ndarray, gallery: np.ndarray, jpeg: Sequence[bool] | None = None,
                      keys: Sequence[str] | None = None) -> np.ndarray:
-        """Q x G similarities of queries to the gallery (rows named by `keys`), the JPEG ones (`jpeg`) as they meet it."""
-        sims = np.asarray(queries, dtype=np.float32) @ np.asarray(gallery, dtype=np.float32).T
+        """Q x G similarities of queries to the gallery (rows named by `keys`); the JPEG ones (`jpeg`) meet each image
+        of the JPEG view through its best view row, everything else as it is."""
+        queries = np.asarray(queries, dtype=np.float32)
+        sims = queries @ np.asarray(gallery, dtype=np.float32).T
         rows = np.zeros(len(sims), bool) if jpeg is None else np.asarray(jpeg, dtype=bool)
-        if rows.any() and sims.shape[1]:
-            sims[rows] = self.jpeg_similarities(np.asarray(queries)[rows], gallery, keys)
-        return sims
-
-    def jpeg_similarities(self, queries: np.ndarray, gallery: np.ndarray, keys: Sequence[str] | None) -> np.ndarray:
-        """Q x G similarities of JPEG queries to the gallery (rows named by `keys`) as they meet it: each image of the
-        JPEG view through its best view row, the others as they are."""
-        sims = np.asarray(queries, dtype=np.float32) @ np.asarray(gallery, dtype=np.float32).T
-        if self._jpeg_view is None or keys is None or not len(sims):
+        if self._jpeg_view is None or keys is None or not rows.any():
             return sims
         index = self._jpeg_view[0]
         columns = [i for i, key in enumerate(keys) if key in index]
         if columns:
-            sims[:, columns] = self._view_similarities(queries)[:, [index[keys[i]] for i in columns]]
+            sims[np.ix_(rows, columns)] = self._view_similarities(queries[rows])[:, [index[keys[i]] for i in columns]]
         return sims
+
+    def jpeg_similarities(self, queries: np.ndarray, gallery: np.ndarray, keys: Sequence[str] | None) -> np.ndarray:
+        """`similarities` of queries that are all JPEGs."""
+        return self.similarities(queries, gallery, [True] * len(queries), keys)
 
     def _jpeg_neighbours(self, view_sims: np.ndarray, sims: Sequence[float], labels: Sequence[str],
                          keys: Sequence[str]) -> tuple[np.ndarray, list[str]]:
