@@ -307,19 +307,18 @@ class Decider:
         generated = bool(real_score < self.threshold(jpeg, quality))
         scores = self._source_scores(sims, labels)
         candidates = {s: v for s, v in scores.items() if s != REAL}
+        voted = max(candidates, key=lambda s: (candidates[s], s)) if candidates else None
         if not generated:
             predicted = REAL
-        elif not candidates:
+        elif jpeg and self.quadratic_jpeg is not None and (voted is None or voted in (self._jpeg_detector.sources or ())):
+            # the JPEG view names the source; the neighbours' vote stands only for a source registered after the fit
+            # (the view's real images can fill a JPEG query's nearest neighbours: the view still names the source)
+            predicted = self._jpeg_source(query)
+        elif voted is None:
             predicted = UNKNOWN
         else:
-            predicted = max(candidates, key=lambda s: (candidates[s], s))
-            if jpeg and self.quadratic_jpeg is not None and predicted in (self._jpeg_detector.sources or ()):
-                # the JPEG view names the source; the neighbours' vote stands only for a source registered after the fit
-                predicted = self._jpeg_source(query)
-            else:
-                best = max(sim for sim, label in zip(sims, labels, strict=True) if label == predicted)
-                if self.unknown_threshold is not None and best < self.unknown_threshold:
-                    predicted = UNKNOWN
+            best = max(sim for sim, label in zip(sims, labels, strict=True) if label == voted)
+            predicted = UNKNOWN if self.unknown_threshold is not None and best < self.unknown_threshold else voted
         top = min(self.top_k, len(labels))
         return {
             "predicted_source": predicted,

@@ -383,7 +383,12 @@ def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict
         jpeg_detector = statistical.QuadraticDetector.fit(real, view_emb, fitted["jpeg_labels"])
         jpeg_unknown = _jpeg_unknown_distance(jpeg_detector, view_emb, fitted["jpeg_labels"], fitted["jpeg_images"],
                                               config.unknown_accept)
-        jpeg_gallery = None if keys is None else _jpeg_gallery(view_emb, fitted["jpeg_labels"], fitted["jpeg_images"], keys)
+        if keys is not None:  # retrieval meets the real images' JPEG rows too (models fitted before session 27 have none)
+            real_view = fitted.get("jpeg_real", view[:0])
+            jpeg_gallery = _jpeg_gallery(
+                np.vstack([view_emb, statistical.embeddings_from_descriptors(model.model, real_view)]),
+                np.concatenate([fitted["jpeg_labels"], np.full(len(real_view), decide.REAL)]),
+                np.concatenate([fitted["jpeg_images"], fitted.get("jpeg_real_images", np.zeros(0, np.int64))]), keys)
     if cross_fit is not None:
         reference = cross_fit["reference"]
         if not np.array_equal(fitted["real"][: len(reference)], reference):

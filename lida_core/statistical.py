@@ -356,35 +356,46 @@ def jpeg_files(images: Sequence[np.ndarray]) -> list[bool]:
 
 
 def jpeg_view(model: Embedder, images: Sequence[np.ndarray], sources: np.ndarray, feats: np.ndarray) -> dict:
-    """The generated gallery as a JPEG query meets it: each generated image that is a JPEG file as it is (with its
-    copy, the rows the fit already has), each other one (a generator's PNG) as copies at every CALIBRATION_QUALITIES.
-    Empty ({}) when every generated image is a JPEG file: the fit's own generated rows are that view.
+    """The gallery as a JPEG query meets it: each image that is a JPEG file as it is (with its copy, the rows the fit
+    already has), each other one (a PNG) as copies at every CALIBRATION_QUALITIES. The generated images' rows are
+    the detector's JPEG side and name their source ("jpeg_generated", "jpeg_labels", "jpeg_images": each row's
+    gallery image); the real images' rows ("jpeg_real", "jpeg_real_images") only take part in retrieval. Empty ({})
+    when every generated image is a JPEG file: the fit's own generated rows are that view.
 
     Why: a generator's PNG outputs and its JPEGs differ in exactly the low bits the descriptor reads.
     Registered as PNGs and met as JPEGs, one copy per gallery image among the PNGs left the generator's
     JPEG side too thin: on the devset (PNG gallery, JPEG 90 queries) Rank-1 0.48, AUROC 0.72; with the
     copies at every quality as the JPEG side, 0.61 and 0.77, what a JPEG gallery gives (docs/results.md,
-    session 24). `feats`: `descriptors` of `with_jpeg_copies(images)` (images, then their copies).
+    session 24). The same holds for a real photograph registered as a PNG: met as a file beside the
+    generators' JPEG copies, it was never a real JPEG query's nearest image (Rank-1 of the devset's real
+    JPEG 90 queries 0.0; docs/results.md, session 27). `feats`: `descriptors` of `with_jpeg_copies(images)`
+    (images, then their copies).
     """
     n = len(images)
-    rows, labels, owners = [], [], []
     jpeg = jpeg_files(images)
-    png = [i for i in range(n) if sources[i] != REAL and not jpeg[i]]
-    if not png:  # the fit's generated rows are JPEGs already: JPEG queries meet the gallery as it is
+    if all(jpeg[i] for i in range(n) if sources[i] != REAL):  # the fit's generated rows are JPEGs already
         return {}
-    for i in range(n):
-        if sources[i] != REAL and jpeg[i]:
-            rows += [feats[i], feats[n + i]]
-            labels += [sources[i]] * 2
-            owners += [i, i]
     per = len(CALIBRATION_QUALITIES)
-    picked = images.take(png) if hasattr(images, "take") else [images[i] for i in png]
-    rows += list(descriptors(model, _QualityCopies(picked, CALIBRATION_QUALITIES, model.fingerprint.jpeg)))
-    labels += [sources[i] for i in png for _ in range(per)]
-    owners += [i for i in png for _ in range(per)]
     width = feats.shape[1]
-    return {"jpeg_generated": np.asarray(rows, dtype=np.float64).reshape(-1, width),
-            "jpeg_labels": np.asarray(labels, dtype=str), "jpeg_images": np.asarray(owners, dtype=np.int64)}
+
+    def side(members: list[int]) -> tuple[np.ndarray, list[int]]:
+        rows, owners = [], []
+        for i in members:
+            if jpeg[i]:
+                rows += [feats[i], feats[n + i]]
+                owners += [i, i]
+        png = [i for i in members if not jpeg[i]]
+        if png:
+            picked = images.take(png) if hasattr(images, "take") else [images[i] for i in png]
+            rows += list(descriptors(model, _QualityCopies(picked, CALIBRATION_QUALITIES, model.fingerprint.jpeg)))
+            owners += [i for i in png for _ in range(per)]
+        return np.asarray(rows, dtype=np.float64).reshape(-1, width), owners
+
+    generated, owners = side([i for i in range(n) if sources[i] != REAL])
+    real, real_owners = side([i for i in range(n) if sources[i] == REAL])
+    return {"jpeg_generated": generated, "jpeg_labels": np.asarray([sources[i] for i in owners], dtype=str),
+            "jpeg_images": np.asarray(owners, dtype=np.int64),
+            "jpeg_real": real, "jpeg_real_images": np.asarray(real_owners, dtype=np.int64)}
 
 
 class QuadraticDetector:

@@ -307,9 +307,11 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     view = meta["decider"]["quadratic_jpeg"]
     assert view["sources"] == meta["decider"]["quadratic"]["sources"] == sorted(s for s in samples.sample_sources() if s != "real")
     assert meta["decider"]["jpeg_unknown_distance"] > 0
-    # ...and JPEG queries meet each generator image through its view rows (one per calibrated quality), named by key
+    # ...and JPEG queries meet each gallery image, the real photographs' too, through its view rows (one per calibrated
+    # quality), named by key
     jpeg_gallery = meta["decider"]["jpeg_gallery"]
-    assert sorted(jpeg_gallery["keys"]) == sorted(k for k in meta["data"]["images"] if not k.startswith("real:"))
+    assert sorted(jpeg_gallery["keys"]) == sorted(meta["data"]["images"])
+    assert any(k.startswith("real:") for k in jpeg_gallery["keys"])
     assert len(jpeg_gallery["embeddings"]) == len(jpeg_gallery["images"]) == len(CALIBRATION_QUALITIES) * len(jpeg_gallery["keys"])
     samples.write_samples(str(tmp_path / "inbox"), 2, start=500)  # unseen images of every source
     run_lida(ws, "scan", str(tmp_path / "inbox"), "--scan-id", "s1")

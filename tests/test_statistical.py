@@ -567,6 +567,12 @@ def test_jpeg_view_is_each_generators_png_at_every_calibrated_quality_and_each_j
         at = 2 + row if image == 0 else 2 + per + statistical.CALIBRATION_QUALITIES.index(quality)
         copy = jpeg_copy(decoded[image], quality, model.fingerprint.jpeg)
         np.testing.assert_allclose(view["jpeg_generated"][at], statistical.descriptors(model, [copy])[0])
+    # The real images take part in retrieval the same way (the JPEG file's two rows, the PNG's copies), outside the
+    # detector's generated side.
+    assert view["jpeg_real_images"].tolist() == [4, 4] + [3] * per
+    assert np.array_equal(view["jpeg_real"][:2], feats[[4, 9]])
+    np.testing.assert_allclose(view["jpeg_real"][2 + statistical.CALIBRATION_QUALITIES.index(90)],
+                               statistical.descriptors(model, [jpeg_copy(decoded[3], 90, model.fingerprint.jpeg)])[0])
     # A gallery whose generators are all JPEG files already meets JPEG queries as it is fitted.
     jpeg_only = np.array(["real", "a", "real", "real", "b"])
     assert statistical.jpeg_view(model, images, jpeg_only, feats) == {}
@@ -633,6 +639,11 @@ def test_a_jpeg_query_is_scored_and_named_by_the_jpeg_view_and_unknown_past_its_
     order = np.argsort(-sims)
     said = decider.decide_from_similarities(other, sims[order], [labels[i] for i in order], jpeg=True, real_score=-1e9)
     assert said["is_generated"] and said["predicted_source"] == "unknown"
+    # A detected JPEG whose nearest gallery images are all real (the view's real rows can be): the view names it.
+    said = decider.decide_from_similarities(queries[0], np.array([0.9, 0.8]), ["real", "real"], jpeg=True, real_score=-1e9)
+    assert said["predicted_source"] == "a" and said["topk_sources"] == ["real", "real"], said
+    said = decider.decide_from_similarities(queries[0], np.array([0.9, 0.8]), ["real", "real"], jpeg=False, real_score=-1e9)
+    assert said["predicted_source"] == "unknown", said  # a PNG without a generator among its neighbours: as before
     # A source registered after the fit is unknown to the JPEG view: the neighbours' vote names it.
     late, query = draw(centres, 2, 4).astype(np.float32)[:3], draw(centres, 2, 1)[0].astype(np.float32)
     sims = np.concatenate([gallery @ query, late @ query])
