@@ -13,7 +13,7 @@ the source for three devset sources, so a fingerprint figure only counts where i
 beats the RGB one.
 
     .venv/bin/python benchmarks/eval_devset.py [--data DIR] [--shots 1 5 10] [--seeds 0 1 2 3 4]
-        [--parts png jpeg90] [--profile srm] [--pretrain-seeds 0] [--rgb-seeds 0 1 2] [--rgb-epochs 60] [--write FILE]
+        [--parts png jpeg90] [--real-shots K] [--profile srm] [--pretrain-seeds 0] [--rgb-seeds 0 1 2] [--rgb-epochs 60] [--write FILE]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def cell(runs: list[dict], key: str) -> str:
 
 
 def run_profile(work: Path, data: Path, profile: str, kind: str, parts, shots, seeds, epochs, names, rows,
-                pretrain_seeds=(0,)) -> dict:
+                pretrain_seeds=(0,), real_shots: int | None = None) -> dict:
     """Per pre-training seed a workspace (its own held-out calibration photographs); the runs of all pooled per row."""
     timing = {"pretrain_s": [], "eval_s": []}
     pooled: dict[tuple[str, int], list[dict]] = {(part, k): [] for part in parts for k in shots}
@@ -81,6 +81,8 @@ def run_profile(work: Path, data: Path, profile: str, kind: str, parts, shots, s
                     folder, _, perturbation = part.partition("@")
                     if perturbation:  # the gallery from DATA/folder as it is, the queries perturbed (PNG gallery, JPEG queries)
                         extra += ["--perturb", perturbation]
+                    if real_shots:
+                        extra += ["--real-shots", str(real_shots)]
                     r = lida(ws, "eval", str(data / folder), "--shots", str(k), "--seed", str(seed), "--input", kind, *extra)
                     if perturbation:
                         r = {**r, **r["perturbations"][0]}
@@ -92,7 +94,8 @@ def run_profile(work: Path, data: Path, profile: str, kind: str, parts, shots, s
                           f"AUROC {r['auroc']:.3f}  FPR {r['false_positive_rate']:.3f} / unseen {r['fpr_unseen']:.3f}  "
                           f"({r['_seconds']:.0f} s)", flush=True)
     for (part, k), runs in pooled.items():
-        rows.append(f"| {profile} | {kind} | {part} | {k} | " + " | ".join(cell(runs, key) for key in KEYS) + " |")
+        label = f"{k} ({real_shots} real)" if real_shots and real_shots != k else str(k)
+        rows.append(f"| {profile} | {kind} | {part} | {label} | " + " | ".join(cell(runs, key) for key in KEYS) + " |")
     timing["pretrain_s"] = float(np.median(timing["pretrain_s"]))
     return timing
 
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", default=["png", "jpeg90"],
                         help="devset folders; FOLDER@KIND:V registers FOLDER's images and queries them perturbed "
                              "(png@jpeg:90: generators registered as PNGs, met as JPEG 90s)")
+    parser.add_argument("--real-shots", type=int, help="real images in each gallery (default: as many as --shots)")
     parser.add_argument("--profile", default="srm", help="the fingerprint profile measured (default: the CPU default, srm)")
     parser.add_argument("--rgb-profile", default="small", help="network profile for the RGB ablation")
     parser.add_argument("--rgb-shots", type=int, nargs="+", default=[5])
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = {}
         if not args.skip_fingerprint:
             timing[args.profile] = run_profile(work, data, args.profile, "fingerprint", args.parts, args.shots, args.seeds, 0, names, rows,
-                                            args.pretrain_seeds)
+                                               args.pretrain_seeds, args.real_shots)
         if args.rgb_seeds:
             timing[f"{args.rgb_profile}-rgb"] = run_profile(work, data, args.rgb_profile, "rgb", ["png"], args.rgb_shots,
                                                             args.rgb_seeds, args.rgb_epochs, names, rows)

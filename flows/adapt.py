@@ -61,8 +61,11 @@ def adapt_gate_reindex(workspace: str, epochs: int | None, seed: int) -> dict:
     from lida_core.lifecycle import adapt_and_reindex
 
     log = get_run_logger()
-    return adapt_and_reindex(Workspace(workspace), epochs, seed=seed,
-                             progress=lambda kind, info: log.info("%s %s", kind, info))
+    result = adapt_and_reindex(Workspace(workspace), epochs, seed=seed,
+                               progress=lambda kind, info: log.info("%s %s", kind, info))
+    for line in result.get("advice") or []:
+        log.warning("advice: %s", line)
+    return result
 
 
 def adaptation_markdown(found: dict, triggered: str | None, added: dict, result: dict | None, before: dict,
@@ -87,6 +90,7 @@ def adaptation_markdown(found: dict, triggered: str | None, added: dict, result:
                   "", f"- candidate {result['model_version']}: {verdict}"]
         if result.get("index"):
             lines.append(f"- index {result['index']['index_version']} rebuilt for {result['index']['model_version']}")
+        lines += [f"- advice: {line}" for line in result.get("advice") or []]
     return "\n".join(lines) + "\n"
 
 

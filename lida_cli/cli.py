@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", metavar="DIR", help="one sub-folder per source, 'real' among them; or GenImage's layout, "
                    "<generator>/{train,val}/{ai,nature} (gallery from train, queries from val, nature = real)")
     p.add_argument("--shots", type=positive_int, default=5)
+    p.add_argument("--real-shots", type=positive_int, metavar="K",
+                   help="real images in the gallery, when not --shots (detection leans on them: docs/results.md, session 27)")
     p.add_argument("--queries", type=positive_int, metavar="N", help="at most N query images per source (a seeded draw)")
     p.add_argument("--holdout", type=float, metavar="SHARE", help="share of the K shots held out to pick the adaptation's "
                    "epoch (default 0.2); 0 trains on every shot for all epochs, as the paper does (network profiles)")
@@ -304,6 +306,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     r = adapt_and_reindex(Workspace(args.workspace), args.epochs, args.lr, args.seed, _Progress(args.json))
     verdict = (f"promoted to current ({r['rule']})" if r["promoted"]
                else f"NOT promoted (worse on held-out gallery images; rule: {r['rule']}); current unchanged")
+    for line in r.get("advice") or []:  # on stderr either way: stdout stays the answer (or its JSON)
+        print(f"advice: {line}", file=sys.stderr)
     return _emit(args, r, f"candidate {r['model_version']} (from {r['parent']}): held-out accuracy "
                           f"{r['holdout_accuracy_before']:.3f} -> {r['holdout_accuracy_after']:.3f}; {verdict}")
 
@@ -323,7 +327,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     r = evaluate(ws, args.directory, args.shots, args.seed, not args.no_adapt, args.input, args.epochs, _Progress(args.json),
-                 perturbations=perturbations, max_queries=args.queries, holdout=args.holdout)
+                 perturbations=perturbations, max_queries=args.queries, holdout=args.holdout, real_shots=args.real_shots)
     r["saved"] = save_evaluation(ws, r)
     return _emit(args, r, evaluation_markdown(r) + f"\nsaved: {r['saved']['markdown']}")
 

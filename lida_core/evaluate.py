@@ -30,12 +30,14 @@ from lida_core.perturb import Perturbation
 from lida_core.workspace import EVALS, Workspace, WorkspaceError, utc_stamp
 
 
-def _draw(directory: str, shots: int, seed: int, max_queries: int | None) -> tuple[list, list, list, list, str]:
+def _draw(directory: str, shots: int, seed: int, max_queries: int | None,
+          real_shots: int | None = None) -> tuple[list, list, list, list, str]:
     """(gallery URIs, their sources, query URIs, their sources, layout) for a K-shot evaluation of DIR.
 
     One sub-folder per source: K images of each are the gallery, the rest the queries. GenImage's
     layout (<generator>/{train,val}/{ai,nature}): K of each source's `train` images are the
     gallery and its `val` images the queries (both from `val` where there is no `train`).
+    `real_shots`: the real source's K, when it differs (each source's draw is the same either way).
     """
     splits = genimage_folders(directory)
     if splits is None:
@@ -54,12 +56,13 @@ def _draw(directory: str, shots: int, seed: int, max_queries: int | None) -> tup
     for source, files in bank.items():
         files = list(files)
         rng.shuffle(files)
-        if len(files) < shots + (held is None):
+        k, option = (real_shots, "--real-shots") if source == decide.REAL and real_shots is not None else (shots, "--shots")
+        if len(files) < k + (held is None):
             raise WorkspaceError(f"{directory}/{source}: {len(files)} images, need "
-                                 f"{'more than' if held is None else 'at least'} --shots {shots}")
-        gallery_uris += files[:shots]
-        gallery_src += [source] * shots
-        pools[source] = files[shots:]
+                                 f"{'more than' if held is None else 'at least'} {option} {k}")
+        gallery_uris += files[:k]
+        gallery_src += [source] * k
+        pools[source] = files[k:]
     if held is not None:
         pools = {}
         for source, files in held.items():
@@ -118,6 +121,7 @@ def evaluate(
     perturbations: Sequence[Perturbation] = (),
     max_queries: int | None = None,
     holdout: float | None = None,
+    real_shots: int | None = None,
 ) -> dict:
     """K-shot evaluation on DIR/<source>/... (or GenImage's layout; `_draw`), then each perturbation of the queries.
 
@@ -131,7 +135,7 @@ def evaluate(
             f"the current model takes {current.input_kind} input; evaluate {input_kind} input in a workspace "
             f"pre-trained with 'lida pretrain --input {input_kind}'"
         )
-    gallery_uris, gallery_src, query_uris, query_src, layout = _draw(directory, shots, seed, max_queries)
+    gallery_uris, gallery_src, query_uris, query_src, layout = _draw(directory, shots, seed, max_queries, real_shots)
     space = current.model.fingerprint.jpeg  # a JPEG read as the model reads it (lida_core.decode)
     gallery = decode_inputs(gallery_uris, progress, jpeg_space=space)
     queries = decode_inputs(query_uris, progress, jpeg_space=space)
@@ -165,6 +169,7 @@ def evaluate(
         "directory": directory,
         "layout": layout,
         "shots": shots,
+        "real_shots": shots if real_shots is None else real_shots,
         "seed": seed,
         "model_version": current.version,
         "input": model.input_kind,
@@ -188,7 +193,9 @@ def evaluate(
 
 def evaluation_markdown(result: dict) -> str:
     lines = [
-        f"# lida eval: {result['shots']}-shot, model {result['model_version']} ({result['input']}, {result['fingerprint']})",
+        f"# lida eval: {result['shots']}-shot"
+        + (f" ({result['real_shots']} real)" if result.get("real_shots", result["shots"]) != result["shots"] else "")
+        + f", model {result['model_version']} ({result['input']}, {result['fingerprint']})",
         "",
         f"- gallery {result['gallery_images']} images, queries {result['query_images']}, errors {len(result['errors'])}",
         f"- attribution accuracy **{result['attribution_accuracy']:.3f}** (the decisions the attributions table would hold: "

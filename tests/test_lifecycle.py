@@ -226,6 +226,33 @@ def test_eval_reports_and_saves_metrics(trained, sample_dirs):
     assert wrong.returncode == 2 and "takes fingerprint input" in wrong.stderr
     too_many = run_lida(trained, "eval", str(sample_dirs / "labelled"), "--shots", "6", check=False)
     assert too_many.returncode == 2 and "need more than --shots 6" in too_many.stderr
+    # More real images in the gallery than generator shots: each generator's draw is the same, real gives up more queries
+    more_real = json_out(run_lida(trained, "eval", str(sample_dirs / "labelled"), "--shots", "2", "--real-shots", "4", "--no-adapt"))
+    assert more_real["real_shots"] == 4 and r["real_shots"] == 2
+    assert more_real["gallery_images"] == 16 and more_real["query_images"] == 26
+
+    def queried(result, real):
+        return {d["uri"] for d in result["decisions"] if (d["source"] == "real") == real}
+
+    assert queried(more_real, real=False) == queried(r, real=False) and queried(more_real, real=True) < queried(r, real=True)
+    assert "2-shot (4 real)" in Path(more_real["saved"]["markdown"]).read_text().splitlines()[0]
+    too_many = run_lida(trained, "eval", str(sample_dirs / "labelled"), "--real-shots", "6", check=False)
+    assert too_many.returncode == 2 and "real: 6 images, need more than --real-shots 6" in too_many.stderr
+
+
+def test_adapt_advises_more_real_images_when_the_gallery_has_few(tmp_path, sample_dirs):
+    """Session 27: with one real gallery image, the devset's photographs of unseen collections were flagged 19% of the time."""
+    ws = tmp_path / "w"
+    run_lida(ws, "init", "--profile", "srm")
+    run_lida(ws, "pretrain", str(sample_dirs / "pretrain"))
+    reals = sorted((sample_dirs / "labelled" / "real").iterdir())
+    run_lida(ws, "gallery", "add", "--source", "real", *map(str, reals[:2]))
+    run_lida(ws, "gallery", "add", "--source", "tconv_gan", str(sample_dirs / "labelled" / "tconv_gan"))
+    said = run_lida(ws, "adapt")
+    assert said.stderr.count("advice: the gallery holds 2 real images") == 1 and "lida gallery add --source real" in said.stderr
+    assert len(json_out(said)["advice"]) == 1
+    run_lida(ws, "gallery", "add", "--source", "real", *map(str, reals[2:5]))
+    assert json_out(run_lida(ws, "adapt"))["advice"] == []  # five real images: nothing to advise
 
 
 def test_concurrent_gallery_adds_never_lose_index_entries(tmp_path, sample_dirs):
