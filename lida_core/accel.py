@@ -153,7 +153,7 @@ class DeviceEmbedder:
         import multiprocessing as mp
 
         errors: dict[int, str] = {}
-        if self.reads_kept and getattr(self.model.stem, "split", False):
+        if self.reads_kept and getattr(self.model.stem, "reads_classes", False):  # split or quiet srm
             return self._embed_files_described(uris, workers, errors)
         jobs = [(i, uri, str(self.settings), self.model.input_size, self.tiles) for i, uri in enumerate(uris)]
 

@@ -305,39 +305,58 @@ class SrmStem(_LowBitStem):
     proportions the content set; split, the noise is read apart and the proportions (content)
     drop out. The classes need the pixels' high bits, so a split stem describes decoded pixels
     (`describe`) and not fingerprints, which keep the low bits only.
+
+    `quiet=True` (`srm` models since session 28; truncation 3) keeps the whole-view triples and
+    appends each kernel's triples counted in the flat and in the gentle pixels alone, truncated
+    at 2 (`srm.quiet_counts`): 7 x 343 + 7 x 2 x 125 = 4151 values. Flat and gently changing
+    regions are where the low bits hold noise and no edges; the textured class, where the
+    residuals modulo 8 are mostly the content's own edges, is left out. On the devset the
+    flat and gentle histograms carried the split's gain and the textured ones none
+    (docs/results.md, session 28). It reads decoded pixels, as a split stem does, and costs one
+    split counting pass.
     """
 
     kind = "SRM"
     whole_image = True
 
-    def __init__(self, settings: FingerprintSettings, pairs: bool = False, split: bool = False, truncation: int = 2):
+    def __init__(self, settings: FingerprintSettings, pairs: bool = False, split: bool = False, truncation: int = 2,
+                 quiet: bool = False):
         super().__init__(settings)
         if settings.bits != 3:
             raise ValueError(f"the SRM stem reads residuals modulo 2^3: it needs 3 kept bits, not {settings.bits}")
-        for name, value in (("pairs", pairs), ("split", split)):
+        for name, value in (("pairs", pairs), ("split", split), ("quiet", quiet)):
             if not isinstance(value, bool):
                 raise ValueError(f"the SRM stem's {name!r} option is true or false, not {value!r}")
         if pairs and split:
             raise ValueError("the SRM stem splits the colour triples alone: 'pairs' and 'split' do not go together")
         if isinstance(truncation, bool) or truncation not in (2, 3):  # lida_core.srm.TRUNCATIONS
             raise ValueError(f"the SRM stem's 'truncation' option is 2 or 3, not {truncation!r}")
-        self.pairs, self.split, self.truncation = pairs, split, truncation
-        self.dim = SrmStem.size(truncation, pairs=pairs, split=split)
+        if quiet and (pairs or split or truncation != 3):
+            raise ValueError("the SRM stem's 'quiet' option takes the colour triples at truncation 3, unsplit")
+        self.pairs, self.split, self.truncation, self.quiet = pairs, split, truncation, quiet
+        self.dim = SrmStem.size(truncation, pairs=pairs, split=split, quiet=quiet)
 
     @property
     def options(self) -> dict:
         """What a checkpoint records to rebuild this stem (`Profile.stem_options`)."""
-        return {"pairs": self.pairs, "split": self.split, "truncation": self.truncation}
+        return {"pairs": self.pairs, "split": self.split, "truncation": self.truncation, "quiet": self.quiet}
+
+    @property
+    def reads_classes(self) -> bool:
+        """Whether the descriptor needs each pixel's content class (split or quiet): it reads decoded pixels, not fingerprints."""
+        return self.split or self.quiet
 
     @staticmethod
-    def size(truncation: int = 2, pairs: bool = False, split: bool = False) -> int:
+    def size(truncation: int = 2, pairs: bool = False, split: bool = False, quiet: bool = False) -> int:
         levels = 2 * truncation + 1
-        return 7 * ((2 * levels**2 if pairs else 0) + levels**3 * (3 if split else 1))  # lida_core.srm.KERNELS, SPLIT_CLASSES
+        # lida_core.srm.KERNELS, SPLIT_CLASSES; quiet: QUIET_CLASSES at QUIET_TRUNCATION (5^3 bins)
+        return 7 * ((2 * levels**2 if pairs else 0) + levels**3 * (3 if split else 1) + (2 * 125 if quiet else 0))
 
     def _fingerprints_only(self) -> None:
-        if self.split:
-            raise ValueError("the split SRM stem needs each pixel's content class, which a fingerprint (the low bits alone) "
-                             "does not keep: describe decoded pixels (SrmStem.describe)")
+        if self.reads_classes:
+            which = "split" if self.split else "quiet"
+            raise ValueError(f"the {which} SRM stem needs each pixel's content class, which a fingerprint (the low bits "
+                             "alone) does not keep: describe decoded pixels (SrmStem.describe)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from lida_core import srm  # numba compiles (or loads from its cache) on first use
@@ -369,18 +388,21 @@ class SrmStem(_LowBitStem):
 
         sources, owners = [], []
         for i, image in enumerate(images):
-            parts = low_bit_boxes(image, settings, size, tiles, whole=self.split)
+            parts = low_bit_boxes(image, settings, size, tiles, whole=self.reads_classes)
             sources += parts
             owners += [i] * sum(len(boxes) for _, boxes in parts)
-        return (self.from_counts(srm.pixel_counts(sources, pairs=self.pairs, split=self.split, truncation=self.truncation)),
-                np.asarray(owners, dtype=np.int64))
+        if self.quiet:  # one split pass, then the whole-view and the quiet classes' histograms from it
+            counts = srm.quiet_counts(srm.pixel_counts(sources, split=True, truncation=self.truncation), self.truncation)
+        else:
+            counts = srm.pixel_counts(sources, pairs=self.pairs, split=self.split, truncation=self.truncation)
+        return self.from_counts(counts), np.asarray(owners, dtype=np.int64)
 
     def from_counts(self, counts: np.ndarray) -> torch.Tensor:
         """Integer counts (srm's layout) -> the descriptor: each histogram normalised, then square-rooted."""
         from lida_core import srm
 
         counts = torch.from_numpy(counts).float()
-        spans = srm.histogram_slices(self.pairs, self.split, self.truncation)
+        spans = srm.quiet_slices(self.truncation) if self.quiet else srm.histogram_slices(self.pairs, self.split, self.truncation)
         parts = [h / h.sum(1, keepdim=True).clamp_min(1.0) for h in (counts[:, span] for span in spans)]
         return torch.cat(parts, 1).sqrt()
 
@@ -552,7 +574,8 @@ register_profile(
         # The colour triples alone since session 14; residuals truncated at 3 since session 19
         # (over 60 paired devset draws, PNG attribution +0.051 in all 60, JPEG 90 +0.012, the
         # false-positive rates at the 5% target on PNG and unchanged on JPEG; docs/results.md).
-        stem_options={"pairs": False, "split": False, "truncation": 3},
+        # Since session 28 also the triples of flat and of gently changing pixels (`SrmStem`'s quiet option).
+        stem_options={"pairs": False, "split": False, "truncation": 3, "quiet": True},
     )
 )
 

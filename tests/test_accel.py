@@ -49,8 +49,8 @@ def test_device_embedder_matches_training_embed(fingerprint):
 
 
 def test_srm_embedder_reads_the_kept_bits_as_the_float_path_does():
-    """srm's unsplit stem (sessions 14-17) takes the kept low bits straight from the CPU half; the result is the float path's."""
-    model = build_model("srm")
+    """srm's unsplit stem (sessions 14-27) takes the kept low bits straight from the CPU half; the result is the float path's."""
+    model = build_model("srm", stem_options={"quiet": False})
     fast = accel.DeviceEmbedder(model, "cpu", batch_size=3)
     assert fast.reads_kept and embed.reads_pixels(model)
     images = _images(3) + [np.random.default_rng(6).integers(0, 256, (600, 530, 3), dtype=np.uint8)]  # 4 tiles
@@ -60,12 +60,14 @@ def test_srm_embedder_reads_the_kept_bits_as_the_float_path_does():
     assert torch.equal(model.stem.from_low_bits(kept), model.stem(floats))  # the descriptors: bit for bit
 
 
-def test_split_srm_embed_files_decodes_whole_pixels_in_workers(tmp_path):
-    """The split stem needs the high bits, which the kept-bits path drops: its workers send decoded pixels (JPEGs in YCbCr)."""
+@pytest.mark.parametrize("profile", ["srm-split", "srm"])
+def test_split_srm_embed_files_decodes_whole_pixels_in_workers(tmp_path, profile):
+    """The split and quiet stems need the high bits, which the kept-bits path drops: their workers send decoded pixels
+    (JPEGs in YCbCr)."""
     from PIL import Image
 
-    model = build_model("srm-split")
-    assert model.stem.split and model.fingerprint.jpeg == "ycc"
+    model = build_model(profile)
+    assert model.stem.reads_classes and model.fingerprint.jpeg == "ycc"
     with pytest.raises(ValueError, match="content class"):
         model.stem.from_low_bits(torch.zeros((1, 8, 8, 3), dtype=torch.uint8))
     images = _images(5, sizes=((130, 140), (600, 530), (256, 256), (300, 171), (90, 80)))

@@ -57,9 +57,9 @@ def _input(pixels):
 
 
 def test_srm_stem_is_the_rich_model_restated_in_numpy(rng):
-    model = build_model("srm", stem_options={"truncation": 2})  # every srm model before session 19
-    current = build_model("srm")
-    legacy = build_model("srm", stem_options={"pairs": True, "truncation": 2})
+    model = build_model("srm", stem_options={"truncation": 2, "quiet": False})  # every srm model before session 19
+    current = build_model("srm", stem_options={"quiet": False})  # srm models of sessions 19-27
+    legacy = build_model("srm", stem_options={"pairs": True, "truncation": 2, "quiet": False})
     smooth = np.cumsum(rng.integers(-2, 3, size=(64, 80, 3)), axis=1).clip(0, 255).astype(np.uint8)
     for pixels in (rng.integers(0, 256, size=(64, 80, 3), dtype=np.uint8), smooth):
         out = model.stem(_input(pixels))[0].numpy()
@@ -126,7 +126,7 @@ def test_srm_truncation_3_keeps_what_truncation_2_merges(rng):
 @pytest.mark.parametrize("shape", [(512, 512), (600, 530), (300, 1000), (1024, 768), (256, 256), (200, 300), (90, 80)])
 def test_srm_descriptors_from_pixels_equal_the_stem_on_each_tile_fingerprint(shape, rng):
     """describe (the scan's and the fit's path) against the stem on fingerprints of tile_views: bit for bit."""
-    model = build_model("srm").eval()
+    model = build_model("srm", stem_options={"quiet": False}).eval()  # the stem that reads fingerprints
     images = [rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8) for _ in range(2)]
     described, owners = model.stem.describe(images, model.fingerprint, model.input_size, model.tiles)
     views = [(i, view) for i, image in enumerate(images) for view in tile_views(image, model.input_size, model.tiles)]
@@ -223,7 +223,7 @@ def test_split_srm_describes_whole_pixels_of_every_tile_and_refuses_fingerprints
         model.stem(_input(images[0][:64, :64]))
 
 
-@pytest.mark.parametrize("profile,width", [("srm", 2401), ("srm-split", 2625)])
+@pytest.mark.parametrize("profile,width", [("srm", 4151), ("srm-split", 2625)])
 def test_srm_head_round_trips_with_its_reference_rows(profile, width, tmp_path, rng):
     model = build_model(profile).eval()
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
@@ -241,10 +241,7 @@ def test_srm_head_round_trips_with_its_reference_rows(profile, width, tmp_path, 
     queries = [rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8) for _ in range(3)]
     assert np.array_equal(embed.embed(loaded.eval(), queries), embed.embed(model, queries))
     assert not np.allclose(embed.embed(build_model(profile).eval(), queries), embed.embed(model, queries))  # the fitted head
-    if profile == "srm":  # the float path on fingerprints gives the same embedding as the pixel path
-        x = _input(queries[0])
-        with torch.no_grad():
-            assert np.allclose(model(x).numpy() / np.linalg.norm(model(x).numpy()), embed.embed(model, queries[:1]), atol=1e-6)
+    assert loaded.stem.quiet == (profile == "srm")
 
 
 def test_calibration_copies_are_each_image_at_each_calibrated_quality(rng):
@@ -277,16 +274,16 @@ def test_srm_checkpoints_without_calibration_copies_load_with_none(tmp_path, rng
     del state[removed[0]]
     torch.save(payload, tmp_path / "old.pt")
     loaded, _ = load_checkpoint(str(tmp_path / "old.pt"), profile="srm")
-    assert statistical.calibration_descriptors(loaded).shape == (0, 2401)
+    assert statistical.calibration_descriptors(loaded).shape == (0, 4151)
     assert np.array_equal(embed.embed(loaded.eval(), images), embed.embed(old, images))
 
 
 def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_path, rng):
     """A checkpoint without recorded stem options is a pre-session-14 srm model: pairs and triples, 1225 values."""
-    old = build_model("srm", stem_options={"pairs": True, "truncation": 2}).eval()
+    old = build_model("srm", stem_options={"pairs": True, "truncation": 2, "quiet": False}).eval()
     statistical.fit_pretrain(old, [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)])  # (rows, places)
     payload = torch.load(io.BytesIO(checkpoint_bytes(old)), weights_only=True)
-    assert payload.pop("stem_options") == {"pairs": True, "split": False, "truncation": 2}  # before session 14: none recorded
+    assert payload.pop("stem_options") == {"pairs": True, "split": False, "truncation": 2, "quiet": False}  # before 14: none
     path = tmp_path / "old.pt"
     torch.save(payload, path)
     loaded, _ = load_checkpoint(str(path), profile="srm")
@@ -305,7 +302,7 @@ def test_srm_checkpoints_from_before_the_triples_only_layout_load_as_fitted(tmp_
 def test_srm_checkpoints_of_sessions_14_to_18_load_unsplit_at_truncation_2(tmp_path, rng):
     """Sessions 14-17 recorded {"pairs": False}, session 18 also the split, none the truncation: the stem's
     defaults (no split, truncation 2) fill in, even under a profile whose own options differ."""
-    old = build_model("srm", stem_options={"truncation": 2}).eval()
+    old = build_model("srm", stem_options={"truncation": 2, "quiet": False}).eval()
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
     statistical.fit_pretrain(old, images)
     payload = torch.load(io.BytesIO(checkpoint_bytes(old)), weights_only=True)
@@ -314,10 +311,50 @@ def test_srm_checkpoints_of_sessions_14_to_18_load_unsplit_at_truncation_2(tmp_p
         payload["profile"] = profile
         torch.save(payload, tmp_path / "old.pt")
         loaded, _ = load_checkpoint(str(tmp_path / "old.pt"), profile=profile)
-        assert not loaded.stem.split and not loaded.stem.pairs and loaded.stem.truncation == 2
+        assert not loaded.stem.split and not loaded.stem.pairs and not loaded.stem.quiet and loaded.stem.truncation == 2
         assert loaded.backbone.mean.shape == (875,)
         assert np.array_equal(embed.embed(loaded.eval(), images), embed.embed(old, images))
     assert build_model("srm-split").stem.split and build_model("srm").stem.truncation == 3  # new models take the profile's
+    assert build_model("srm").stem.quiet and not build_model("srm-split").stem.quiet
+
+
+def test_srm_checkpoints_of_sessions_19_to_27_load_without_the_quiet_classes(tmp_path, rng):
+    """Sessions 19-27 recorded pairs, split and truncation 3, not `quiet`: such a model describes as it was fitted."""
+    old = build_model("srm", stem_options={"quiet": False}).eval()
+    images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    statistical.fit_pretrain(old, images)
+    payload = torch.load(io.BytesIO(checkpoint_bytes(old)), weights_only=True)
+    payload["stem_options"] = {"pairs": False, "split": False, "truncation": 3}  # what those sessions wrote
+    torch.save(payload, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(str(tmp_path / "old.pt"), profile="srm")
+    assert not loaded.stem.quiet and loaded.backbone.mean.shape == (2401,)
+    assert np.array_equal(embed.embed(loaded.eval(), images), embed.embed(old, images))
+
+
+@pytest.mark.parametrize("shape", [(600, 530), (256, 256), (90, 80)])
+def test_quiet_srm_is_the_whole_view_triples_then_the_flat_and_gentle_ones(shape, rng):
+    """The quiet descriptor (srm since session 28) from one split pass equals its two parts counted on their own:
+    the unsplit triples at truncation 3, and the split stem's flat and gentle triples at 2; pixels, not fingerprints."""
+    quiet = build_model("srm").eval()
+    plain = build_model("srm", stem_options={"quiet": False}).eval()
+    split = build_model("srm-split").eval()
+    assert quiet.stem.dim == SrmStem.size(3, quiet=True) == 2401 + 7 * 2 * 125
+    images = [_textured(rng, shape), _textured(rng, shape).view(YCbCrPixels)]
+    args = (quiet.fingerprint, quiet.input_size, quiet.tiles)
+    got, owners = quiet.stem.describe(images, *args)
+    whole, whole_owners = plain.stem.describe(images, *args)
+    classes, _ = split.stem.describe(images, *args)
+    assert owners.tolist() == whole_owners.tolist() and got.shape == (len(owners), quiet.stem.dim)
+    assert torch.equal(got[:, :2401], whole)
+    flat_gentle = classes.reshape(len(owners), 7, 3, 125)[:, :, :2].reshape(len(owners), -1)
+    assert torch.allclose(got[:, 2401:], flat_gentle, atol=1e-7)
+    counts = srm.pixel_counts([(images[0], np.array([[0, 0, *shape]]))], split=True, truncation=3)
+    assert np.array_equal(srm.quiet_counts(counts)[:, :2401].sum(), counts.sum())  # the classes add up to the whole view
+    with pytest.raises(ValueError, match="content class"):
+        quiet.stem(_input(images[0][:64, :64]))
+    for bad in ({"quiet": "yes"}, {"quiet": True, "truncation": 2}, {"quiet": True, "split": True}):
+        with pytest.raises(ValueError, match="quiet"):
+            build_model("srm", stem_options=bad)
 
 
 def test_fitted_head_finds_the_direction_a_nuisance_hides():
