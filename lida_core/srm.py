@@ -122,22 +122,41 @@ def _box_classes(pixels, top, left, height, width, ycc, out):
     The luma's content (its high 5 bits: Y >> 3 for YCbCr, ((R >> 3) + 2 (G >> 3) + (B >> 3)) // 4
     for RGB), its central differences along both axes summed, the box's edge pixels repeated:
     0 flat (no change), 1 gentle (1-2 levels of 32), 2 textured. The low bits never reach it.
+
+    Laid out for the compiler (session 28): each row's channels read through shifted views of the
+    flat row, and the row's interior (both horizontal neighbours inside the box) in its own loop
+    with no per-pixel clamping; its two edge pixels after it. 4-5 times faster than one loop with
+    a clamp per pixel, same classes (checked on random boxes from 1x1 and on devset photographs).
     """
+    luma = np.empty(height * width, np.int16)
     for i in range(height):
-        for j in range(width):
-            p = pixels[top + i, left + j]
-            if ycc:
-                out[i * width + j] = p[0] >> 3
-            else:
-                out[i * width + j] = ((p[0] >> 3) + 2 * (p[1] >> 3) + (p[2] >> 3)) // 4
-    luma = out[: height * width].copy()
+        f = pixels[top + i].reshape(-1)[3 * left : 3 * (left + width)]
+        f1, f2 = f[1:], f[2:]
+        row = luma[i * width : (i + 1) * width]
+        if ycc:
+            for j in range(width):
+                row[j] = f[3 * j] >> 3
+        else:
+            for j in range(width):
+                row[j] = ((f[3 * j] >> 3) + 2 * (f1[3 * j] >> 3) + (f2[3 * j] >> 3)) // 4
     for i in range(height):
-        up, down = (i - 1 if i > 0 else 0), (i + 1 if i < height - 1 else height - 1)
-        for j in range(width):
-            lt, rt = (j - 1 if j > 0 else 0), (j + 1 if j < width - 1 else width - 1)
-            g = abs(np.int16(luma[i * width + rt]) - np.int16(luma[i * width + lt])) \
-                + abs(np.int16(luma[down * width + j]) - np.int16(luma[up * width + j]))
-            out[i * width + j] = 0 if g == 0 else (1 if g <= 2 else 2)
+        up = (i - 1 if i > 0 else 0) * width
+        down = (i + 1 if i < height - 1 else height - 1) * width
+        c, u, d = luma[i * width : (i + 1) * width], luma[up : up + width], luma[down : down + width]
+        o = out[i * width : (i + 1) * width]
+        if width == 1:
+            g = abs(d[0] - u[0])
+            o[0] = (g > 0) + (g > 2)
+            continue
+        right, left_, below, above, inner = c[2:], c[: width - 2], d[1:], u[1:], o[1:]
+        for j in range(width - 2):  # pixel j + 1
+            g = abs(right[j] - left_[j]) + abs(below[j] - above[j])
+            inner[j] = (g > 0) + (g > 2)
+        g = abs(c[1] - c[0]) + abs(d[0] - u[0])
+        o[0] = (g > 0) + (g > 2)
+        last = width - 1
+        g = abs(c[last] - c[last - 1]) + abs(d[last] - u[last])
+        o[last] = (g > 0) + (g > 2)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
