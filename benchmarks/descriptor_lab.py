@@ -290,6 +290,16 @@ def summarise(detect: dict, vote: dict, labels: np.ndarray, unseen: np.ndarray) 
     }
 
 
+def table_row(label: str, part: str, runs: list[dict]) -> str:
+    """One Markdown row of the table `main` prints: the mean over draws (`summarise`'s), attribution's sd too."""
+    mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
+    sd = np.std([r["attribution"] for r in runs])
+    detected = ", ".join(f"{k.split(' ', 1)[1]} {v:.2f}" for k, v in mean.items() if k.startswith("detected"))
+    return (f"| {label} | {part} | {mean['rank1']:.3f} | {mean['attribution']:.3f} ± {sd:.3f} | "
+            f"{mean['balanced']:.3f} | {mean['auroc']:.3f} | {mean['fpr']:.3f} | {mean['fpr unseen']:.3f} | "
+            f"{mean['oracle attribution']:.3f} / {mean['oracle balanced']:.3f} | {detected} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "devset")
@@ -358,12 +368,7 @@ def main(argv=None) -> None:
                                                     part != "png", args.shots, seed,
                                                     [(a[i], b[i]) for a, b in simulated.values()])
                 runs.append(summarise(draws[detect, part, seed], draws[vote, part, seed], labels[keep], unseen))
-            mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
-            sd = {k: np.std([r[k] for r in runs]) for k in runs[0]}
-            detected = ", ".join(f"{k.split(' ', 1)[1]} {v:.2f}" for k, v in mean.items() if k.startswith("detected"))
-            print(f"| {row} | {part} | {mean['rank1']:.3f} | {mean['attribution']:.3f} ± {sd['attribution']:.3f} | "
-                  f"{mean['balanced']:.3f} | {mean['auroc']:.3f} | {mean['fpr']:.3f} | {mean['fpr unseen']:.3f} | "
-                  f"{mean['oracle attribution']:.3f} / {mean['oracle balanced']:.3f} | {detected} |", flush=True)
+            print(table_row(row, part, runs), flush=True)
 
 
 if __name__ == "__main__":

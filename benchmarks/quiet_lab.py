@@ -64,12 +64,7 @@ def main(argv=None) -> None:
                 d = lab.draw(make(*feats)[keep], make(*copies)[keep], labels[keep], make(*pre), make(*pre_copies),
                              part != "png", 5, seed)
                 runs.append(lab.summarise(d, d, labels[keep], unseen))
-            mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
-            sd = np.std([r["attribution"] for r in runs])
-            detected = ", ".join(f"{k.split(' ', 1)[1]} {v:.2f}" for k, v in mean.items() if k.startswith("detected"))
-            print(f"| {name} | {part} | {mean['rank1']:.3f} | {mean['attribution']:.3f} ± {sd:.3f} | {mean['balanced']:.3f} | "
-                  f"{mean['auroc']:.3f} | {mean['fpr']:.3f} | {mean['fpr unseen']:.3f} | "
-                  f"{mean['oracle attribution']:.3f} / {mean['oracle balanced']:.3f} | {detected} |", flush=True)
+            print(lab.table_row(name, part, runs), flush=True)
 
 
 if __name__ == "__main__":
