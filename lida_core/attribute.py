@@ -29,7 +29,7 @@ def attribute_files(ws: Workspace, paths: Sequence[str]) -> list[dict]:
     decoded = decode_inputs([uri for uri, problem in listed if not problem], jpeg_space=loaded.model.fingerprint.jpeg)
     failed, found = dict(decoded.errors), {uri: i for i, uri in enumerate(decoded.uris)}
     decisions = (gallery_index.search_and_decide(decider, index, loaded.embed(decoded.pixels), decoded.jpeg, loaded.version,
-                                                  decoded.quality)
+                                                  decoded.quality, decoded.dims)
                  if decoded.uris else [])
     lineage = {"model_version": loaded.version, "index_version": index.version if index else "none",
                "fingerprint": config.fingerprint}

@@ -150,21 +150,49 @@ class Decider:
     # JPEG 90 queries against a PNG gallery 0.491 -> 0.572; docs/results.md, session 26). Images registered after the
     # fit are not in it and are met as they are. None: every query meets the gallery as it is.
     jpeg_gallery: dict | None = None
+    # An image smaller than the model's view (`view_size` on a side) counts fewer pixels, and its scores move with its
+    # size: {side: threshold calibrated on crops of the pre-training photographs of that side} (`statistical.size_copies`),
+    # for PNG-like inputs and for JPEGs. Its threshold is interpolated over log side between these and the full-size one
+    # (`threshold`), and never looser than the full-size one. None: every image takes the full-size threshold.
+    size_thresholds: dict[int, float] | None = None
+    jpeg_size_thresholds: dict[int, float] | None = None
+    view_size: int | None = None
 
     def configured(self, config) -> Decider:
         """This decider under a workspace's decision settings: vote, k, top-k, and a fixed threshold if one is set."""
         out = replace(self, method=config.decision, k=config.k, top_k=config.top_k)
         if config.real_threshold is not None:  # the paper's way: one hand-set threshold, for every format
-            out = replace(out, real_threshold=float(config.real_threshold), jpeg_threshold=None, jpeg_thresholds=None)
+            out = replace(out, real_threshold=float(config.real_threshold), jpeg_threshold=None, jpeg_thresholds=None,
+                          size_thresholds=None, jpeg_size_thresholds=None)
         return out
 
-    def threshold(self, jpeg: bool = False, quality: int | None = None) -> float:
-        """The real threshold for an input: PNG-like, or a JPEG (of this quality, when known)."""
+    def threshold(self, jpeg: bool = False, quality: int | None = None, dims: tuple[int, int] | None = None) -> float:
+        """The real threshold for an input: PNG-like, or a JPEG (of this quality, when known), of `dims` (height, width)
+        when known.
+
+        An input smaller than the view on a side is described from min(height, view) x min(width, view) pixels: its
+        side is that area's square root. Its threshold is the full-size one's and the size thresholds' interpolation
+        over log side (held at the smallest calibrated side below it), or the full-size one if that is stricter:
+        on the devset, crops of photographs unlike the pre-training ones scored lower than the pre-training crops
+        when the gallery was full-size, so a looser threshold flagged more of them (docs/results.md, session 29).
+        """
+        shift = 0.0  # a JPEG's size thresholds come from copies at mixed qualities: moved as its quality moves the full-size one
         if not jpeg:
-            return self.real_threshold
-        if quality is not None and self.jpeg_thresholds:
-            return self.jpeg_thresholds[min(self.jpeg_thresholds, key=lambda q: (abs(q - quality), -q))]
-        return self.jpeg_threshold if self.jpeg_threshold is not None else self.real_threshold
+            full = self.real_threshold
+        elif quality is not None and self.jpeg_thresholds:
+            full = self.jpeg_thresholds[min(self.jpeg_thresholds, key=lambda q: (abs(q - quality), -q))]
+            shift = full - self.jpeg_threshold if self.jpeg_threshold is not None else 0.0
+        else:
+            full = self.jpeg_threshold if self.jpeg_threshold is not None else self.real_threshold
+        anchors = self.jpeg_size_thresholds if jpeg else self.size_thresholds
+        side = view_side(dims, self.view_size)
+        if not anchors or side is None:
+            return full
+        sides = sorted(s for s in anchors if s < self.view_size)
+        if not sides:
+            return full
+        scaled = np.interp(np.log(side), np.log([*sides, self.view_size]), [anchors[s] + shift for s in sides] + [full])
+        return float(min(full, scaled))
 
     @property
     def rule(self) -> str:
@@ -255,11 +283,12 @@ class Decider:
 
     def decide(self, queries: np.ndarray, gallery: np.ndarray, gallery_labels: Sequence[str],
                jpeg: Sequence[bool] | None = None, quality: Sequence[int | None] | None = None,
-               gallery_keys: Sequence[str] | None = None, similarities: np.ndarray | None = None) -> list[dict]:
+               gallery_keys: Sequence[str] | None = None, similarities: np.ndarray | None = None,
+               dims: Sequence[tuple[int, int] | None] | None = None) -> list[dict]:
         """Decisions against a whole gallery (exact search); `jpeg` says which queries were JPEG files, `quality` their
         qualities; `gallery_keys` name the gallery's rows (`image_key`), so JPEG queries meet the JPEG view's images
         through it (`jpeg_gallery`). `similarities`: what `similarities` gives for these arguments, when the caller
-        has it already."""
+        has it already. `dims`: each query's (height, width), for the threshold of small images (`threshold`)."""
         labels = np.asarray(gallery_labels)
         jpeg = [bool(jpeg and jpeg[i]) for i in range(len(queries))]
         if similarities is not None:
@@ -272,30 +301,34 @@ class Decider:
             sims = np.zeros((len(queries), 0), np.float32)
         orders = [np.argsort(-row, kind="stable") for row in sims]
         return self.decide_neighbours(queries, [(row[order], labels[order].tolist()) for row, order in zip(sims, orders, strict=True)],
-                                      jpeg, quality)
+                                      jpeg, quality, dims=dims)
 
     def decide_neighbours(self, queries: np.ndarray, neighbours: Sequence[tuple[Sequence[float], Sequence[str]]],
                           jpeg: Sequence[bool], quality: Sequence[int | None] | None = None,
-                          keys: Sequence[Sequence[str]] | None = None) -> list[dict]:
+                          keys: Sequence[Sequence[str]] | None = None,
+                          dims: Sequence[tuple[int, int] | None] | None = None) -> list[dict]:
         """Each query's decision from its (similarities, labels), most similar first; detection scored for all at once.
 
         One matrix product for the batch instead of one per query: a tenth of a scan's attribution stage.
         `quality`: each JPEG query's quality (`decode.jpeg_quality`), None where unknown. `keys`: each
         query's neighbours' `image_key`s (an index search's), so a JPEG query meets the JPEG view's
-        images through it (`jpeg_gallery`) instead of as they were found.
+        images through it (`jpeg_gallery`) instead of as they were found. `dims`: each query's (height, width), None
+        where unknown.
         """
         real_scores = self.scores(queries, jpeg) if len(queries) else []
         quality = [None] * len(queries) if quality is None else quality
+        dims = [None] * len(queries) if dims is None else dims
         if keys is not None and self._jpeg_view is not None and any(jpeg):
             rows = np.flatnonzero(np.asarray(jpeg, dtype=bool))
             view_sims = dict(zip(rows.tolist(), self._view_similarities(np.asarray(queries)[rows]), strict=True))  # one product
             neighbours = [self._jpeg_neighbours(view_sims[i], *found, named) if i in view_sims else found
                           for i, (found, named) in enumerate(zip(neighbours, keys, strict=True))]
-        return [self.decide_from_similarities(query, sims, labels, bool(is_jpeg), real_score=float(score), quality=q)
-                for query, (sims, labels), is_jpeg, score, q in zip(queries, neighbours, jpeg, real_scores, quality, strict=True)]
+        return [self.decide_from_similarities(query, sims, labels, bool(is_jpeg), real_score=float(score), quality=q, dims=d)
+                for query, (sims, labels), is_jpeg, score, q, d in zip(queries, neighbours, jpeg, real_scores, quality, dims, strict=True)]
 
     def decide_from_similarities(self, query: np.ndarray, similarities: Sequence[float], labels: Sequence[str],
-                                 jpeg: bool = False, real_score: float | None = None, quality: int | None = None) -> dict:
+                                 jpeg: bool = False, real_score: float | None = None, quality: int | None = None,
+                                 dims: tuple[int, int] | None = None) -> dict:
         """One decision from the query's neighbours, most similar first (as an index returns them).
 
         `real_score`: the query's `scores`, when the caller scored a batch (`decide_neighbours`).
@@ -304,7 +337,7 @@ class Decider:
         labels = list(labels)
         if real_score is None:
             real_score = float(self.scores(np.asarray(query)[None], [jpeg])[0])
-        generated = bool(real_score < self.threshold(jpeg, quality))
+        generated = bool(real_score < self.threshold(jpeg, quality, dims))
         scores = self._source_scores(sims, labels)
         candidates = {s: v for s, v in scores.items() if s != REAL}
         voted = max(candidates, key=lambda s: (candidates[s], s)) if candidates else None
@@ -366,6 +399,9 @@ class Decider:
             "quadratic_jpeg": self.quadratic_jpeg,
             "jpeg_unknown_distance": self.jpeg_unknown_distance,
             "jpeg_gallery": self.jpeg_gallery,
+            "size_thresholds": _keyed(self.size_thresholds),
+            "jpeg_size_thresholds": _keyed(self.jpeg_size_thresholds),
+            "view_size": self.view_size,
         }
 
     @classmethod
@@ -384,7 +420,30 @@ class Decider:
             quadratic_jpeg=data.get("quadratic_jpeg"),
             jpeg_unknown_distance=None if data.get("jpeg_unknown_distance") is None else float(data["jpeg_unknown_distance"]),
             jpeg_gallery=data.get("jpeg_gallery") or None,
+            size_thresholds=_unkeyed(data.get("size_thresholds")),
+            jpeg_size_thresholds=_unkeyed(data.get("jpeg_size_thresholds")),
+            view_size=None if data.get("view_size") is None else int(data["view_size"]),
         )
+
+
+def _keyed(thresholds: dict[int, float] | None) -> dict[str, float] | None:
+    """{int: threshold} as JSON keeps it (string keys, in order)."""
+    return None if thresholds is None else {str(k): float(t) for k, t in sorted(thresholds.items())}
+
+
+def _unkeyed(data: dict | None) -> dict[int, float] | None:
+    return None if not data else {int(k): float(t) for k, t in data.items()}
+
+
+def view_side(dims: tuple[int, int] | None, view: int | None) -> float | None:
+    """The side of the square with as many pixels as an image of `dims` (height, width) gives a crop fit's view of
+    side `view`: None when it fills the view (or either is unknown)."""
+    if dims is None or view is None or dims[0] is None or dims[1] is None:
+        return None
+    height, width = int(dims[0]), int(dims[1])
+    if height >= view and width >= view:
+        return None
+    return float(np.sqrt(max(1, min(height, view)) * max(1, min(width, view))))
 
 
 def unknown_clusters(embeddings: np.ndarray, threshold: float, min_size: int = 2, block: int = 1024) -> list[list[int]]:

@@ -287,6 +287,7 @@ class Decoded:
     errors: list[tuple[str, str]]
     jpeg: list[bool] = field(default_factory=list)  # per decoded image: a JPEG file
     quality: list[int | None] = field(default_factory=list)  # per decoded image: its JPEG quality (`jpeg_quality`), or None
+    dims: list[tuple[int, int]] = field(default_factory=list)  # per decoded image: its pixels' (height, width)
 
 
 class LazyImages(Sequence):
@@ -338,6 +339,7 @@ def decode_inputs(uris: Sequence[str], progress: Callable[[str, dict], None] | N
                 out.pixels.append(decoded.pixels)
             out.jpeg.append(decoded.format in JPEG_FORMATS)
             out.quality.append(decoded.quality)
+            out.dims.append((int(decoded.pixels.shape[0]), int(decoded.pixels.shape[1])))
             if keep_bytes or lazy:
                 out.raw.append(data)
             del decoded

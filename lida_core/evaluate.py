@@ -78,7 +78,8 @@ def _draw(directory: str, shots: int, seed: int, max_queries: int | None,
 
 
 def _scores(decider: decide.Decider, q_emb: np.ndarray, q_src: list[str], g_emb: np.ndarray, g_src: list[str],
-            jpeg: Sequence[bool], quality: Sequence[int | None], g_keys: Sequence[str] | None = None) -> tuple[dict, list[dict]]:
+            jpeg: Sequence[bool], quality: Sequence[int | None], g_keys: Sequence[str] | None = None,
+            dims: Sequence[tuple[int, int]] | None = None) -> tuple[dict, list[dict]]:
     """Retrieval and decision metrics of these query embeddings, and the decisions themselves.
 
     A JPEG query meets the gallery as the decider's JPEG view has it (`Decider.jpeg_gallery`, the
@@ -86,7 +87,7 @@ def _scores(decider: decide.Decider, q_emb: np.ndarray, q_src: list[str], g_emb:
     """
     sims = decider.similarities(q_emb, g_emb, jpeg, g_keys)
     retrieval = retrieval_metrics(sims, q_src, g_src)
-    decisions = decider.decide(q_emb, g_emb, g_src, jpeg, quality, g_keys, similarities=sims)
+    decisions = decider.decide(q_emb, g_emb, g_src, jpeg, quality, g_keys, similarities=sims, dims=dims)
     predicted = [d["predicted_source"] for d in decisions]
     truth_generated = [s != decide.REAL for s in q_src]
     real_scores = np.array([d["real_score"] for d in decisions])
@@ -154,14 +155,14 @@ def evaluate(
     decider = decider_for(model, ws, gallery.pixels, g_src, config, fitted, g_keys) if adapt or current.decider is None else current.decider
     decider = replace(decider, unknown_threshold=decide.calibrate_unknown_threshold(g_emb, g_src, config.unknown_accept)
                       ).configured(config)
-    metrics, decisions = _scores(decider, q_emb, q_src, g_emb, g_src, queries.jpeg, queries.quality, g_keys)
+    metrics, decisions = _scores(decider, q_emb, q_src, g_emb, g_src, queries.jpeg, queries.quality, g_keys, queries.dims)
     robustness = []
     for i, perturbation in enumerate(perturbations):
         progress("perturb", {"done": i, "total": len(perturbations), "perturbation": str(perturbation), "images": len(q_src)})
         p_emb = model.embed([perturbation.apply(x, space) for x in queries.pixels])
         jpeg = [perturbation.makes_jpeg or j for j in queries.jpeg]
         quality = [int(perturbation.value)] * len(jpeg) if perturbation.makes_jpeg else queries.quality
-        p_metrics, p_decisions = _scores(decider, p_emb, q_src, g_emb, g_src, jpeg, quality, g_keys)
+        p_metrics, p_decisions = _scores(decider, p_emb, q_src, g_emb, g_src, jpeg, quality, g_keys, queries.dims)  # sizes kept
         robustness.append({"perturbation": str(perturbation), **p_metrics, "decisions": _decision_rows(queries.uris, q_src, p_decisions)})
     predicted = [d["predicted_source"] for d in decisions]
     names, matrix = confusion_matrix(q_src, predicted, sorted(set(q_src) | set(predicted) | {decide.UNKNOWN}))
@@ -183,6 +184,8 @@ def evaluate(
         "real_threshold": decider.real_threshold,
         "jpeg_threshold": decider.jpeg_threshold,
         "jpeg_thresholds": decider.jpeg_thresholds,
+        "size_thresholds": decider.size_thresholds,  # images smaller than the view: by side (`Decider.threshold`)
+        "jpeg_size_thresholds": decider.jpeg_size_thresholds,
         "unknown_threshold": decider.unknown_threshold,
         "perturbations": robustness,
         "per_source": per_source_table(q_src, predicted),

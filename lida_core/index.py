@@ -316,10 +316,12 @@ def query_decider(ws: Workspace, model_version: str, meta: dict, config: Workspa
 
 
 def search_and_decide(decider: Decider, index: GalleryIndex | None, embeddings: np.ndarray, jpeg: list[bool],
-                      model_version: str, quality: list[int | None] | None = None) -> list[dict]:
+                      model_version: str, quality: list[int | None] | None = None,
+                      dims: list[tuple[int, int] | None] | None = None) -> list[dict]:
     """Each embedding's decision against the index (searched once for all): the one search-then-decide.
 
-    `jpeg`: which inputs were JPEG files; `quality`: their JPEG qualities (`decode.jpeg_quality`), None where unknown.
+    `jpeg`: which inputs were JPEG files; `quality`: their JPEG qualities (`decode.jpeg_quality`), None where unknown;
+    `dims`: their (height, width), None where unknown (the threshold of images smaller than the model's view).
     """
     embeddings = np.asarray(embeddings, dtype=np.float32)
     k = min(index.index.ntotal, max(decider.k, decider.top_k) * 8) if index is not None and len(embeddings) else 0
@@ -332,4 +334,4 @@ def search_and_decide(decider: Decider, index: GalleryIndex | None, embeddings: 
         found = [j for j in ids[row] if j >= 0] if k else []
         neighbours.append((sims[row][: len(found)], [index.sources[j] for j in found]))
         keys.append([image_key(index.sources[j], index.image_ids[j]) for j in found] if viewed and jpeg[row] else [])
-    return decider.decide_neighbours(embeddings, neighbours, jpeg, quality, keys)
+    return decider.decide_neighbours(embeddings, neighbours, jpeg, quality, keys, dims)

@@ -277,11 +277,18 @@ def pretrain_version(
             progress("calibration copies", {"qualities": list(statistical.CALIBRATION_QUALITIES),
                                             "images": min(len(train_idx), statistical.MAX_CALIBRATION_IMAGES)})
             copies, copy_image, copy_quality = statistical.calibration_copies(model, train_images, seed)
+            copy_side = np.zeros(len(copies), np.int64)
+            sides = statistical.size_sides(model)
+            if sides:  # crops of the same photographs at smaller sides: a threshold for small images
+                progress("size copies", {"sides": list(sides), "images": min(len(train_idx), statistical.MAX_CALIBRATION_IMAGES)})
+                crops, crop_image, crop_side, crop_quality = statistical.size_copies(model, train_images, seed)
+                copies, copy_image = np.vstack([copies, crops]), np.concatenate([copy_image, crop_image])
+                copy_quality, copy_side = np.concatenate([copy_quality, crop_quality]), np.concatenate([copy_side, crop_side])
             statistical.keep_calibration(model, copies)
             cross_fit = {"reference": statistical.reference_descriptors(model), "folds": fold_of[image],
                          "jpeg": (rows >= len(train_idx)) | np.asarray(decoded.jpeg, dtype=bool)[image],
                          "calibration": statistical.calibration_descriptors(model), "calibration_folds": fold_of[copy_image],
-                         "calibration_quality": copy_quality}
+                         "calibration_quality": copy_quality, "calibration_side": copy_side}
             result = {"history": []}
             cfg.epochs = 0
         else:
@@ -316,7 +323,8 @@ def pretrain_version(
             "calibration": calibration_ids,
             **({"cross_fit": {"folds": cross_fit["folds"].tolist(), "jpeg": cross_fit["jpeg"].tolist(),
                               "calibration": {"folds": cross_fit["calibration_folds"].tolist(),
-                                              "quality": cross_fit["calibration_quality"].tolist()}}} if cross_fit else {}),
+                                              "quality": cross_fit["calibration_quality"].tolist(),
+                                              "side": cross_fit["calibration_side"].tolist()}}} if cross_fit else {}),
             # the paper's p_r for adaptation: the mean feature of the pre-training real images
             "pretraining_prototype": prototype.tolist(),
             "training": {**asdict(cfg), "resumed_from": start_epoch,
@@ -399,26 +407,38 @@ def _quadratic_decider(model: LoadedModel, config: WorkspaceConfig, fitted: dict
             model.model.embedding_dim, cross_fit["calibration"], cross_fit["calibration_folds"],
             jpeg_view=None if jpeg_detector is None else (view, fitted["jpeg_labels"]))
         scores, copy_scores = scored[:2]
+        jpeg_copy_scores = copy_scores
         jpeg = cross_fit["jpeg"]
         if jpeg_detector is not None:  # JPEG rows and copies are judged by the JPEG view's rule, so calibrated under it
             scores = np.where(jpeg, scored[2], scores)
-            copy_scores = scored[3]
-        jpeg_thresholds = {int(q): decide.calibrate_real_threshold(copy_scores[cross_fit["calibration_quality"] == q], config.target_fpr)
-                           for q in np.unique(cross_fit["calibration_quality"])} or None
+            jpeg_copy_scores = scored[3]
+        quality = cross_fit["calibration_quality"]
+        side = cross_fit.get("calibration_side", np.zeros(len(quality), np.int64))
+        whole = side == 0
+
+        def per(values: np.ndarray, rows: np.ndarray, scored_by: np.ndarray) -> dict[int, float] | None:
+            return {int(v): decide.calibrate_real_threshold(scored_by[rows & (values == v)], config.target_fpr)
+                    for v in np.unique(values[rows])} or None
+
+        jpeg_thresholds = per(quality, whole, jpeg_copy_scores)
+        size_thresholds = per(side, ~whole & (quality == 0), copy_scores)  # crops kept as they are: PNG-like inputs
+        jpeg_size_thresholds = per(side, ~whole & (quality > 0), jpeg_copy_scores)
     else:
         images, jpeg = held_out
         embedded = model.embed(images)
         scores = detector.scores(embedded)
         if jpeg_detector is not None:
             scores = np.where(jpeg, jpeg_detector.scores(embedded), scores)
-        jpeg_thresholds = None
+        jpeg_thresholds = size_thresholds = jpeg_size_thresholds = None
     found = decide.generator_prototypes(generated, fitted["labels"])
     threshold, jpeg_threshold = _thresholds(scores, jpeg, config.target_fpr)
     return decide.Decider(decide.real_prototype(real), threshold, None, config.decision, config.k, config.top_k,
                           np.stack(list(found.values())) if found else None, quadratic=detector.to_dict(),
                           jpeg_threshold=jpeg_threshold, jpeg_thresholds=jpeg_thresholds,
                           quadratic_jpeg=None if jpeg_detector is None else jpeg_detector.to_dict(),
-                          jpeg_unknown_distance=jpeg_unknown, jpeg_gallery=jpeg_gallery), scores
+                          jpeg_unknown_distance=jpeg_unknown, jpeg_gallery=jpeg_gallery,
+                          size_thresholds=size_thresholds, jpeg_size_thresholds=jpeg_size_thresholds,
+                          view_size=model.model.fingerprint.size if size_thresholds or jpeg_size_thresholds else None), scores
 
 
 def _jpeg_gallery(view: np.ndarray, labels: np.ndarray, images: np.ndarray, keys: Sequence[str]) -> dict:
@@ -469,11 +489,13 @@ def _cross_fit(model: LoadedModel) -> dict | None:
     calibration = record.get("calibration") if isinstance(record.get("calibration"), dict) else {}
     copy_folds = np.asarray(calibration.get("folds", []), dtype=np.int64)
     copy_quality = np.asarray(calibration.get("quality", []), dtype=np.int64)
-    if not (len(copy_folds) == len(copy_quality) == len(copies)) or not np.isin(copy_folds, folds).all():
+    # each copy's crop side: 0 for a copy of the whole image (models pre-trained before session 29 have no crops)
+    copy_side = np.asarray(calibration.get("side", np.zeros(len(copy_quality))), dtype=np.int64)
+    if not (len(copy_folds) == len(copy_quality) == len(copy_side) == len(copies)) or not np.isin(copy_folds, folds).all():
         raise WorkspaceError(f"model {model.version}: its per-quality calibration record covers {len(copy_folds)} rows, "
                              f"its copies {len(copies)}; re-run 'lida pretrain'")
     return {"reference": reference, "folds": folds, "jpeg": jpeg, "calibration": copies, "calibration_folds": copy_folds,
-            "calibration_quality": copy_quality}
+            "calibration_quality": copy_quality, "calibration_side": copy_side}
 
 
 # ---------------------------------------------------------------- adaptation

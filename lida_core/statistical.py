@@ -57,6 +57,9 @@ JPEG_QUALITIES = (70, 95)  # inclusive range of re-encoding qualities
 # MAX_CALIBRATION_IMAGES) pre-training image at that quality (`calibration_copies`)
 CALIBRATION_QUALITIES = (70, 75, 80, 85, 90, 95)
 MAX_CALIBRATION_IMAGES = 150
+# Sides of the square crops of the pre-training images that calibrate a real threshold for images smaller than the
+# model's view (`size_copies`, `decide.Decider.threshold`)
+SIZE_SIDES = (16, 32, 64, 128)
 MAX_REFERENCE = 1000  # real descriptors kept in a model (pre-training images and their JPEG copies)
 CALIBRATION_FOLDS = 5  # cross-fitted calibration of the real threshold (`cross_fitted_scores`)
 
@@ -130,6 +133,14 @@ class _QualityCopies(_MadeOnRead):
         return jpeg_copy(self._last[1], self.qualities[quality], self.jpeg_space)
 
 
+def _calibration_choice(images: Sequence[np.ndarray], seed: int) -> tuple[np.ndarray, Sequence[np.ndarray]]:
+    """(indexes, images) of at most MAX_CALIBRATION_IMAGES of `images`: a seeded choice when there are more."""
+    chosen = np.arange(len(images))
+    if len(chosen) > MAX_CALIBRATION_IMAGES:
+        chosen = np.sort(np.random.default_rng([seed, 104729]).choice(len(images), MAX_CALIBRATION_IMAGES, replace=False))
+    return chosen, images.take(chosen) if hasattr(images, "take") else [images[int(i)] for i in chosen]
+
+
 def calibration_copies(model: Embedder, images: Sequence[np.ndarray], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Descriptors of JPEG copies of (at most MAX_CALIBRATION_IMAGES of) `images` at every CALIBRATION_QUALITIES.
 
@@ -137,13 +148,69 @@ def calibration_copies(model: Embedder, images: Sequence[np.ndarray], seed: int 
     choice when there are more; every chosen image has one copy at each quality, so each
     quality's threshold is a quantile over the same photographs.
     """
-    chosen = np.arange(len(images))
-    if len(chosen) > MAX_CALIBRATION_IMAGES:
-        chosen = np.sort(np.random.default_rng([seed, 104729]).choice(len(images), MAX_CALIBRATION_IMAGES, replace=False))
-    picked = images.take(chosen) if hasattr(images, "take") else [images[int(i)] for i in chosen]
+    chosen, picked = _calibration_choice(images, seed)
     feats = descriptors(model, _QualityCopies(picked, CALIBRATION_QUALITIES, model.fingerprint.jpeg))
     per = len(CALIBRATION_QUALITIES)
     return feats, np.repeat(chosen, per), np.tile(np.asarray(CALIBRATION_QUALITIES, dtype=np.int64), len(chosen))
+
+
+class _SizeCrops(_MadeOnRead):
+    """Per image (image-major), per side of `sides`: its centre crop of side x side, then a JPEG copy of that crop at
+    the row's quality; each made when it is read, the image last read kept (one decode per image)."""
+
+    def __init__(self, images: Sequence[np.ndarray], sides: Sequence[int], qualities: Sequence[int], jpeg_space: str):
+        self.images, self.sides, self.qualities, self.jpeg_space = images, list(sides), list(qualities), jpeg_space
+        self._last: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return 2 * len(self.images) * len(self.sides)
+
+    def _item(self, index: int) -> np.ndarray:
+        crop_index, is_copy = divmod(index, 2)
+        image, side = divmod(crop_index, len(self.sides))
+        if self._last is None or self._last[0] != image:
+            self._last = (image, self.images[image])
+        pixels, side = self._last[1], self.sides[side]
+        top, left = max(0, (pixels.shape[0] - side) // 2), max(0, (pixels.shape[1] - side) // 2)
+        crop = pixels[top : top + side, left : left + side]  # a YCbCrPixels array's slice stays one
+        return jpeg_copy(crop, self.qualities[crop_index], self.jpeg_space) if is_copy else crop
+
+
+def size_sides(model: Embedder) -> tuple[int, ...]:
+    """The sides of `size_copies`' crops for this model: SIZE_SIDES under its view's side, for a crop fit of the whole
+    image (a resize fit brings every image to one size, so size calibrates nothing there)."""
+    settings = model.fingerprint
+    if settings.fit != "crop" or settings.region != "full":
+        return ()
+    return tuple(s for s in SIZE_SIDES if s < settings.size)
+
+
+def size_copies(model: Embedder, images: Sequence[np.ndarray], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Descriptors of centre crops of (at most MAX_CALIBRATION_IMAGES of) `images` at each `size_sides`, each crop as
+    it is and as a JPEG copy (qualities stratified over JPEG_QUALITIES, as `with_jpeg_copies` draws them).
+
+    Returns (descriptors, each row's image index, its side, its quality: 0 for a crop kept as it is). An image
+    narrower than a side gives what it has. The same seeded choice of images as `calibration_copies`.
+
+    Why: a small image's descriptor counts fewer pixels, and its scores move with that. On the devset, with the
+    gallery and the queries cut to 64 x 64, a threshold calibrated on 256-pixel photographs called 43% of the real
+    photographs generated (80% at 32 x 32); one calibrated on crops of the pre-training photographs at the query's
+    side, 4.4% (docs/results.md, session 29).
+    """
+    sides = size_sides(model)
+    chosen, picked = _calibration_choice(images, seed)
+    n = len(chosen) * len(sides)
+    rng = np.random.default_rng([seed, 15485863])
+    low, high = JPEG_QUALITIES
+    strata = np.floor(low + (high + 1 - low) * (np.arange(n) + rng.random(n)) / max(n, 1)).astype(np.int64)
+    qualities = rng.permutation(strata)
+    if not n:
+        return np.zeros((0, model.backbone.mean.shape[0])), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    feats = descriptors(model, _SizeCrops(picked, sides, qualities.tolist(), model.fingerprint.jpeg))
+    crop_image = np.repeat(chosen, len(sides))
+    crop_side = np.tile(np.asarray(sides, dtype=np.int64), len(chosen))
+    return (feats, np.repeat(crop_image, 2), np.repeat(crop_side, 2),
+            np.stack([np.zeros(n, np.int64), qualities], axis=1).reshape(-1))
 
 
 @torch.no_grad()

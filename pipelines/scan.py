@@ -471,7 +471,7 @@ class Attribute(beam.DoFn):
         repeats = finals[0].repeats
         staged_rows = pq.ParquetFile(io.BytesIO(self.ws.read_bytes(f"{_scan_dir(self.scan_id)}/{shard}.rows.parquet")))
         # a shard staged before the images table had jpeg_quality: its JPEGs take the one JPEG threshold
-        rows = staged_rows.read(columns=[c for c in ("uri", "image_id", "key", "format", "status", "jpeg_quality")
+        rows = staged_rows.read(columns=[c for c in ("uri", "image_id", "key", "format", "status", "jpeg_quality", "height", "width")
                                          if c in staged_rows.schema_arrow.names]).to_pylist()
         rows = sorted((r for r in rows if r["status"] == "ok" and r["key"] not in repeats), key=lambda r: r["key"])
         ok = frozenset(r["key"] for r in rows)
@@ -480,7 +480,8 @@ class Attribute(beam.DoFn):
             raise RuntimeError(f"scan {self.scan_id}: shard {shard} has {len(staged)} embeddings for {len(ok)} images")
         emb = np.asarray([staged[r["key"]] for r in rows], dtype=np.float32)
         decisions = search_and_decide(self.decider, self.index, emb, [r["format"] in JPEG_FORMATS for r in rows],
-                                      self.model_version, [r.get("jpeg_quality") for r in rows])
+                                      self.model_version, [r.get("jpeg_quality") for r in rows],
+                                      [(r.get("height"), r.get("width")) for r in rows])  # small images' thresholds
         now = utc_now()
         known = self.embedded.contains([r["image_id"] for r in rows])
         attributions, embeddings = [], []

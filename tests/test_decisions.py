@@ -1,6 +1,7 @@
 """Calibrated decisions on hand-made embeddings: thresholds, real/generated/unknown."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -136,7 +137,7 @@ def test_tiles_are_disjoint_and_start_at_the_centre(rng):
 
 def test_a_fixed_threshold_replaces_the_calibrated_ones_for_every_format():
     """The paper's hand-set 0.85 on the similarity to the real prototype, as a workspace setting."""
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from lida_core.workspace import WorkspaceConfig, WorkspaceError
 
@@ -232,3 +233,40 @@ def test_a_jpeg_is_judged_by_the_threshold_calibrated_nearest_its_quality():
     again = Decider.from_dict(json.loads(json.dumps(decider.to_dict())))
     assert again.jpeg_thresholds == {70: 0.1, 80: 0.2, 90: 0.3} and again.threshold(jpeg=True, quality=84) == 0.2
     assert Decider.from_dict({**decider.to_dict(), "jpeg_thresholds": None}).threshold(jpeg=True, quality=90) == 0.4
+
+
+def test_an_image_smaller_than_the_view_takes_its_sides_threshold_never_a_looser_one():
+    """Size thresholds: interpolated over log side between the calibrated sides and the full-size threshold, held at
+    the smallest side below it, never looser (higher: more flagged) than the full-size one; a JPEG's moved as its
+    quality moves the full-size one."""
+    prototype = unit([1, 0, 0])[0]
+    decider = Decider(prototype, real_threshold=10.0, unknown_threshold=None, jpeg_threshold=20.0,
+                      jpeg_thresholds={70: 16.0, 90: 24.0}, size_thresholds={16: -10.0, 64: 0.0, 128: 4.0},
+                      jpeg_size_thresholds={64: 5.0}, view_size=256)
+    full = decider.threshold()
+    assert full == 10.0 and decider.threshold(dims=(256, 256)) == decider.threshold(dims=(4000, 300)) == full
+    assert decider.threshold(dims=None) == decider.threshold(dims=(None, 100)) == full  # size unknown
+    assert decider.threshold(dims=(64, 64)) == 0.0 and decider.threshold(dims=(8, 8)) == -10.0  # below the smallest: held
+    assert decider.threshold(dims=(32, 32)) == pytest.approx(-5.0)  # halfway in log side between 16 and 64
+    assert decider.threshold(dims=(64, 1000)) == pytest.approx(4.0)  # a 64 x 256 view: as many pixels as 128 x 128
+    assert decider.threshold(dims=(181, 181)) == pytest.approx(4.0 + 6.0 * np.log(181 / 128) / np.log(2))  # towards full
+    assert replace(decider, size_thresholds={64: 30.0}).threshold(dims=(64, 64)) == full  # a looser one: never
+    # JPEG: 64's 5 moved by the quality's full-size shift from the one JPEG threshold (24 - 20, 16 - 20)
+    assert decider.threshold(jpeg=True, quality=90, dims=(64, 64)) == 9.0
+    assert decider.threshold(jpeg=True, quality=70, dims=(64, 64)) == 1.0 and decider.threshold(jpeg=True, dims=(64, 64)) == 5.0
+    assert decider.threshold(jpeg=True, quality=90, dims=(300, 300)) == 24.0
+    # the decisions use each query's dims; a fixed hand-set threshold drops the calibrated ones
+    query = unit([0.5, 0.5, 0])  # its score under the contrast-free rule is its cosine to the prototype
+    low = replace(decider, real_threshold=0.8, size_thresholds={64: 0.6}, jpeg_size_thresholds=None)
+    called = [d["is_generated"] for d in low.decide(np.vstack([query, query]), unit([1, 0, 0]), ["real"], [False, False],
+                                                     dims=[(64, 64), (512, 512)])]
+    assert called == [False, True]  # cosine 0.707: real against 0.6 at 64 pixels, generated against 0.8 at full size
+    from lida_core.workspace import WorkspaceConfig
+
+    fixed = low.configured(WorkspaceConfig(profile="paper", fingerprint="b3-scale-full-resize256", real_threshold=0.85))
+    assert fixed.threshold(dims=(64, 64)) == fixed.threshold(jpeg=True, quality=90, dims=(16, 16)) == 0.85
+    again = Decider.from_dict(json.loads(json.dumps(decider.to_dict())))
+    assert again.size_thresholds == decider.size_thresholds and again.jpeg_size_thresholds == {64: 5.0}
+    assert again.view_size == 256 and again.threshold(dims=(32, 32)) == pytest.approx(-5.0)
+    old = {k: v for k, v in decider.to_dict().items() if k not in ("size_thresholds", "jpeg_size_thresholds", "view_size")}
+    assert Decider.from_dict(old).threshold(dims=(16, 16)) == full  # a decider saved before session 29

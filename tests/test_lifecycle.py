@@ -294,9 +294,23 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     from lida_core.statistical import CALIBRATION_QUALITIES
 
     qualities = list(CALIBRATION_QUALITIES)
-    assert meta["cross_fit"]["calibration"]["quality"] == qualities * pre["images"]
-    assert meta["cross_fit"]["calibration"]["folds"] == [f for f in folds[: pre["images"]] for _ in qualities]
+    calibration = meta["cross_fit"]["calibration"]
+    whole = [i for i, side in enumerate(calibration["side"]) if side == 0]
+    assert [calibration["quality"][i] for i in whole] == qualities * pre["images"]
+    assert [calibration["folds"][i] for i in whole] == [f for f in folds[: pre["images"]] for _ in qualities]
     assert sorted(int(q) for q in meta["decider"]["jpeg_thresholds"]) == qualities
+    # ...and centre crops of every photograph at each side under the view, as they are and as a JPEG copy, in its
+    # image's fold: one threshold per side for each format, for images smaller than the view
+    from lida_core.statistical import JPEG_QUALITIES, SIZE_SIDES
+
+    crops = [i for i, side in enumerate(calibration["side"]) if side]
+    assert [calibration["side"][i] for i in crops] == [s for _ in range(pre["images"]) for s in SIZE_SIDES for _ in (0, 1)]
+    assert [calibration["quality"][i] for i in crops[::2]] == [0] * (len(crops) // 2)
+    assert all(JPEG_QUALITIES[0] <= calibration["quality"][i] <= JPEG_QUALITIES[1] for i in crops[1::2])
+    assert [calibration["folds"][i] for i in crops] == [f for f in folds[: pre["images"]] for _ in range(2 * len(SIZE_SIDES))]
+    for kind in ("size_thresholds", "jpeg_size_thresholds"):
+        assert sorted(int(s) for s in meta["decider"][kind]) == list(SIZE_SIDES), kind
+    assert meta["decider"]["view_size"] == 256
     r = json_out(run_lida(ws, "eval", str(sample_dirs / "labelled"), "--shots", "3", "--perturb", "jpeg:90", "--perturb", "blur:1.5"))
     # 7 sources, 3 queries each: chance is 1/7 for Rank-1 and 0.5 for balanced accuracy.
     assert r["detection"] == "quadratic" and r["rank1"] >= 0.5 and r["balanced_accuracy"] >= 0.85, r
@@ -364,7 +378,17 @@ def test_cpu_default_srm_profile_attributes_and_detects_end_to_end(tmp_path, sam
     assert {row["jpeg_quality"] for row in pq.read_table(ws / "tables" / "images" / "scan_id=s1").to_pylist()} == {None}
     decided = [row for row in pq.read_table(ws / "tables" / "attributions").to_pylist() if row["scan_id"] == "s2"]
     at_90 = loaded.meta["decider"]["jpeg_thresholds"]["90"]
-    assert len(decided) == 4 and all(row["is_generated"] == (row["real_score"] < at_90) for row in decided)
+    decider = Decider.from_dict(loaded.meta["decider"])
+    assert decider.threshold(jpeg=True, quality=88) == at_90
+    # ...at each image's size: the samples are 128-256 pixels, and one smaller than the view takes its side's threshold
+    dims = {row["image_id"]: (row["height"], row["width"]) for row in images}
+    assert len(decided) == 4 and all(row["is_generated"] == (row["real_score"] < decider.threshold(True, 88, dims[row["image_id"]]))
+                                     for row in decided)
+    small = min((tmp_path / "jpegs").iterdir(), key=lambda p: Image.open(p).size)  # `lida attribute` judges by size too
+    said = json_out(run_lida(ws, "attribute", str(small)))
+    said = said[0] if isinstance(said, list) else said
+    side = Image.open(small).size[::-1]
+    assert side[0] < 256 and said["is_generated"] == (said["real_score"] < decider.threshold(True, 88, side)), (side, said)
     jpegs = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in (tmp_path / "jpegs").iterdir()}
     rows = [row for row in pq.read_table(ws / "tables" / "embeddings").to_pylist() if row["image_id"] in jpegs]
     assert len(rows) == 4 and {row["fingerprint"] for row in rows} == {"b3-scale-full-crop256-jpegycc"}

@@ -2,6 +2,7 @@
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -260,6 +261,36 @@ def test_calibration_copies_are_each_image_at_each_calibrated_quality(rng):
     picked = statistical.calibration_copies(model, many, seed=2)[1]
     assert len(set(picked.tolist())) == statistical.MAX_CALIBRATION_IMAGES
     assert np.array_equal(picked, statistical.calibration_copies(model, many, seed=2)[1])
+
+
+def test_size_copies_are_centre_crops_of_each_image_at_each_side_as_they_are_and_as_a_jpeg(rng):
+    from lida_core.perturb import jpeg_copy
+
+    model = build_model("srm").eval()
+    sides = list(statistical.SIZE_SIDES)
+    assert statistical.size_sides(model) == tuple(sides) and all(s < model.fingerprint.size for s in sides)
+    images = [rng.integers(0, 256, size=(300, 280, 3), dtype=np.uint8) for _ in range(2)]
+    images.append(images[1].copy().view(YCbCrPixels))  # a JPEG read in its decoder's YCbCr: its crops stay YCbCr
+    copies, image, side, quality = statistical.size_copies(model, images, seed=0)
+    assert image.tolist() == [i for i in range(3) for _ in sides for _ in (0, 1)]
+    assert side.tolist() == [s for _ in range(3) for s in sides for _ in (0, 1)]
+    assert (quality[::2] == 0).all() and ((quality[1::2] >= 70) & (quality[1::2] <= 95)).all()
+    assert len(set(quality[1::2].tolist())) > 1  # stratified over the range, not one quality
+    for row in (0, 3, 2 * len(sides) - 1, len(copies) - 2):  # a row is that crop's descriptor, kept or re-encoded
+        pixels, s = images[image[row]], int(side[row])
+        top, left = (pixels.shape[0] - s) // 2, (pixels.shape[1] - s) // 2
+        crop = pixels[top : top + s, left : left + s]
+        assert isinstance(crop, YCbCrPixels) == (image[row] == 2)
+        made = jpeg_copy(crop, int(quality[row]), model.fingerprint.jpeg) if quality[row] else crop
+        np.testing.assert_allclose(copies[row], statistical.descriptors(model, [made])[0])
+    assert not np.allclose(copies[-2], copies[-4])  # the YCbCr image's crops differ from the same pixels read as RGB
+    # an image narrower than a side gives what it has; a model with another fit or a smaller view has fewer sides
+    narrow = statistical.size_copies(model, [rng.integers(0, 256, size=(40, 200, 3), dtype=np.uint8)])[0]
+    assert len(narrow) == 2 * len(sides) and np.isfinite(narrow).all()
+    model.fingerprint = replace(model.fingerprint, size=64)
+    assert statistical.size_sides(model) == (16, 32)
+    model.fingerprint = replace(model.fingerprint, size=256, fit="resize")
+    assert statistical.size_sides(model) == () and len(statistical.size_copies(model, images)[0]) == 0
 
 
 def test_srm_checkpoints_without_calibration_copies_load_with_none(tmp_path, rng):
