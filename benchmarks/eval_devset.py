@@ -8,12 +8,18 @@ one table of mean ± sd over the seeds, plus the false-positive rate on real pho
 over all real queries, and over those from collections pre-training (where the real
 threshold is calibrated) never saw (`manifest.csv`'s repository and folder).
 
+`--crop SIDE` first cuts every labelled image (`png/`) to its centre SIDE x SIDE and evaluates those
+crops instead: as PNGs (part `png`) and encoded as JPEG 90 (part `jpeg90`), the way a small image
+comes from a site. Pre-training still reads the full-size photographs, so this measures what the
+real threshold does with images smaller than the model's view.
+
 The RGB ablation follows on a network profile (`small` reading plain RGB): content follows
 the source for three devset sources, so a fingerprint figure only counts where it clearly
 beats the RGB one.
 
     .venv/bin/python benchmarks/eval_devset.py [--data DIR] [--shots 1 5 10] [--seeds 0 1 2 3 4]
-        [--parts png jpeg90] [--real-shots K] [--profile srm] [--pretrain-seeds 0] [--rgb-seeds 0 1 2] [--rgb-epochs 60] [--write FILE]
+        [--parts png jpeg90] [--real-shots K] [--profile srm] [--pretrain-seeds 0] [--rgb-seeds 0 1 2] [--rgb-epochs 60]
+        [--crop SIDE] [--write FILE]
 """
 
 from __future__ import annotations
@@ -100,6 +106,26 @@ def run_profile(work: Path, data: Path, profile: str, kind: str, parts, shots, s
     return timing
 
 
+def cropped(data: Path, out: Path, side: int) -> Path:
+    """A devset whose labelled images are `data`'s PNGs cut to their centre side x side: png/ as PNGs, jpeg90/ as
+    JPEG 90s; pretrain/ and manifest.csv are `data`'s own (linked)."""
+    from PIL import Image
+
+    (out / "pretrain").mkdir(parents=True)
+    (out / "pretrain" / "real").symlink_to((data / "pretrain" / "real").resolve())
+    (out / "manifest.csv").symlink_to((data / "manifest.csv").resolve())
+    for path in sorted((data / "png").glob("*/*.png")):
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            top, left = max(0, (image.height - side) // 2), max(0, (image.width - side) // 2)
+            crop = image.crop((left, top, left + min(side, image.width), top + min(side, image.height)))
+        for part, suffix, options in (("png", ".png", {}), ("jpeg90", ".jpg", {"quality": 90})):
+            target = out / part / path.parent.name / (path.stem + suffix)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            crop.save(target, **options)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "devset"), help="default: ../shared/devset")
@@ -117,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rgb-seeds", type=int, nargs="*", default=[0, 1, 2], help="none: skip the RGB ablation")
     parser.add_argument("--rgb-epochs", type=int, default=0, help="adaptation epochs of the RGB network (0: its profile's default)")
     parser.add_argument("--skip-fingerprint", action="store_true", help="only the RGB ablation")
+    parser.add_argument("--crop", type=int, help="evaluate centre crops of this side (PNG and JPEG 90) of the labelled images")
     parser.add_argument("--write", help="also write the Markdown table to this file")
     args = parser.parse_args(argv)
+    if args.crop is not None and not 4 <= args.crop <= 256:
+        raise SystemExit(f"--crop {args.crop}: the devset's images are 256x256; a side from 4 to 256")
     data = Path(args.data)
     if not (data / "pretrain" / "real").is_dir() or not (data / "manifest.csv").is_file():
         raise SystemExit(f"{data}: not a devset (needs pretrain/real/, png/, jpeg90/ and manifest.csv; see its README)")
@@ -126,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lida-devset-"))
     rows: list[str] = []
     started = time.perf_counter()
+    source = data
     try:
+        if args.crop is not None:
+            data = cropped(source, work / f"crop{args.crop}", args.crop)
         timing = {}
         if not args.skip_fingerprint:
             timing[args.profile] = run_profile(work, data, args.profile, "fingerprint", args.parts, args.shots, args.seeds, 0, names, rows,
@@ -137,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = [
-        f"Devset {data}: seeds {args.seeds}, pre-training seeds {args.pretrain_seeds} (RGB: {args.rgb_seeds}, "
+        f"Devset {source}{f' (centre crops of {args.crop}x{args.crop})' if args.crop else ''}: seeds {args.seeds}, pre-training seeds {args.pretrain_seeds} (RGB: {args.rgb_seeds}, "
         f"pre-training seed 0), mean ± sd over all runs; "
         f"{len(names)} real photographs from collections pre-training did not use.",
         "",
