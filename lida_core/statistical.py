@@ -27,6 +27,10 @@ here, in seconds:
   high for some and too low for others. Copies of the pre-training photographs at each
   quality of `CALIBRATION_QUALITIES`, scored cross-fitted like the reference rows but never
   fitted, calibrate one JPEG threshold per quality (docs/results.md, session 20).
+- `size_copies`: an image smaller than the view counts fewer pixels, and its score moves with
+  its size. Centre crops of the same photographs at each of `SIZE_SIDES`, kept and re-encoded,
+  scored like the per-quality copies, calibrate a threshold per side (`decide.Decider.threshold`;
+  docs/results.md, session 29).
 - `with_jpeg_copies`: scraped images are mostly JPEG, and a JPEG's low bits differ from the
   PNG it came from. Every reference image (real or gallery) therefore also counts as a
   re-encoded copy at a quality drawn from `JPEG_QUALITIES`, so both fits and the real
