@@ -11,7 +11,8 @@ threshold is calibrated) never saw (`manifest.csv`'s repository and folder).
 `--crop SIDE` first cuts every labelled image (`png/`) to its centre SIDE x SIDE and evaluates those
 crops instead: as PNGs (part `png`) and encoded as JPEG 90 (part `jpeg90`), the way a small image
 comes from a site. Pre-training still reads the full-size photographs, so this measures what the
-real threshold does with images smaller than the model's view.
+real threshold does with images smaller than the model's view. `--downscale SIDE` does the same
+with each image downscaled to SIDE x SIDE (Pillow's Lanczos, as a thumbnail is made) instead.
 
 The RGB ablation follows on a network profile (`small` reading plain RGB): content follows
 the source for three devset sources, so a fingerprint figure only counts where it clearly
@@ -19,7 +20,7 @@ beats the RGB one.
 
     .venv/bin/python benchmarks/eval_devset.py [--data DIR] [--shots 1 5 10] [--seeds 0 1 2 3 4]
         [--parts png jpeg90] [--real-shots K] [--profile srm] [--pretrain-seeds 0] [--rgb-seeds 0 1 2] [--rgb-epochs 60]
-        [--crop SIDE] [--write FILE]
+        [--crop SIDE | --downscale SIDE] [--write FILE]
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ def run_profile(work: Path, data: Path, profile: str, kind: str, parts, shots, s
     return timing
 
 
-def cropped(data: Path, out: Path, side: int) -> Path:
-    """A devset whose labelled images are `data`'s PNGs cut to their centre side x side: png/ as PNGs, jpeg90/ as
-    JPEG 90s; pretrain/ and manifest.csv are `data`'s own (linked)."""
+def smaller(data: Path, out: Path, side: int, how: str = "crop") -> Path:
+    """A devset whose labelled images are `data`'s PNGs cut to their centre side x side (`how` "crop") or downscaled
+    to it ("downscale"): png/ as PNGs, jpeg90/ as JPEG 90s; pretrain/ and manifest.csv are `data`'s own (linked)."""
     from PIL import Image
 
     (out / "pretrain").mkdir(parents=True)
@@ -118,7 +119,8 @@ def cropped(data: Path, out: Path, side: int) -> Path:
         with Image.open(path) as image:
             image = image.convert("RGB")
             top, left = max(0, (image.height - side) // 2), max(0, (image.width - side) // 2)
-            crop = image.crop((left, top, left + min(side, image.width), top + min(side, image.height)))
+            crop = (image.crop((left, top, left + min(side, image.width), top + min(side, image.height))) if how == "crop"
+                    else image.resize((side, side), Image.Resampling.LANCZOS))
         for part, suffix, options in (("png", ".png", {}), ("jpeg90", ".jpg", {"quality": 90})):
             target = out / part / path.parent.name / (path.stem + suffix)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -143,11 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rgb-seeds", type=int, nargs="*", default=[0, 1, 2], help="none: skip the RGB ablation")
     parser.add_argument("--rgb-epochs", type=int, default=0, help="adaptation epochs of the RGB network (0: its profile's default)")
     parser.add_argument("--skip-fingerprint", action="store_true", help="only the RGB ablation")
-    parser.add_argument("--crop", type=int, help="evaluate centre crops of this side (PNG and JPEG 90) of the labelled images")
+    small = parser.add_mutually_exclusive_group()
+    small.add_argument("--crop", type=int, help="evaluate centre crops of this side (PNG and JPEG 90) of the labelled images")
+    small.add_argument("--downscale", type=int, help="evaluate the labelled images downscaled to this side (PNG and JPEG 90)")
     parser.add_argument("--write", help="also write the Markdown table to this file")
     args = parser.parse_args(argv)
-    if args.crop is not None and not 4 <= args.crop <= 256:
-        raise SystemExit(f"--crop {args.crop}: the devset's images are 256x256; a side from 4 to 256")
+    how, side = ("crop", args.crop) if args.crop is not None else ("downscale", args.downscale)
+    if side is not None and not 4 <= side <= 256:
+        raise SystemExit(f"--{how} {side}: the devset's images are 256x256; a side from 4 to 256")
     data = Path(args.data)
     if not (data / "pretrain" / "real").is_dir() or not (data / "manifest.csv").is_file():
         raise SystemExit(f"{data}: not a devset (needs pretrain/real/, png/, jpeg90/ and manifest.csv; see its README)")
@@ -157,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     source = data
     try:
-        if args.crop is not None:
-            data = cropped(source, work / f"crop{args.crop}", args.crop)
+        if side is not None:
+            data = smaller(source, work / f"{how}{side}", side, how)
         timing = {}
         if not args.skip_fingerprint:
             timing[args.profile] = run_profile(work, data, args.profile, "fingerprint", args.parts, args.shots, args.seeds, 0, names, rows,
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = [
-        f"Devset {source}{f' (centre crops of {args.crop}x{args.crop})' if args.crop else ''}: seeds {args.seeds}, pre-training seeds {args.pretrain_seeds} (RGB: {args.rgb_seeds}, "
+        f"Devset {source}{f' ({how} to {side}x{side})' if side else ''}: seeds {args.seeds}, pre-training seeds {args.pretrain_seeds} (RGB: {args.rgb_seeds}, "
         f"pre-training seed 0), mean ± sd over all runs; "
         f"{len(names)} real photographs from collections pre-training did not use.",
         "",
