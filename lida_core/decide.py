@@ -395,7 +395,7 @@ class Decider:
             "generators": None if self.generators is None else np.asarray(self.generators).tolist(),
             "quadratic": self.quadratic,
             "jpeg_threshold": self.jpeg_threshold,
-            "jpeg_thresholds": None if self.jpeg_thresholds is None else {str(q): t for q, t in sorted(self.jpeg_thresholds.items())},
+            "jpeg_thresholds": _keyed(self.jpeg_thresholds),
             "quadratic_jpeg": self.quadratic_jpeg,
             "jpeg_unknown_distance": self.jpeg_unknown_distance,
             "jpeg_gallery": self.jpeg_gallery,
@@ -416,7 +416,7 @@ class Decider:
             generators=None if data.get("generators") is None else np.asarray(data["generators"], dtype=np.float32),
             quadratic=data.get("quadratic"),
             jpeg_threshold=None if data.get("jpeg_threshold") is None else float(data["jpeg_threshold"]),
-            jpeg_thresholds=None if not data.get("jpeg_thresholds") else {int(q): float(t) for q, t in data["jpeg_thresholds"].items()},
+            jpeg_thresholds=_unkeyed(data.get("jpeg_thresholds")),
             quadratic_jpeg=data.get("quadratic_jpeg"),
             jpeg_unknown_distance=None if data.get("jpeg_unknown_distance") is None else float(data["jpeg_unknown_distance"]),
             jpeg_gallery=data.get("jpeg_gallery") or None,
@@ -432,6 +432,7 @@ def _keyed(thresholds: dict[int, float] | None) -> dict[str, float] | None:
 
 
 def _unkeyed(data: dict | None) -> dict[int, float] | None:
+    """`_keyed`'s inverse; an empty one is None."""
     return None if not data else {int(k): float(t) for k, t in data.items()}
 
 

@@ -110,11 +110,15 @@ def with_jpeg_copies(images: Sequence[np.ndarray], seed: int = 0, jpeg_space: st
     to 9.8% of the time over three pre-training seeds; stratified and cross-fitted, 6.0% to 7.3%
     (docs/results.md, session 16).
     """
-    rng = np.random.default_rng([seed, 7919])
+    qualities = stratified_qualities(len(images), np.random.default_rng([seed, 7919]))
+    return _WithCopies(images, [int(q) for q in qualities], jpeg_space)
+
+
+def stratified_qualities(n: int, rng: np.random.Generator) -> np.ndarray:
+    """n JPEG qualities, one from each of n equal slices of JPEG_QUALITIES, in a shuffled order (`with_jpeg_copies`)."""
     low, high = JPEG_QUALITIES
-    n = len(images)
-    strata = np.floor(low + (high + 1 - low) * (np.arange(n) + rng.random(n)) / max(n, 1)).astype(int)
-    return _WithCopies(images, [int(q) for q in rng.permutation(strata)], jpeg_space)
+    strata = np.floor(low + (high + 1 - low) * (np.arange(n) + rng.random(n)) / max(n, 1)).astype(np.int64)
+    return rng.permutation(strata)
 
 
 class _QualityCopies(_MadeOnRead):
@@ -204,10 +208,7 @@ def size_copies(model: Embedder, images: Sequence[np.ndarray], seed: int = 0) ->
     sides = size_sides(model)
     chosen, picked = _calibration_choice(images, seed)
     n = len(chosen) * len(sides)
-    rng = np.random.default_rng([seed, 15485863])
-    low, high = JPEG_QUALITIES
-    strata = np.floor(low + (high + 1 - low) * (np.arange(n) + rng.random(n)) / max(n, 1)).astype(np.int64)
-    qualities = rng.permutation(strata)
+    qualities = stratified_qualities(n, np.random.default_rng([seed, 15485863]))
     if not n:
         return np.zeros((0, model.backbone.mean.shape[0])), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     feats = descriptors(model, _SizeCrops(picked, sides, qualities.tolist(), model.fingerprint.jpeg))
